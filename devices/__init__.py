@@ -1,0 +1,1 @@
+"""Device harness: benchmark exported models on CPU and mobile targets."""

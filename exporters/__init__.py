@@ -1,0 +1,1 @@
+"""Exporters: map a tasa-edge bit plan onto real file formats (GGUF, ONNX)."""

@@ -1,0 +1,353 @@
+"""The ``tasa-edge`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import TasaError
+
+app = typer.Typer(
+    help="TASA: task-aware mixed-precision quantization of LLMs for edge devices (GGUF / ONNX).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+MODEL_HELP = "GGUF file, Hugging Face directory, or a packaged model: smollm2-135m, gemma3-270m, qwen2.5-coder-1.5b"
+
+
+def _open_model(spec: str):
+    from .model import ModelSource
+    from .zoo import resolve_model
+
+    return ModelSource.open(resolve_model(spec))
+
+
+def _load_imatrix(path: Optional[Path]):
+    if path is None:
+        return None
+    from .imatrix import load_imatrix
+
+    st = load_imatrix(path)
+    st.source = str(path)
+    return st
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")):
+    if version:
+        out.print(f"tasa-edge {__version__}")
+        raise typer.Exit()
+
+
+# ---------------------------------------------------------------------------- export
+@app.command()
+def export(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    output: Path = typer.Option(..., "--output", "-o", help="Output file (.gguf) or directory (ONNX)."),
+    plan: Optional[Path] = typer.Option(None, "--plan", "-p", help="Bit plan JSON (tasa-edge plan) for this model."),
+    tensor_type_file: Optional[Path] = typer.Option(
+        None, "--tensor-type-file", help="llama-quantize --tensor-type-file (pattern=type lines) instead of a plan."
+    ),
+    type_: Optional[str] = typer.Option(None, "--type", "-t", help="Uniform plan: every quantizable tensor in this type (llama.cpp shape fallback applies)."),
+    default_type: Optional[str] = typer.Option(None, "--default-type", help="Type for tensors no tensor-type-file rule matches."),
+    fmt: str = typer.Option("gguf", "--format", "-f", help="gguf or onnx."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="llama.cpp importance matrix (GGUF or legacy .dat)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Quantization threads (default: all cores)."),
+    accuracy_level: int = typer.Option(4, "--accuracy-level", help="ONNX MatMulNBits accuracy_level (4 = int8 compute)."),
+):
+    """Write MODEL quantized per a bit plan (GGUF for llama.cpp, or ONNX MatMulNBits)."""
+    from .plan import BitPlan, read_tensor_type_file
+
+    if sum(x is not None for x in (plan, tensor_type_file, type_)) != 1:
+        raise TasaError("give exactly one of --plan, --tensor-type-file or --type")
+    if fmt not in ("gguf", "onnx"):
+        raise TasaError(f"--format must be gguf or onnx, got {fmt!r}")
+    src = _open_model(model)
+    if plan is not None:
+        bp = BitPlan.load(plan)
+    elif tensor_type_file is not None:
+        bp = read_tensor_type_file(tensor_type_file, src, default=default_type)
+    else:
+        bp = BitPlan.uniform(src, type_, target=fmt)
+    if bp.target != fmt:
+        raise TasaError(f"plan target is '{bp.target}' but --format is '{fmt}'")
+    if fmt == "gguf":
+        from exporters.gguf_export import export_gguf
+
+        res = export_gguf(src, bp, output, imatrix=_load_imatrix(imatrix), nthreads=threads)
+        out.print(
+            f"wrote {res.path} ({res.nbytes / 2**20:.1f} MiB, {res.bpw:.3f} bits/weight, "
+            f"{res.seconds:.1f} s) types: " + ", ".join(f"{k}×{v}" for k, v in res.types.items())
+        )
+    else:
+        from exporters.onnx_export import export_onnx
+
+        res = export_onnx(src, bp, output, accuracy_level=accuracy_level)
+        out.print(f"wrote {res.path} ({res.nbytes / 2**20:.1f} MiB, {res.bpw:.3f} bits/weight, {res.seconds:.1f} s)")
+
+
+# ---------------------------------------------------------------------------- baseline
+@app.command()
+def baseline(
+    model: str = typer.Argument(..., help=MODEL_HELP + " (GGUF; an HF directory is first exported to F32 GGUF)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output .gguf."),
+    ftype: str = typer.Option("Q4_K_M", "--ftype", help="llama.cpp mix: Q4_K_M, Q4_K_S, Q3_K_M, Q3_K_S, Q5_K_M, Q6_K, Q8_0, IQ4_XS ..."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix passed to llama_model_quantize."),
+    pure: bool = typer.Option(False, "--pure", help="No k-quant mixture: every tensor in the ftype's base type."),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+):
+    """llama.cpp's own quantization mix via llama_model_quantize (the baseline to beat)."""
+    from exporters.baseline import quantize_baseline
+
+    src_path = _reference_gguf(model)
+    res = quantize_baseline(src_path, output, ftype, imatrix=_load_imatrix(imatrix), pure=pure, nthreads=threads)
+    out.print(f"wrote {res.path} ({res.nbytes / 2**20:.1f} MiB, {res.bpw:.3f} bits/weight, {res.seconds:.1f} s) ftype {ftype}")
+
+
+def _reference_gguf(model: str) -> Path:
+    from .model import ModelSource
+    from .zoo import resolve_model
+
+    p = resolve_model(model)
+    if p.is_dir():
+        from exporters.gguf_export import export_gguf
+        from .plan import BitPlan
+        from .zoo import cache_dir
+
+        src = ModelSource.open(p)
+        ref = cache_dir() / f"{src.fingerprint.split(':')[1]}-f32.gguf"
+        if not ref.exists():
+            export_gguf(src, BitPlan.uniform(src, "F32"), ref)
+        return ref
+    return p
+
+
+# ---------------------------------------------------------------------------- inspect
+@app.command()
+def inspect(
+    path: str = typer.Argument(..., help="A GGUF file or a bit plan JSON (with --model for plan sizes)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model the plan is for (needed to size a plan)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    per_tensor: bool = typer.Option(True, "--tensors/--summary", help="Show the per-tensor table."),
+):
+    """Per-tensor type table, total bytes and bits/weight of a GGUF or a plan."""
+    from .inspect import inspect_path
+
+    report = inspect_path(Path(path), model=model)
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    if per_tensor:
+        t = Table(title=report["path"])
+        for c in ("tensor", "shape", "type", "bytes", "bpw"):
+            t.add_column(c, justify="right" if c in ("bytes", "bpw") else "left")
+        for r in report["tensors"]:
+            t.add_row(r["name"], "x".join(map(str, r["shape"])), r["type"], f"{r['bytes']:,}", f"{r['bpw']:.3f}")
+        out.print(t)
+    s = Table(title="summary")
+    s.add_column("type")
+    s.add_column("tensors", justify="right")
+    s.add_column("params", justify="right")
+    s.add_column("bytes", justify="right")
+    for typ, row in report["by_type"].items():
+        s.add_row(typ, str(row["tensors"]), f"{row['params']:,}", f"{row['bytes']:,}")
+    out.print(s)
+    out.print(
+        f"total {report['bytes']:,} bytes ({report['bytes'] / 2**20:.2f} MiB) over {report['params']:,} params "
+        f"= {report['bpw']:.4f} bits/weight"
+    )
+
+
+# ---------------------------------------------------------------------------- analyze / plan
+@app.command()
+def analyze(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    out_dir: Path = typer.Option(Path("tasa-out"), "--out", "-o", help="Directory for analysis.json, imatrix.gguf and the gradient cache."),
+    target: str = typer.Option("gguf", "--target", help="Format menu to analyse: gguf (ggml types) or onnx (bits x block)."),
+    formats: Optional[str] = typer.Option(None, "--formats", help="Comma-separated menu override, e.g. Q3_K,Q4_K,Q6_K,Q8_0,Q4_0,Q5_0."),
+    task_file: Optional[Path] = typer.Option(None, "--task-data", help="Your task data (.jsonl question/answer, or .txt) instead of GSM8K."),
+    general_file: Optional[Path] = typer.Option(None, "--general-data", help="Your general text (.txt/.jsonl) instead of the shipped corpus."),
+    n_general: int = typer.Option(24, help="General-text pool samples."),
+    n_task: int = typer.Option(24, help="Task pool samples."),
+    n_target: int = typer.Option(12, help="Held-in task target samples for gradient alignment."),
+    max_tokens: int = typer.Option(192, help="Tokens per sample."),
+    beta: float = typer.Option(0.5, help="Diversity weight of the mixture criterion (0 = alignment only)."),
+    lam: Optional[float] = typer.Option(None, "--lambda", help="Weight of reasoning sensitivity in the TASA score (default: the chosen mixture's task ratio)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    seed: int = typer.Option(0),
+):
+    """Gradient traces -> calibration mixture -> perplexity & reasoning sensitivity per tensor and format."""
+    from .analysis import AnalysisConfig, analyze as run
+    from .data import load_user_file, split_samples
+
+    if target not in ("gguf", "onnx"):
+        raise TasaError(f"--target must be gguf or onnx, got {target!r}")
+    if not 0 <= beta <= 1:
+        raise TasaError(f"--beta must be within [0, 1], got {beta}")
+    src = _open_model(model)
+    fm = tuple(f.strip() for f in formats.split(",")) if formats else None
+    if fm and target == "gguf":
+        from . import ggml
+
+        fm = tuple(ggml.qtype(f).name for f in fm)
+    task = split_samples(load_user_file(task_file), "calib") if task_file else None
+    general = split_samples(load_user_file(general_file), "calib") if general_file else None
+    cfg = AnalysisConfig(n_general=n_general, n_task=n_task, n_target=n_target, max_tokens=max_tokens,
+                         beta=beta, target=target, formats=fm, seed=seed)
+    an = run(src, out_dir, cfg, device=device, lam=lam, task=task, general=general)
+    t = Table(title="calibration mixtures (gradient-trace alignment vs diversity)")
+    for c in ("task ratio", "size", "alignment", "diversity", "score"):
+        t.add_column(c, justify="right")
+    ch = an.mixture["chosen"]
+    for c in an.mixture["candidates"]:
+        mark = " *" if (c["task_ratio"], c["size"]) == (ch["task_ratio"], ch["size"]) else ""
+        t.add_row(f"{c['task_ratio']:.2f}{mark}", str(c["size"]), f"{c['alignment']:.4f}", f"{c['diversity']:.4f}", f"{c['score']:.4f}")
+    out.print(t)
+    out.print(f"chosen mixture: task ratio {ch['task_ratio']:.2f}, {ch['size']} samples; lambda = {an.lam:.2f}")
+    out.print(f"wrote {out_dir / 'analysis.json'} and {an.imatrix_path} ({an.timings['total_s']:.1f} s, {an.timings['n_backward']} backward passes)")
+
+
+@app.command("plan")
+def plan_cmd(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    analysis: Path = typer.Option(Path("tasa-out/analysis.json"), "--analysis", "-a", help="analysis.json from tasa-edge analyze."),
+    output: Path = typer.Option(Path("tasa-out/plan.json"), "--output", "-o", help="Bit plan JSON to write."),
+    bpw: Optional[float] = typer.Option(None, "--bpw", help="Budget: average bits per weight over all parameters (true file bytes)."),
+    nbytes: Optional[str] = typer.Option(None, "--bytes", help="Budget: tensor bytes, e.g. 80000000, 75MB, 2GB, 1.5GiB."),
+    mode: str = typer.Option("tasa", "--mode", help="tasa (aggregate), ppl (perplexity only) or task (reasoning only)."),
+    lam: Optional[float] = typer.Option(None, "--lambda", help="Override the TASA weight of reasoning sensitivity."),
+    tensor_type_file: Optional[Path] = typer.Option(None, "--tensor-type-file", help="Also write llama-quantize's --tensor-type-file."),
+    do_sweep: bool = typer.Option(False, "--sweep", help="Print the Pareto curve size -> predicted loss (and write sweep.json)."),
+):
+    """Solve the exact allocation of formats under a budget and write the bit plan."""
+    from .analysis import Analysis
+    from .planner import make_plan, sweep
+    from .plan import write_tensor_type_file
+
+    an = Analysis.load(analysis)
+    src = _open_model(model)
+    if do_sweep:
+        pts = sweep(an, src, mode=mode, lam=lam)
+        t = Table(title=f"Pareto sweep ({mode})")
+        for c in ("bytes", "bits/weight", "predicted loss", "types"):
+            t.add_column(c)
+        for p in pts:
+            t.add_row(f"{p['bytes']:,}", f"{p['bpw']:.3f}", f"{p['loss']:.5f}", ", ".join(f"{k}×{v}" for k, v in p["types"].items()))
+        out.print(t)
+        from .fsutil import atomic_write_text
+
+        atomic_write_text(output.with_name("sweep.json"), json.dumps(pts, indent=1))
+        if bpw is None and nbytes is None:
+            return
+    plan = make_plan(an, src, bpw=bpw, nbytes=_parse_bytes(nbytes) if nbytes else None, mode=mode, lam=lam)
+    plan.save(output)
+    if tensor_type_file:
+        write_tensor_type_file(plan, tensor_type_file)
+    out.print(
+        f"wrote {output}: {plan.predicted['bytes']:,} bytes, {plan.predicted['bpw']:.3f} bits/weight, "
+        f"predicted loss {plan.predicted['loss']:.5f}; types " + ", ".join(f"{k}×{v}" for k, v in plan.types_used().items())
+    )
+
+
+def _parse_bytes(s: str) -> int:
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B?)?\s*", s, re.I)
+    if not m:
+        raise TasaError(f"cannot parse byte size {s!r} (e.g. 80000000, 75MB, 2GB, 1.5GiB)")
+    unit = (m.group(2) or "").upper().rstrip("B")
+    mult = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+@app.command()
+def illusion(
+    analysis: Path = typer.Option(Path("tasa-out/analysis.json"), "--analysis", "-a"),
+    png: Path = typer.Option(Path("tasa-out/illusion.png"), "--png", help="Plot to write."),
+):
+    """Perplexity-Illusion report: rank correlation of perplexity vs reasoning sensitivity."""
+    from .analysis import Analysis, illusion_report
+
+    rep = illusion_report(Analysis.load(analysis), png)
+    pl, pt = rep["per_layer"], rep["per_tensor"]
+    out.print(f"per layer  ({pl['n']:>3}): Spearman {pl['spearman']:+.3f}  Kendall {pl['kendall']:+.3f}")
+    out.print(f"per tensor ({pt['n']:>3}): Spearman {pt['spearman']:+.3f}  Kendall {pt['kendall']:+.3f}")
+    out.print(f"most sensitive layers, perplexity: {rep['top_layers_ppl']}  reasoning: {rep['top_layers_task']}")
+    for k, v in rep["by_kind"].items():
+        out.print(f"  {k:<14} Spearman {v:+.3f}")
+    out.print(f"wrote {png}")
+
+
+@app.command()
+def demo(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    out_dir: Path = typer.Option(Path("out"), "--out", "-o"),
+    bpw: float = typer.Option(5.0, "--bpw", help="Budget for the TASA plan."),
+    prompt: str = typer.Option("Question: Natalia had 12 apples and gave away 5. How many apples does she have left?\nAnswer:", "--prompt"),
+):
+    """The embedded default: analyse a packaged model, plan, export GGUF, generate with llama.cpp."""
+    from .analysis import AnalysisConfig, analyze as run, illusion_report
+    from .imatrix import load_imatrix
+    from .llama_run import generate
+    from .planner import make_plan
+    from exporters.gguf_export import export_gguf
+
+    src = _open_model(model)
+    out.print(f"[bold]1/4 analyse[/] {src.name} ({src.arch}, {src.n_params / 1e6:.0f}M params)")
+    an = run(src, out_dir, AnalysisConfig(n_general=12, n_task=12, n_target=8, max_tokens=160, sizes=(8,)))
+    ch = an.mixture["chosen"]
+    out.print(f"    mixture: task ratio {ch['task_ratio']:.2f} (alignment {ch['alignment']:.3f}, diversity {ch['diversity']:.3f})")
+    rep = illusion_report(an, out_dir / "illusion.png")
+    out.print(f"    perplexity vs reasoning sensitivity, per layer: Spearman {rep['per_layer']['spearman']:+.2f}")
+    out.print(f"[bold]2/4 plan[/] {bpw} bits/weight")
+    plan = make_plan(an, src, bpw=bpw)
+    plan.save(out_dir / "plan.json")
+    out.print("    " + ", ".join(f"{k}×{v}" for k, v in plan.types_used().items()))
+    out.print("[bold]3/4 export[/] GGUF with llama.cpp's kernels")
+    gguf_out = out_dir / f"{src.path.stem.split('.')[0]}-tasa-{bpw:g}bpw.gguf"
+    res = export_gguf(src, plan, gguf_out, imatrix=load_imatrix(an.imatrix_path))
+    out.print(f"    wrote {res.path} ({res.nbytes / 2**20:.1f} MiB, {res.bpw:.3f} bits/weight)")
+    out.print("[bold]4/4 generate[/] with llama-cpp-python")
+    text = generate(res.path, prompt, max_tokens=48)
+    out.print(f"[dim]{prompt}[/]{text}")
+
+
+def main() -> None:
+    """Console-script entry: user errors print one line and exit non-zero, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except TasaError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        if isinstance(exc, click.ClickException):
+            err.print(f"error: {exc.format_message()}", highlight=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
+        if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, OSError)):
+            err.print(f"error: {exc}", highlight=False, soft_wrap=True)
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

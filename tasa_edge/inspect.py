@@ -1,0 +1,80 @@
+"""Size accounting of a GGUF file or a bit plan: per-tensor type, bytes, bits/weight."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import ggml
+from .errors import TasaError
+from .plan import BitPlan, format_nbytes
+
+
+def _row(name: str, shape, typ: str, nbytes: int) -> dict:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return {"name": name, "shape": [int(s) for s in shape], "type": typ, "params": n, "bytes": int(nbytes), "bpw": 8.0 * nbytes / max(1, n)}
+
+
+def _summarise(path: str, rows: list[dict], extra: dict | None = None) -> dict:
+    by_type: dict[str, dict] = {}
+    for r in rows:
+        d = by_type.setdefault(r["type"], {"tensors": 0, "params": 0, "bytes": 0})
+        d["tensors"] += 1
+        d["params"] += r["params"]
+        d["bytes"] += r["bytes"]
+    params = sum(r["params"] for r in rows)
+    nbytes = sum(r["bytes"] for r in rows)
+    rep = {"path": path, "tensors": rows, "by_type": dict(sorted(by_type.items())), "params": params, "bytes": nbytes, "bpw": 8.0 * nbytes / max(1, params)}
+    rep.update(extra or {})
+    return rep
+
+
+def inspect_gguf(path: Path) -> dict:
+    from gguf import GGUFReader
+
+    try:
+        r = GGUFReader(path, "r")
+    except Exception as exc:
+        raise TasaError(f"cannot read GGUF {path}: {exc}") from exc
+    rows = []
+    for t in r.tensors:
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        rows.append(_row(t.name, shape, t.tensor_type.name, int(t.n_bytes)))
+    extra = {"file_bytes": path.stat().st_size}
+    f = r.fields.get("general.architecture")
+    if f is not None:
+        extra["arch"] = f.contents()
+    return _summarise(str(path), rows, extra)
+
+
+def inspect_plan(path: Path, model: str | None) -> dict:
+    plan = BitPlan.load(path)
+    if model is None:
+        raise TasaError("sizing a plan needs the model it is for: pass --model")
+    from .model import ModelSource
+    from .zoo import resolve_model
+
+    src = ModelSource.open(resolve_model(model))
+    plan.validate(src, imatrix_names=set(src.tensors))
+    rows = []
+    for info in src.tensors.values():
+        fmt = plan.tensors.get(info.name, "F32") if info.quantizable else "F32"
+        fmt_target = plan.target if fmt not in ("F32",) else "gguf"
+        rows.append(_row(info.name, info.shape, fmt, format_nbytes(fmt_target, fmt, info.shape)))
+    return _summarise(str(path), rows, {"target": plan.target, "budget": plan.budget, "predicted": plan.predicted})
+
+
+def inspect_path(path: Path, model: str | None = None) -> dict:
+    if not path.exists():
+        raise TasaError(f"not found: {path}")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic == b"GGUF":
+        return inspect_gguf(path)
+    try:
+        json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise TasaError(f"{path} is neither a GGUF file nor a bit plan JSON") from None
+    return inspect_plan(path, model)

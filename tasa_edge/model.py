@@ -1,0 +1,270 @@
+"""One model abstraction shared by the analysis (torch) and the exporters (GGUF, ONNX).
+
+A :class:`ModelSource` is either a GGUF file (any tensor types; dequantized to float32 it is the
+reference model) or a Hugging Face directory with safetensors (llama-family architectures).
+Tensors are always addressed by their **GGUF name** (``blk.7.ffn_down.weight``); the single
+HF <-> GGUF name mapping is :meth:`ModelSource.gguf_name` (gguf-py's ``TensorNameMap``).
+Shapes are numpy order: ``(rows, ne0)`` where ``ne0`` (the last axis, the input dimension of a
+matmul) is the axis ggml quantizes along in blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import TasaError
+
+#: Architectures (GGUF ``general.architecture`` names) whose HF checkpoints we map.
+HF_ARCHS = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",
+}
+
+
+_NOT_QUANTIZED = (
+    "_norm.weight", "ffn_gate_inp.weight", "altup", "laurel", "per_layer_model_proj",
+    "position_embd", "token_types", "ssm_conv1d", "shortconv.conv.weight", "rope_freqs",
+)
+
+
+def is_quantizable(name: str, shape: tuple[int, ...]) -> bool:
+    """llama.cpp's rule: 2-D+ ``*.weight`` tensors except norms, MoE routers and position embeddings."""
+    if len(shape) < 2 or not name.endswith("weight"):
+        return False
+    return not any(s in name for s in _NOT_QUANTIZED)
+
+
+def layer_of(name: str) -> int | None:
+    """Block index of a GGUF tensor name (``blk.N.*``), else None."""
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "blk" and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+def kind_of(name: str) -> str:
+    """Tensor kind within a block: ``attn_q``, ``ffn_down`` ... or the whole name outside blocks."""
+    parts = name.split(".")
+    if layer_of(name) is not None:
+        return parts[2]
+    return parts[0]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str                 # GGUF name
+    shape: tuple[int, ...]    # numpy order; shape[-1] == ne0
+    src_type: str             # ggml type in the source ("F32", "Q4_K", "BF16" ...)
+    hf_name: str | None = None
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def ne0(self) -> int:
+        return int(self.shape[-1])
+
+    @property
+    def quantizable(self) -> bool:
+        return is_quantizable(self.name, self.shape)
+
+
+@dataclass
+class ModelSource:
+    """A model on disk, read tensor by tensor."""
+
+    path: Path
+    kind: str                              # "gguf" | "hf"
+    arch: str
+    n_layers: int
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    _reader: object | None = None
+    _hf_config: dict | None = None
+    _hf_files: dict[str, Path] | None = None  # hf tensor name -> safetensors file
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "ModelSource":
+        p = Path(path)
+        if not p.exists():
+            raise TasaError(f"model not found: {p}")
+        if p.is_dir():
+            return cls._open_hf(p)
+        if p.suffix.lower() != ".gguf":
+            with open(p, "rb") as fh:
+                magic = fh.read(4)
+            if magic != b"GGUF":
+                raise TasaError(f"{p} is neither a GGUF file nor a Hugging Face model directory")
+        return cls._open_gguf(p)
+
+    @classmethod
+    def _open_gguf(cls, p: Path) -> "ModelSource":
+        from gguf import GGUFReader
+
+        try:
+            reader = GGUFReader(p, "r")
+        except Exception as exc:
+            raise TasaError(f"cannot read GGUF {p}: {exc}") from exc
+        arch = _field(reader, "general.architecture")
+        if arch is None:
+            raise TasaError(f"{p}: GGUF has no general.architecture")
+        if _field(reader, "general.type") == "imatrix":
+            raise TasaError(f"{p} is an importance-matrix file, not a model")
+        n_layers = int(_field(reader, f"{arch}.block_count") or 0)
+        tensors = {}
+        for t in reader.tensors:
+            shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+            tensors[t.name] = TensorInfo(t.name, shape, t.tensor_type.name)
+        return cls(p, "gguf", arch, n_layers, tensors, _reader=reader)
+
+    @classmethod
+    def _open_hf(cls, p: Path) -> "ModelSource":
+        cfg_path = p / "config.json"
+        if not cfg_path.exists():
+            raise TasaError(f"{p}: no config.json (not a Hugging Face model directory)")
+        cfg = json.loads(cfg_path.read_text())
+        archs = cfg.get("architectures") or []
+        arch = next((HF_ARCHS[a] for a in archs if a in HF_ARCHS), None)
+        if arch is None:
+            raise TasaError(
+                f"{p}: unsupported architecture {archs or cfg.get('model_type')}; "
+                f"supported: {', '.join(sorted(HF_ARCHS))}"
+            )
+        files = sorted(p.glob("*.safetensors"))
+        if not files:
+            raise TasaError(f"{p}: no *.safetensors weights")
+        from safetensors import safe_open
+
+        text_cfg = cfg.get("text_config", cfg)
+        n_layers = int(text_cfg["num_hidden_layers"])
+        src = cls(p, "hf", arch, n_layers, _hf_config=cfg, _hf_files={})
+        for f in files:
+            with safe_open(f, framework="numpy") as fh:
+                for key in fh.keys():
+                    sl = fh.get_slice(key)
+                    shape = tuple(int(x) for x in sl.get_shape())
+                    gname = src.gguf_name(key)
+                    if gname is None:
+                        raise TasaError(f"{p}: no GGUF name for tensor {key} ({arch})")
+                    src._hf_files[key] = f
+                    dtype = str(sl.get_dtype()).upper().replace("FLOAT", "F")
+                    src.tensors[gname] = TensorInfo(gname, shape, {"F32": "F32", "F16": "F16", "BF16": "BF16"}.get(dtype, dtype), key)
+        # sort like llama.cpp: token_embd, blocks by index, then output
+        src.tensors = dict(sorted(src.tensors.items(), key=lambda kv: _sort_key(kv[0])))
+        return src
+
+    # ------------------------------------------------------------------ names
+    @cached_property
+    def _name_map(self):
+        import gguf
+
+        arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == self.arch)
+        return gguf.get_tensor_name_map(arch_enum, self.n_layers)
+
+    def gguf_name(self, hf_name: str) -> str | None:
+        """The GGUF tensor name of a Hugging Face parameter name (the one mapping we use)."""
+        key = hf_name
+        for prefix in ("model.language_model.", "language_model.model.", "language_model."):
+            if key.startswith(prefix):
+                key = "model." + key[len(prefix):]
+        return self._name_map.get_name(key, try_suffixes=(".weight", ".bias"))
+
+    # ------------------------------------------------------------------ data
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as float32 in numpy order (dequantized from the GGUF source if needed)."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise TasaError(f"tensor {name} not in model {self.path.name}")
+        if self.kind == "gguf":
+            from gguf.quants import dequantize
+
+            t = self._gguf_tensor(name)
+            arr = dequantize(t.data, t.tensor_type)
+            return np.asarray(arr, dtype=np.float32).reshape(info.shape)
+        from safetensors import safe_open
+
+        with safe_open(self._hf_files[info.hf_name], framework="pt") as fh:
+            arr = fh.get_tensor(info.hf_name).float().numpy()
+        from exporters.hf_convert import hf_tensor_to_gguf
+
+        return hf_tensor_to_gguf(self, name, arr)
+
+    def iter_tensors(self) -> Iterator[tuple[TensorInfo, np.ndarray]]:
+        for name, info in self.tensors.items():
+            yield info, self.read(name)
+
+    def _gguf_tensor(self, name: str):
+        idx = self._gguf_index[name]
+        return self._reader.tensors[idx]
+
+    @cached_property
+    def _gguf_index(self) -> dict[str, int]:
+        return {t.name: i for i, t in enumerate(self._reader.tensors)}
+
+    def raw_gguf_field(self, key: str):
+        return _field(self._reader, key) if self.kind == "gguf" else None
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def quantizable(self) -> list[TensorInfo]:
+        return [t for t in self.tensors.values() if t.quantizable]
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.n_elements for t in self.tensors.values())
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Structural identity: architecture, tensor names and shapes (not the weights' encoding)."""
+        h = hashlib.sha256(self.arch.encode())
+        for name in sorted(self.tensors):
+            h.update(f"|{name}:{'x'.join(map(str, self.tensors[name].shape))}".encode())
+        return "sha256:" + h.hexdigest()[:32]
+
+    @property
+    def name(self) -> str:
+        if self.kind == "gguf":
+            return str(self.raw_gguf_field("general.name") or self.path.stem)
+        return self.path.name
+
+    def describe(self) -> dict:
+        return {
+            "path": str(self.path),
+            "kind": self.kind,
+            "arch": self.arch,
+            "name": self.name,
+            "n_layers": self.n_layers,
+            "n_params": self.n_params,
+            "fingerprint": self.fingerprint,
+        }
+
+
+def _sort_key(name: str):
+    layer = layer_of(name)
+    if name.startswith("token_embd"):
+        return (0, 0, name)
+    if layer is not None:
+        return (1, layer, name)
+    return (2, 0, name)
+
+
+def _field(reader, key: str):
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    try:
+        return f.contents()
+    except Exception:
+        return None

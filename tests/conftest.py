@@ -1,0 +1,42 @@
+"""Shared fixtures: real packaged models, their float32 reference GGUFs, llama.cpp loading."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TASA_NO_PROGRESS", "1")
+
+
+@pytest.fixture(scope="session")
+def smollm_path():
+    from tasa_edge.zoo import resolve_model
+
+    return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm(smollm_path):
+    from tasa_edge.model import ModelSource
+
+    return ModelSource.open(smollm_path)
+
+
+@pytest.fixture(scope="session")
+def smollm_f32(tmp_path_factory, smollm):
+    """The reference: the packaged Q4_1 model dequantized to an F32 GGUF (by our exporter)."""
+    from exporters.gguf_export import export_gguf
+    from tasa_edge.plan import BitPlan
+
+    out = tmp_path_factory.mktemp("ref") / "smollm2-f32.gguf"
+    export_gguf(smollm, BitPlan.uniform(smollm, "F32"), out, show_progress=False)
+    return out
+
+
+def gguf_tensors(path):
+    """name -> (type name, raw bytes) of every tensor in a GGUF file."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(path, "r")
+    return {t.name: (t.tensor_type.name, bytes(t.data.tobytes())) for t in r.tensors}
