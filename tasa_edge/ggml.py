@@ -197,14 +197,44 @@ def quantize(
     return out.reshape(*shape[:-1], row_bytes)
 
 
-def dequantize(raw: np.ndarray, name: str) -> np.ndarray:
-    """Dequantize raw ggml bytes (as stored by gguf-py) back to float32 with gguf-py's kernels."""
+def _dequant_fn(name: str):
+    fn = getattr(libggml(), f"dequantize_row_{name.lower() if not name.endswith('_K') else name[:-2].lower() + '_K'}", None)
+    if fn is not None:
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    return fn
+
+
+def dequantize(raw: np.ndarray, name: str, nthreads: int | None = None) -> np.ndarray:
+    """Dequantize raw ggml bytes (rows of blocks, as stored in GGUF) to float32 with ggml's own
+    ``dequantize_row_*`` (gguf-py's numpy dequantizers where ggml exports none)."""
     t = qtype(name)
     if t.name == "F32":
         return np.asarray(raw, dtype=np.float32)
     if t.name == "F16":
         return np.asarray(raw).astype(np.float32)
-    return np.asarray(_gguf_dequantize(np.asarray(raw), t), dtype=np.float32)
+    fn = _dequant_fn(t.name) if t.name in QUANT_TYPES else None
+    if fn is None:
+        return np.asarray(_gguf_dequantize(np.asarray(raw), t), dtype=np.float32)
+    src = np.ascontiguousarray(raw, dtype=np.uint8)
+    blck, tsize = GGML_QUANT_SIZES[t]
+    row_bytes = src.shape[-1]
+    ne0 = row_bytes // tsize * blck
+    nrows = src.size // row_bytes
+    out = np.empty((nrows, ne0), dtype=np.float32)
+    nthreads = nthreads or _default_threads()
+    chunk = max(1, -(-nrows // nthreads))
+
+    def work(r0: int) -> None:
+        n = min(chunk, nrows - r0)
+        fn(src.ctypes.data + r0 * row_bytes, out.ctypes.data + r0 * ne0 * 4, n * ne0)
+
+    if nthreads > 1 and nrows > chunk:
+        with ThreadPoolExecutor(max_workers=nthreads) as pool:
+            list(pool.map(work, range(0, nrows, chunk)))
+    else:
+        work(0) if nrows <= chunk else [work(r) for r in range(0, nrows, chunk)]
+    return out.reshape(*src.shape[:-1], ne0)
 
 
 def roundtrip(data: np.ndarray, name: str, imatrix: np.ndarray | None = None, nthreads: int | None = None) -> np.ndarray:

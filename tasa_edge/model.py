@@ -188,11 +188,10 @@ class ModelSource:
         if info is None:
             raise TasaError(f"tensor {name} not in model {self.path.name}")
         if self.kind == "gguf":
-            from gguf.quants import dequantize
+            from . import ggml
 
             t = self._gguf_tensor(name)
-            arr = dequantize(t.data, t.tensor_type)
-            return np.asarray(arr, dtype=np.float32).reshape(info.shape)
+            return ggml.dequantize(t.data, t.tensor_type.name).reshape(info.shape)
         from safetensors import safe_open
 
         with safe_open(self._hf_files[info.hf_name], framework="pt") as fh:
