@@ -14,11 +14,10 @@ Design
   [b, s, vocab] and ``present.N.key|value`` [b, kv_heads, past+s, head_dim].
 * **Quantizer**: blockwise round-to-nearest along K (the input dimension), exactly
   :func:`tasa_edge.analysis.onnx_roundtrip` (the error the sensitivity analysis assumed):
-  symmetric ``int`` formats use ``scale = absmax / (2^(b-1)-1)`` and are stored offset by
-  ``2^(b-1)`` (MatMulNBits' default zero point, so no zero-point input); ``uint`` formats use
-  ``[min(x,0), max(x,0)]`` with a packed uint8 zero point. Note: onnxruntime's own C++
-  quantizer (``quantize_matmul_{2,4,8}bits``) maps the signed max-magnitude value to
-  ``-2^(b-1)`` for symmetric formats (all 2^b levels used); ``quantizer="ort"`` uses it instead.
+  symmetric ``int`` formats map each block's largest-magnitude value to ``-2^(b-1)`` (onnxruntime's
+  rule: all 2^b levels used) and are stored offset by ``2^(b-1)`` (MatMulNBits' default zero
+  point, so no zero-point input); ``uint`` formats use ``[min(x,0), max(x,0)]`` with a packed
+  uint8 zero point. ``quantizer="ort"`` calls onnxruntime's own C++ quantizer instead.
 * **Embedding**: ``token_embd`` in a quantized format becomes ``com.microsoft::GatherBlockQuantized``
   over the same packed weights/scales; with tied embeddings the LM head is a MatMulNBits on that
   same initializer, so the file holds one quantized copy (as the plan's byte count assumes).
@@ -98,10 +97,13 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int, symmetric: bool, qu
         x = w[r0:r0 + step]
         x = np.pad(x, ((0, 0), (0, kb * block - k))).reshape(x.shape[0], kb, block)
         if symmetric:
-            qmax = 2 ** (bits - 1) - 1
-            scale = np.abs(x).max(-1, keepdims=True) / qmax
+            # onnxruntime's rule: the block's largest-magnitude value maps to -2^(b-1), so all
+            # 2^b levels are used (absmax / (2^(b-1)-1) would leave int2 with 3 levels)
+            half = 2 ** (bits - 1)
+            idx = np.abs(x).argmax(-1)[..., None]
+            scale = np.take_along_axis(x, idx, -1) / -half
             scale[scale == 0] = 1.0
-            q = np.clip(np.round(x / scale), -qmax - 1, qmax) + 2 ** (bits - 1)
+            q = np.clip(np.round(x / scale), -half, half - 1) + half
         else:
             qmax = 2 ** bits - 1
             lo = np.minimum(x.min(-1, keepdims=True), 0)
