@@ -72,11 +72,10 @@ class AnalysisConfig:
     fisher_dtype: str = "float32"
 
     def key(self) -> str:
+        """Identity of the gradient statistics (not of the format menu or mixture scoring)."""
         d = asdict(self)
-        d.pop("formats")
-        d.pop("beta")
-        d.pop("ratios")
-        d.pop("sizes")
+        for k in ("formats", "beta", "ratios", "sizes", "target"):
+            d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -139,3 +139,30 @@ def test_tasa_beats_perplexity_only_and_uniform_at_equal_size(analysis, smollm, 
     assert res["TASA"]["task"]["kld"] < res["perplexity-only"]["task"]["kld"]
     assert res["TASA"]["task"]["kld"] < res["uniform Q4_0"]["task"]["kld"]
     assert res["TASA"]["general"]["kld"] < res["uniform Q4_0"]["general"]["kld"]
+
+
+def test_onnx_target_plan_beats_uniform_int4(analysis, smollm, tmp_path):
+    """B solves a plan for the ONNX menu (bits x block); C exports it; onnxruntime measures it."""
+    from dataclasses import replace
+
+    from exporters.onnx_export import export_onnx
+    from tasa_edge import onnx_run
+    from tasa_edge.metrics import compare_logits
+
+    _, d = analysis
+    an = analyze(smollm, d, replace(CFG, target="onnx", formats=None), device="cpu", show_progress=False)
+    assert an.timings["n_backward"] == CFG.n_general + CFG.n_task + CFG.n_target  # reused the cached traces
+    uni = BitPlan.uniform(smollm, "int4_b128", target="onnx")
+    tasa = make_plan(an, smollm, nbytes=uni.predicted["bytes"])
+    assert tasa.target == "onnx" and len(set(tasa.tensors.values())) >= 2
+    texts = [s.prompt + s.target for s in pick(load_gsm8k("eval"), 3, "onnx")]
+    ref_dir = export_onnx(smollm, BitPlan.uniform(smollm, "float", target="onnx"), tmp_path / "float", show_progress=False).path
+    ref = onnx_run.logits(ref_dir, texts, max_tokens=96)
+    res = {}
+    for name, plan in (("uniform int4_b128", uni), ("TASA", tasa)):
+        r = export_onnx(smollm, plan, tmp_path / name.split()[0], show_progress=False)
+        q = onnx_run.logits(r.path, texts, max_tokens=96)
+        m = compare_logits(np.concatenate([l for _, l in ref]), np.concatenate([l for _, l in q]))
+        res[name] = m["kld"]
+        print(f"ONNX {name:18s} {r.bpw:.3f} bpw  task KLD {m['kld']:.4f}  types {plan.types_used()}")
+    assert res["TASA"] < res["uniform int4_b128"]
