@@ -90,8 +90,7 @@ def quantize_baseline(
             keep.append(pat)
             tto[i].pattern = pat
             tto[i].type = int(ggml.qtype(t))
-        tto[len(tensor_types)].pattern = None
-        tto[len(tensor_types)].type = len(ggml.QT) + 100  # GGML_TYPE_COUNT-like sentinel, pattern NULL ends it
+        tto[len(tensor_types)].pattern = None  # a NULL pattern ends the list
         keep.append(tto)
         params.tt_overrides = ctypes.cast(tto, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     t0 = time.perf_counter()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import ggml
 from .errors import TasaError
 from .plan import BitPlan, format_nbytes
 

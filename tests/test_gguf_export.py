@@ -119,6 +119,18 @@ def test_mixed_plan_loads_generates_and_beats_lower_uniform(tmp_path, ref, smoll
     assert 0 < m_mix["kld"] < 0.5
 
 
+def test_mixed_plan_through_llama_quantize_tensor_overrides_is_identical(tmp_path, ref, smollm_f32):
+    """The same plan applied by llama.cpp itself (llama_model_quantize with per-tensor type
+    overrides, what --tensor-type-file does) gives the same file contents as our exporter."""
+    plan = mixed_plan(ref)
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "llama.gguf"
+    export_gguf(ref, plan, ours, show_progress=False)
+    quantize_baseline(smollm_f32, theirs, "Q8_0", tensor_types=plan.tensors)
+    a, b = gguf_tensors(ours), gguf_tensors(theirs)
+    assert a.keys() == b.keys()
+    assert all(a[n] == b[n] for n in a), [n for n in a if a[n] != b[n]][:3]
+
+
 def test_export_streams_one_tensor_at_a_time(tmp_path, smollm):
     """Peak Python/numpy memory while exporting from the quantized source (every tensor is
     dequantized to float32) stays near one tensor, not the whole model."""
