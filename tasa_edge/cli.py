@@ -323,6 +323,15 @@ def demo(
     out.print(f"[dim]{prompt}[/]{text}")
 
 
+def _register_bench() -> None:
+    from devices.cli import bench
+
+    app.command("bench", help="Benchmark GGUF/ONNX files on a target: size, speed, memory, KLD, GSM8K accuracy.")(bench)
+
+
+_register_bench()
+
+
 def main() -> None:
     """Console-script entry: user errors print one line and exit non-zero, never a traceback."""
     try:
