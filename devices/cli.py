@@ -1,0 +1,132 @@
+"""``tasa-edge bench``: the typer command of the device harness.
+
+Registered in :mod:`tasa_edge.cli` with ``app.command("bench")(devices.cli.bench)``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tasa_edge.errors import TasaError
+
+console = Console()
+
+SIZE_HELP = ("small: pp64/tg16 x2 reps, 4 general docs, 4 GSM8K questions (2-shot) -- a smoke test; "
+             "medium: pp512/tg128 x3, 50 docs, 50 questions (5-shot); "
+             "full: pp512/tg128 x5, all 275 docs and all 323 held-out GSM8K questions (5-shot).")
+
+
+def parse_bytes(s: str) -> int:
+    """``3.5G`` / ``512M`` / ``2GiB`` / ``1000000`` -> bytes (K/M/G/T are powers of 1024 here)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:i?B)?\s*", s, re.I)
+    if not m:
+        raise TasaError(f"cannot parse memory size {s!r} (e.g. 3.5G, 512M, 2GiB, 1000000)")
+    mult = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2).upper()]
+    n = int(float(m.group(1)) * mult)
+    if n <= 0:
+        raise TasaError(f"memory size must be positive, got {s!r}")
+    return n
+
+
+def parse_host(s: str) -> tuple[str, str | None, int | None]:
+    """``[user@]host[:port]`` -> (host, user, port)."""
+    m = re.fullmatch(r"(?:([^@\s]+)@)?([^@:\s]+)(?::(\d+))?", s.strip())
+    if not m:
+        raise TasaError(f"cannot parse ssh host {s!r} (expected [user@]host[:port])")
+    return m.group(2), m.group(1), int(m.group(3)) if m.group(3) else None
+
+
+def bench(
+    files: List[str] = typer.Argument(..., help="Models to benchmark: GGUF files and/or exported ONNX model directories (with model.onnx)."),
+    reference: Optional[str] = typer.Option(
+        None, "--reference", "-r",
+        help="The float model the files were made from (GGUF, HF directory or packaged name such as smollm2-135m). "
+             "Its F32 GGUF is the base of the KL-divergence / top-1 comparison, computed once per run. "
+             "Without it only perplexity and GSM8K are reported."),
+    target: Optional[str] = typer.Option(
+        None, "--target",
+        help="Where to run: local (this machine), adb (Android phone: llama-bench/llama-perplexity pushed to "
+             "/data/local/tmp) or ssh (Raspberry Pi-class board). Default: the profile's target, else local."),
+    size: str = typer.Option("small", "--size", "-s", help=SIZE_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Threads for the model (default: the profile's, else all usable cores / the device's cores)."),
+    reps: Optional[int] = typer.Option(None, "--reps", help="Timed repetitions per speed test after one warm-up (default: the size's: 2 / 3 / 5)."),
+    out: Path = typer.Option(Path("bench"), "--out", "-o", help="Directory for bench.json, bench.md, PNG plots and GSM8K completions."),
+    plan: Optional[List[Path]] = typer.Option(None, "--plan", "-p", help="Bit plan JSON to draw a per-layer bits heatmap of (repeatable)."),
+    analysis: Optional[Path] = typer.Option(None, "--analysis", help="analysis.json of `tasa-edge analyze`: adds the sensitivity-illusion plot and correlations."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="Device profile: local-cpu, pixel-8, raspberry-pi-5 or a .toml file (threads, memory limit, transport)."),
+    memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="Memory cap such as 3.5G: RLIMIT_AS of each local benchmark process; on devices, flags models whose peak RSS exceeds it."),
+    host: Optional[str] = typer.Option(None, "--host", help="ssh target: HOST, USER@HOST or USER@HOST:PORT (default: the profile's transport.host)."),
+    serial: Optional[str] = typer.Option(None, "--serial", help="adb target: device serial (adb -s), needed when several are attached."),
+    bin_dir: Optional[Path] = typer.Option(None, "--bin-dir", help="adb/ssh: local directory with llama-bench and llama-perplexity built for the device (see devices/README.md); default: $TASA_LLAMA_BIN_DIR, else the device's PATH."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report JSON instead of the table."),
+):
+    """Benchmark GGUF / ONNX models on this machine or an edge device: size, load time, peak RSS,
+    llama-bench speed, KL-divergence vs the reference on general and GSM8K text, GSM8K accuracy."""
+    from .harness import bench as run_bench
+
+    h = u = p = None
+    if host is not None:
+        h, u, p = parse_host(host)
+    report = run_bench(
+        files, reference=reference, target=target, size=size, threads=threads, reps=reps, out_dir=out,
+        profile=profile, plans=plan or [], analysis=analysis,
+        memory_limit=parse_bytes(memory_limit) if memory_limit else None,
+        host=h, user=u, port=p, serial=serial, bin_dir=bin_dir,
+    )
+    if as_json:
+        console.print_json(json.dumps(report, default=str))
+        return
+    print_summary(report)
+    console.print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}"
+              + "".join(f", {out / n}" for n in _plot_files(report)))
+    errs = [m for m in report["models"] if m.get("error")]
+    if errs and len(errs) == len(report["models"]):
+        raise TasaError(f"every model failed, e.g. {errs[0]['name']}: {errs[0]['error']}")
+
+
+def _plot_files(report: dict) -> list[str]:
+    p = report.get("plots") or {}
+    names = [p["pareto"]] if p.get("pareto") else []
+    names += list((p.get("plans") or {}).values())
+    if p.get("illusion"):
+        names.append(p["illusion"])
+    return names
+
+
+def print_summary(report: dict) -> None:
+    m, s = report["machine"], report["settings"]
+    console.print(f"[bold]{report['target']['kind']}[/]: {m.get('cpu') or '?'}, {m.get('threads')} threads"
+              + (f", bandwidth {report['bandwidth']['read_bytes_per_s'] / 1e9:.1f} GB/s" if report.get("bandwidth") else ""))
+    t = Table(show_edge=False)
+    for col in ("model", "MiB", "bpw", "load s", "RSS MiB", f"pp{s['pp']} t/s", f"tg{s['tg']} t/s",
+                "KLD gen", "KLD task", "top-1 task", "GSM8K"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for e in report["models"]:
+        if e.get("error"):
+            t.add_row(e["name"], f"{e['file_bytes'] / 2**20:.1f}", "", "", "", "", "", "", "", "", "[red]error[/]")
+            continue
+        sp = e.get("speed") or {}
+        q = e.get("quality") or {}
+        g = e.get("gsm8k") or {}
+
+        def f(x, fmt):
+            return fmt.format(x) if x is not None else "–"
+
+        t.add_row(
+            e["name"], f"{e['file_bytes'] / 2**20:.1f}", f(e.get("bpw"), "{:.2f}"), f(e.get("load_s"), "{:.2f}"),
+            f(e.get("peak_rss_bytes") and e["peak_rss_bytes"] / 2**20, "{:.0f}"),
+            f((sp.get("pp") or {}).get("ts_mean"), "{:.1f}"), f((sp.get("tg") or {}).get("ts_mean"), "{:.1f}"),
+            f((q.get("general") or {}).get("kld"), "{:.4f}"), f((q.get("task") or {}).get("kld"), "{:.4f}"),
+            f((q.get("task") or {}).get("top1"), "{:.3f}"), f(g.get("flexible_extract"), "{:.3f}"),
+        )
+    console.print(t)
+    for e in report["models"]:
+        if e.get("error"):
+            console.print(f"[red]{e['name']}[/]: {e['error']}", highlight=False)

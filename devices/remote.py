@@ -1,0 +1,401 @@
+"""Remote targets: Android phones over ``adb`` and Linux boards (Raspberry Pi ...) over ``ssh``/``scp``.
+
+The flow is the one a person would type: push llama.cpp's own ``llama-bench`` and
+``llama-perplexity`` (built for the device, see ``devices/README.md``) and the model files to a
+scratch directory on the device, run
+
+* ``llama-bench -m MODEL -p PP -n TG -r REPS -t THREADS -o json`` (speed, llama-bench's numbers),
+* ``llama-perplexity -m REF -f TEXT --kl-divergence-base BASE`` once, then
+  ``llama-perplexity -m MODEL --kl-divergence-base BASE --kl-divergence`` per model
+  (KL-divergence / same-top-p / perplexity on the device, and the model load time),
+
+each under a small ``sh`` wrapper that samples ``VmHWM`` from ``/proc/PID/status`` (the peak
+resident set; works with Android's toybox and busybox), and parse their output.
+
+Executables come from ``$TASA_ADB``, ``$TASA_SSH`` and ``$TASA_SCP`` (default ``adb``, ``ssh``,
+``scp`` on ``PATH``). Files already on the device with the same size are not pushed again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasa_edge.errors import TasaError
+
+ENV_VARS = {"adb": "TASA_ADB", "ssh": "TASA_SSH", "scp": "TASA_SCP"}
+TOOLS = ("llama-bench", "llama-perplexity")
+DEFAULT_REMOTE_DIR = {"adb": "/data/local/tmp/tasa-edge", "ssh": "/tmp/tasa-edge"}
+
+#: Runs ``CMD...`` with stdout/stderr to OUT/ERR and writes its peak RSS (VmHWM, kB) to OUT.hwm.
+WRAPPER = r"""#!/bin/sh
+# usage: tasa-run.sh OUT ERR CMD [ARGS...]   (tasa-edge device harness)
+out="$1"; err="$2"; shift 2
+"$@" >"$out" 2>"$err" &
+pid=$!
+peak=0
+while :; do
+  st=$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' "/proc/$pid/status" 2>/dev/null)
+  [ -z "$st" ] && break
+  [ "$st" = Z ] && break
+  v=$(sed -n 's/^VmHWM:[^0-9]*\([0-9][0-9]*\).*/\1/p' "/proc/$pid/status" 2>/dev/null)
+  [ -n "$v" ] && [ "$v" -gt "$peak" ] && peak=$v
+  sleep 0.05 2>/dev/null || sleep 1
+done
+wait "$pid"
+rc=$?
+echo "$peak" >"$out.hwm"
+exit $rc
+"""
+
+
+def tool_path(name: str) -> str:
+    """The executable for ``adb`` / ``ssh`` / ``scp`` (``$TASA_ADB`` ... override), or a TasaError."""
+    var = ENV_VARS[name]
+    exe = os.environ.get(var) or name
+    found = shutil.which(exe)
+    if found is None:
+        hint = "install Android platform-tools" if name == "adb" else "install an OpenSSH client"
+        raise TasaError(f"{exe} not found: {hint} or set {var} to the executable")
+    return found
+
+
+def _last_line(*texts: str) -> str:
+    for t in texts:
+        lines = [ln.strip() for ln in (t or "").splitlines() if ln.strip()]
+        if lines:
+            return lines[-1]
+    return ""
+
+
+# ============================================================================ transports
+class Transport:
+    kind = ""
+
+    def __init__(self, remote_dir: str | None = None, timeout: float = 3600.0):
+        self.remote_dir = (remote_dir or DEFAULT_REMOTE_DIR[self.kind]).rstrip("/")
+        self.timeout = timeout
+
+    label = ""
+
+    def _run(self, argv: list[str], timeout: float | None = None) -> subprocess.CompletedProcess:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, errors="replace",
+                                  timeout=timeout or self.timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise TasaError(f"{self.label}: '{' '.join(argv[:3])} ...' timed out after {timeout or self.timeout:.0f} s") from None
+        except OSError as exc:
+            raise TasaError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
+
+    def shell(self, cmd: str, timeout: float | None = None) -> tuple[int, str, str]:
+        raise NotImplementedError
+
+    def push(self, local: Path, remote: str) -> None:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "label": self.label, "remote_dir": self.remote_dir}
+
+
+class AdbTransport(Transport):
+    kind = "adb"
+
+    def __init__(self, serial: str | None = None, remote_dir: str | None = None, timeout: float = 3600.0):
+        super().__init__(remote_dir, timeout)
+        self.adb = tool_path("adb")
+        self.serial = serial or None
+
+    @property
+    def label(self) -> str:  # type: ignore[override]
+        return f"adb:{self.serial or '?'}"
+
+    def _base(self) -> list[str]:
+        return [self.adb] + (["-s", self.serial] if self.serial else [])
+
+    def check(self) -> None:
+        r = self._run([self.adb, "devices"], timeout=60)
+        if r.returncode != 0:
+            raise TasaError(f"`adb devices` failed: {_last_line(r.stderr, r.stdout) or f'exit {r.returncode}'}")
+        listed = []
+        for line in r.stdout.splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and not line.startswith(("List of devices", "*")):
+                listed.append((parts[0], parts[1]))
+        ready = [s for s, st in listed if st == "device"]
+        if self.serial:
+            state = dict(listed).get(self.serial)
+            if state is None:
+                others = ", ".join(s for s, _ in listed) or "none"
+                raise TasaError(f"Android device {self.serial} is not attached (adb devices lists: {others})")
+            if state != "device":
+                raise TasaError(f"Android device {self.serial} is '{state}': unlock it and allow USB debugging")
+            return
+        if not ready:
+            extra = f" ({', '.join(f'{s} is {st}' for s, st in listed)})" if listed else ""
+            raise TasaError("no Android device attached: `adb devices` lists none ready" + extra
+                            + "; connect one with USB debugging enabled, or use --target local")
+        if len(ready) > 1:
+            raise TasaError(f"several Android devices attached ({', '.join(ready)}): choose one with --serial")
+        self.serial = ready[0]
+
+    def shell(self, cmd: str, timeout: float | None = None) -> tuple[int, str, str]:
+        r = self._run(self._base() + ["shell", cmd], timeout)
+        return r.returncode, r.stdout, r.stderr
+
+    def push(self, local: Path, remote: str) -> None:
+        r = self._run(self._base() + ["push", str(local), remote])
+        if r.returncode != 0:
+            raise TasaError(f"adb push {local} -> {remote} failed: {_last_line(r.stderr, r.stdout)}")
+
+
+class SshTransport(Transport):
+    kind = "ssh"
+    OPTIONS = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=15"]
+
+    def __init__(self, host: str, user: str | None = None, port: int | None = None,
+                 remote_dir: str | None = None, timeout: float = 3600.0):
+        if not host:
+            raise TasaError("the ssh target needs a host: pass --host (or a profile with transport.host)")
+        super().__init__(remote_dir, timeout)
+        self.ssh, self.scp = tool_path("ssh"), tool_path("scp")
+        self.host, self.user, self.port = host, user or None, port
+        self.dest = f"{user}@{host}" if user else host
+
+    @property
+    def label(self) -> str:  # type: ignore[override]
+        return f"ssh:{self.dest}"
+
+    def shell(self, cmd: str, timeout: float | None = None) -> tuple[int, str, str]:
+        port = ["-p", str(self.port)] if self.port and self.port != 22 else []
+        r = self._run([self.ssh] + self.OPTIONS + port + [self.dest, cmd], timeout)
+        return r.returncode, r.stdout, r.stderr
+
+    def check(self) -> None:
+        rc, out, err = self.shell("echo tasa-edge-ok", timeout=60)
+        if rc != 0 or "tasa-edge-ok" not in out:
+            raise TasaError(f"cannot reach {self.dest} over ssh: {_last_line(err, out) or f'exit {rc}'}")
+
+    def push(self, local: Path, remote: str) -> None:
+        port = ["-P", str(self.port)] if self.port and self.port != 22 else []
+        r = self._run([self.scp, "-q"] + self.OPTIONS + port + [str(local), f"{self.dest}:{remote}"])
+        if r.returncode != 0:
+            raise TasaError(f"scp {local} -> {self.dest}:{remote} failed: {_last_line(r.stderr, r.stdout)}")
+
+
+# ============================================================================ llama.cpp tools on the device
+@dataclass
+class ToolRun:
+    rc: int
+    stdout: str
+    stderr: str
+    peak_rss_bytes: int | None
+    seconds: float
+
+
+class DeviceTools:
+    """llama-bench / llama-perplexity on a device reached through ``transport``."""
+
+    def __init__(self, transport: Transport, bin_dir: str | Path | None = None):
+        self.t = transport
+        self.bin_dir = Path(bin_dir).expanduser() if bin_dir else None
+        self.rd = transport.remote_dir
+        self.exe: dict[str, str] = {}
+        self.env = ""
+
+    def sh(self, cmd: str, timeout: float | None = None, what: str = "") -> str:
+        rc, out, err = self.t.shell(cmd, timeout)
+        if rc != 0:
+            raise TasaError(f"{self.t.label}: {what or cmd.split()[0]} failed: {_last_line(err, out) or f'exit {rc}'}")
+        return out
+
+    def setup(self) -> None:
+        q = shlex.quote
+        self.sh(f"mkdir -p {q(self.rd)}/bin {q(self.rd)}/models {q(self.rd)}/run", what="mkdir")
+        local_wrapper = _write_temp("tasa-run.sh", WRAPPER)
+        self.t.push(local_wrapper, f"{self.rd}/tasa-run.sh")
+        if self.bin_dir is not None:
+            if not self.bin_dir.is_dir():
+                raise TasaError(f"--bin-dir {self.bin_dir} is not a directory")
+            missing = [t for t in TOOLS if not (self.bin_dir / t).is_file()]
+            if missing:
+                raise TasaError(f"{self.bin_dir} has no {', '.join(missing)} (build them for the device: see devices/README.md)")
+            files = [p for p in sorted(self.bin_dir.iterdir()) if p.is_file()]
+            for p in files:
+                self.push_file(p, f"{self.rd}/bin/{p.name}")
+            self.sh("chmod 755 " + " ".join(q(f"{self.rd}/bin/{p.name}") for p in files), what="chmod")
+            self.exe = {t: f"{self.rd}/bin/{t}" for t in TOOLS}
+            self.env = f"LD_LIBRARY_PATH={q(self.rd + '/bin')}${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}} "
+        else:
+            rc, out, _ = self.t.shell("for t in " + " ".join(TOOLS) + "; do command -v $t || echo MISSING:$t; done")
+            missing = [ln.split(":", 1)[1] for ln in out.split() if ln.startswith("MISSING:")]
+            if rc != 0 or missing:
+                raise TasaError(f"{self.t.label}: no llama.cpp binaries ({', '.join(missing) or 'llama-bench'} not on the "
+                                "device's PATH): build them for the device (devices/README.md) and pass --bin-dir")
+            self.exe = dict(zip(TOOLS, out.split()))
+
+    def remote_size(self, remote: str) -> int | None:
+        rc, out, _ = self.t.shell(f"wc -c < {shlex.quote(remote)} 2>/dev/null")
+        out = out.strip()
+        return int(out) if rc == 0 and out.isdigit() else None
+
+    def push_file(self, local: Path, remote: str | None = None) -> str:
+        """Push ``local`` (a file) unless a file of the same size is already there; returns the remote path."""
+        local = Path(local)
+        remote = remote or f"{self.rd}/models/{local.name}"
+        if self.remote_size(remote) != local.stat().st_size:
+            self.t.push(local, remote)
+            if self.remote_size(remote) != local.stat().st_size:
+                raise TasaError(f"{self.t.label}: {remote} has the wrong size after the push (device storage full?)")
+        return remote
+
+    def push_dir_model(self, local: Path) -> str:
+        raise TasaError("ONNX models are benchmarked on the local target only (onnxruntime is not on the device)")
+
+    def run(self, tool: str, args: list[str], tag: str, timeout: float | None = None) -> ToolRun:
+        q = shlex.quote
+        out, err = f"{self.rd}/run/{tag}.out", f"{self.rd}/run/{tag}.err"
+        argv = " ".join(q(a) for a in [self.exe[tool]] + args)
+        cmd = (f"cd {q(self.rd)} && {self.env}sh {q(self.rd + '/tasa-run.sh')} {q(out)} {q(err)} {argv}; "
+               f"rc=$?; cat {q(out)}; echo '@@TASA-ERR'; cat {q(err)}; echo '@@TASA-HWM'; "
+               f"cat {q(out + '.hwm')} 2>/dev/null; echo \"@@TASA-RC $rc\"")
+        t0 = time.perf_counter()
+        rc, text, serr = self.t.shell(cmd, timeout)
+        secs = time.perf_counter() - t0
+        m = re.search(r"@@TASA-RC (\d+)", text)
+        if not m:
+            raise TasaError(f"{self.t.label}: could not run {tool}: {_last_line(serr, text) or f'exit {rc}'}")
+        body = text[: m.start()]
+        stdout, _, rest = body.partition("@@TASA-ERR\n")
+        stderr, _, hwm = rest.partition("@@TASA-HWM\n")
+        hwm = hwm.strip()
+        return ToolRun(int(m.group(1)), stdout, stderr, int(hwm) * 1024 if hwm.isdigit() and int(hwm) > 0 else None, secs)
+
+    def _check(self, r: ToolRun, tool: str) -> None:
+        if r.rc != 0:
+            raise TasaError(f"{self.t.label}: {tool} exited with {r.rc}: {_last_line(r.stderr, r.stdout)}")
+
+    def bench(self, model: str, pp: int, tg: int, reps: int, threads: int, tag: str) -> dict:
+        args = ["-m", model, "-p", str(pp), "-n", str(tg), "-r", str(reps), "-t", str(threads), "-o", "json"]
+        r = self.run("llama-bench", args, tag)
+        self._check(r, "llama-bench")
+        res = parse_llama_bench(r.stdout)
+        res["peak_rss_bytes"] = r.peak_rss_bytes
+        res["wall_s"] = r.seconds
+        return res
+
+    def kld_base(self, ref: str, text: str, base: str, ctx: int, threads: int) -> dict:
+        args = ["-m", ref, "-f", text, "-c", str(ctx), "-b", str(ctx), "-t", str(threads), "--kl-divergence-base", base]
+        r = self.run("llama-perplexity", args, "kld-base")
+        self._check(r, "llama-perplexity")
+        return parse_perplexity(r.stdout + "\n" + r.stderr, kld=False)
+
+    def kld(self, model: str, base: str, ctx: int, threads: int, tag: str) -> dict:
+        args = ["-m", model, "-c", str(ctx), "-b", str(ctx), "-t", str(threads),
+                "--kl-divergence-base", base, "--kl-divergence"]
+        r = self.run("llama-perplexity", args, tag)
+        self._check(r, "llama-perplexity")
+        res = parse_perplexity(r.stdout + "\n" + r.stderr, kld=True)
+        res["peak_rss_bytes"] = r.peak_rss_bytes
+        return res
+
+
+def _write_temp(name: str, text: str) -> Path:
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="tasa-edge-"))
+    p = d / name
+    p.write_text(text)
+    p.chmod(0o755)
+    return p
+
+
+# ============================================================================ parsers
+def parse_llama_bench(text: str) -> dict:
+    """``llama-bench -o json`` output (a JSON array; log lines before it are skipped) -> pp/tg stats."""
+    i = text.find("[")
+    rows = None
+    while i >= 0:
+        try:
+            rows, _ = json.JSONDecoder().raw_decode(text[i:])
+            break
+        except json.JSONDecodeError:
+            i = text.find("[", i + 1)
+    if not isinstance(rows, list):
+        raise TasaError(f"llama-bench printed no JSON results: {_last_line(text)[:120]!r}")
+    out: dict = {"backend": "llama-bench"}
+    for row in rows:
+        if not isinstance(row, dict):
+            continue
+        n_p, n_g = int(row.get("n_prompt") or 0), int(row.get("n_gen") or 0)
+        key = "pp" if n_p > 0 and n_g == 0 else "tg" if n_g > 0 and n_p == 0 else None
+        if key is None or key in out:
+            continue
+        samples = [float(x) for x in row.get("samples_ts") or []]
+        out[key] = {
+            "n_tokens": n_p or n_g,
+            "ts_mean": float(row["avg_ts"]),
+            "ts_std": float(row.get("stddev_ts") or 0.0),
+            "samples_ts": samples,
+            "samples_ns": [int(x) for x in row.get("samples_ns") or []],
+        }
+        out["reps"] = len(samples) or None
+        out["threads"] = row.get("n_threads")
+        for k in ("cpu_info", "build_commit", "build_number", "model_type", "model_size", "model_n_params", "backends"):
+            if k in row:
+                out[k] = row[k]
+    if "pp" not in out and "tg" not in out:
+        raise TasaError("llama-bench JSON has no pp or tg test rows")
+    out["warmup"] = 1
+    return out
+
+
+_NUM = r"(-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?|nan|inf)"
+_PPL_PATTERNS = {
+    "ppl": rf"Mean\s+PPL\(Q\)\s*:\s*{_NUM}\s*±\s*{_NUM}",
+    "ppl_base": rf"Mean\s+PPL\(base\)\s*:\s*{_NUM}\s*±\s*{_NUM}",
+    "kld": rf"Mean\s+KLD:\s*{_NUM}\s*±\s*{_NUM}",
+    "kld_max": rf"Maximum\s+KLD:\s*{_NUM}",
+    "kld_p99": rf"99\.0%\s+KLD:\s*{_NUM}",
+    "kld_median": rf"Median\s+KLD:\s*{_NUM}",
+    "delta_p": rf"Mean\s+Δp:\s*{_NUM}\s*±\s*{_NUM}\s*%",
+    "top1": rf"Same top p:\s*{_NUM}\s*±\s*{_NUM}\s*%",
+    "final_ppl": rf"Final estimate: PPL = {_NUM} \+/- {_NUM}",
+    "load_ms": rf"load time\s*=\s*{_NUM}\s*ms",
+}
+
+
+def parse_perplexity(text: str, kld: bool = True) -> dict:
+    """The summary ``llama-perplexity`` prints (``--kl-divergence`` statistics, or the final PPL).
+
+    Percentages (same top p, Δp) are returned as fractions; ``*_se`` are the ± standard errors."""
+    out: dict = {"tool": "llama-perplexity"}
+    for key, pat in _PPL_PATTERNS.items():
+        m = None
+        for m in re.finditer(pat, text):
+            pass  # last occurrence (summary after the per-chunk table)
+        if m is None:
+            continue
+        vals = [float(g) for g in m.groups()]
+        scale = 0.01 if key in ("delta_p", "top1") else 1.0
+        name = {"final_ppl": "ppl" if "ppl" not in out else "final_ppl"}.get(key, key)
+        if key == "load_ms":
+            out["load_s"] = vals[0] / 1000.0
+            continue
+        out[name] = vals[0] * scale
+        if len(vals) > 1:
+            out[name + "_se"] = vals[1] * scale
+    if kld and "kld" not in out:
+        raise TasaError(f"llama-perplexity printed no 'Mean KLD' line: {_last_line(text)[:160]!r}")
+    if not kld and "ppl" not in out and "final_ppl" not in out:
+        raise TasaError(f"llama-perplexity printed no perplexity: {_last_line(text)[:160]!r}")
+    return out
