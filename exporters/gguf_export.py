@@ -159,7 +159,7 @@ def _add_provenance(w, plan: BitPlan, imatrix: ImatrixStats | None) -> None:
     w.add_string("tasa_edge.plan.tensors", json.dumps(plan.tensors, sort_keys=True))
     if imatrix is not None:
         # the same keys llama-quantize writes
-        w.add_string("quantize.imatrix.file", str(getattr(imatrix, "source", "") or "tasa-edge"))
+        w.add_string("quantize.imatrix.file", imatrix.source or "tasa-edge")
         w.add_string("quantize.imatrix.dataset", ",".join(imatrix.datasets) or "tasa-edge")
         w.add_int32("quantize.imatrix.entries_count", len(imatrix.sums))
         w.add_int32("quantize.imatrix.chunks_count", int(imatrix.chunk_count))

@@ -38,9 +38,7 @@ def _load_imatrix(path: Optional[Path]):
         return None
     from .imatrix import load_imatrix
 
-    st = load_imatrix(path)
-    st.source = str(path)
-    return st
+    return load_imatrix(path)
 
 
 @app.callback(invoke_without_command=True)

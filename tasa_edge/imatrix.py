@@ -27,6 +27,7 @@ class ImatrixStats:
     datasets: list[str] = field(default_factory=list)
     chunk_count: int = 0
     chunk_size: int = 0
+    source: str = ""                                             # file it was read from
 
     def add(self, name: str, x2_sum: np.ndarray, n_tokens: int) -> None:
         x2_sum = np.asarray(x2_sum, dtype=np.float64).reshape(-1)
@@ -74,9 +75,9 @@ def load_imatrix(path: str | Path) -> ImatrixStats:
         raise TasaError(f"imatrix not found: {p}")
     with open(p, "rb") as fh:
         magic = fh.read(4)
-    if magic == b"GGUF":
-        return _load_gguf(p)
-    return _load_dat(p)
+    st = _load_gguf(p) if magic == b"GGUF" else _load_dat(p)
+    st.source = str(p)
+    return st
 
 
 def _load_gguf(p: Path) -> ImatrixStats:
