@@ -736,6 +736,9 @@ def _copy_hf_files(hf_dir: Path, dest: Path) -> None:
 
 def _install(tmp: Path, out: Path) -> None:
     """Rename the finished temp directory onto ``out`` (replacing a previous export)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the usual directory permissions
     if not out.exists():
         os.replace(tmp, out)
         return

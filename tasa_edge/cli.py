@@ -292,7 +292,7 @@ def demo(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
     out_dir: Path = typer.Option(Path("out"), "--out", "-o"),
     bpw: float = typer.Option(5.0, "--bpw", help="Budget for the TASA plan."),
-    prompt: str = typer.Option("Question: Natalia had 12 apples and gave away 5. How many apples does she have left?\nAnswer:", "--prompt"),
+    prompt: str = typer.Option("The capital of France is", "--prompt", help="Text to complete with the exported GGUF."),
 ):
     """The embedded default: analyse a packaged model, plan, export GGUF, generate with llama.cpp."""
     from .analysis import AnalysisConfig, analyze as run, illusion_report
