@@ -42,6 +42,7 @@ import numpy as np
 
 from tasa_edge import __version__
 from tasa_edge.errors import TasaError
+from tasa_edge.fsutil import default_mode
 from tasa_edge.model import ModelSource
 from tasa_edge.plan import BitPlan, model_block, parse_onnx_format, plan_nbytes
 from tasa_edge.progress import progress_bar
@@ -736,9 +737,7 @@ def _copy_hf_files(hf_dir: Path, dest: Path) -> None:
 
 def _install(tmp: Path, out: Path) -> None:
     """Rename the finished temp directory onto ``out`` (replacing a previous export)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the usual directory permissions
+    os.chmod(tmp, default_mode(0o777))  # mkdtemp makes 0700
     if not out.exists():
         os.replace(tmp, out)
         return

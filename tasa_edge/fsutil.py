@@ -9,6 +9,13 @@ from pathlib import Path
 from typing import Iterator
 
 
+def default_mode(base: int = 0o666) -> int:
+    """Permissions a plain ``open()`` (base 0o666) or ``mkdir()`` (0o777) would give under the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return base & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path in the target's directory; rename it onto ``target`` on success.
@@ -23,10 +30,7 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     try:
         yield tmp_path
         if tmp_path.is_file():
-            # mkstemp creates 0600; give the result the permissions a plain open() would
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp_path, 0o666 & ~umask)
+            os.chmod(tmp_path, default_mode())  # mkstemp creates 0600
         os.replace(tmp_path, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
