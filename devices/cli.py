@@ -15,24 +15,13 @@ from rich.console import Console
 from rich.table import Table
 
 from tasa_edge.errors import TasaError
+from tasa_edge.units import parse_bytes
 
 console = Console()
 
 SIZE_HELP = ("small: pp64/tg16 x2 reps, 4 general docs, 4 GSM8K questions (2-shot) -- a smoke test; "
              "medium: pp512/tg128 x3, 50 docs, 50 questions (5-shot); "
              "full: pp512/tg128 x5, all 275 docs and all 323 held-out GSM8K questions (5-shot).")
-
-
-def parse_bytes(s: str) -> int:
-    """``3.5G`` / ``512M`` / ``2GiB`` / ``1000000`` -> bytes (K/M/G/T are powers of 1024 here)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:i?B)?\s*", s, re.I)
-    if not m:
-        raise TasaError(f"cannot parse memory size {s!r} (e.g. 3.5G, 512M, 2GiB, 1000000)")
-    mult = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2).upper()]
-    n = int(float(m.group(1)) * mult)
-    if n <= 0:
-        raise TasaError(f"memory size must be positive, got {s!r}")
-    return n
 
 
 def parse_host(s: str) -> tuple[str, str | None, int | None]:

@@ -222,7 +222,7 @@ def plan_cmd(
     analysis: Path = typer.Option(Path("tasa-out/analysis.json"), "--analysis", "-a", help="analysis.json from tasa-edge analyze."),
     output: Path = typer.Option(Path("tasa-out/plan.json"), "--output", "-o", help="Bit plan JSON to write."),
     bpw: Optional[float] = typer.Option(None, "--bpw", help="Budget: average bits per weight over all parameters (true file bytes)."),
-    nbytes: Optional[str] = typer.Option(None, "--bytes", help="Budget: tensor bytes, e.g. 80000000, 75MB, 2GB, 1.5GiB."),
+    nbytes: Optional[str] = typer.Option(None, "--bytes", help="Budget: file tensor bytes, e.g. 80000000, 75MB (SI), 1.5GiB (binary)."),
     mode: str = typer.Option("tasa", "--mode", help="tasa (aggregate), ppl (perplexity only) or task (reasoning only)."),
     lam: Optional[float] = typer.Option(None, "--lambda", help="Override the TASA weight of reasoning sensitivity."),
     tensor_type_file: Optional[Path] = typer.Option(None, "--tensor-type-file", help="Also write llama-quantize's --tensor-type-file."),
@@ -230,8 +230,9 @@ def plan_cmd(
 ):
     """Solve the exact allocation of formats under a budget and write the bit plan."""
     from .analysis import Analysis
-    from .planner import make_plan, sweep
     from .plan import write_tensor_type_file
+    from .planner import make_plan, sweep
+    from .units import parse_bytes
 
     an = Analysis.load(analysis)
     src = _open_model(model)
@@ -248,7 +249,7 @@ def plan_cmd(
         atomic_write_text(output.with_name("sweep.json"), json.dumps(pts, indent=1))
         if bpw is None and nbytes is None:
             return
-    plan = make_plan(an, src, bpw=bpw, nbytes=_parse_bytes(nbytes) if nbytes else None, mode=mode, lam=lam)
+    plan = make_plan(an, src, bpw=bpw, nbytes=parse_bytes(nbytes) if nbytes else None, mode=mode, lam=lam)
     plan.save(output)
     if tensor_type_file:
         write_tensor_type_file(plan, tensor_type_file)
@@ -256,17 +257,6 @@ def plan_cmd(
         f"wrote {output}: {plan.predicted['bytes']:,} bytes, {plan.predicted['bpw']:.3f} bits/weight, "
         f"predicted loss {plan.predicted['loss']:.5f}; types " + ", ".join(f"{k}×{v}" for k, v in plan.types_used().items())
     )
-
-
-def _parse_bytes(s: str) -> int:
-    import re
-
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B?)?\s*", s, re.I)
-    if not m:
-        raise TasaError(f"cannot parse byte size {s!r} (e.g. 80000000, 75MB, 2GB, 1.5GiB)")
-    unit = (m.group(2) or "").upper().rstrip("B")
-    mult = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
-    return int(float(m.group(1)) * mult)
 
 
 @app.command()

@@ -166,3 +166,19 @@ def test_onnx_target_plan_beats_uniform_int4(analysis, smollm, tmp_path):
         res[name] = m["kld"]
         print(f"ONNX {name:18s} {r.bpw:.3f} bpw  task KLD {m['kld']:.4f}  types {plan.types_used()}")
     assert res["TASA"] < res["uniform int4_b128"]
+
+
+def test_sweep_is_a_pareto_curve_and_byte_budgets(analysis, smollm):
+    from tasa_edge.units import parse_bytes
+    from tasa_edge.planner import sweep
+
+    an, _ = analysis
+    pts = sweep(an, smollm, points=6)
+    assert len(pts) >= 4
+    for a, b in zip(pts, pts[1:]):
+        assert a["budget_bytes"] < b["budget_bytes"]
+        assert b["loss"] <= a["loss"] + 1e-12
+        assert a["bytes"] <= a["budget_bytes"]
+    assert parse_bytes("75MB") == 75_000_000 and parse_bytes("1.5GiB") == int(1.5 * 2**30)
+    plan = make_plan(an, smollm, nbytes=parse_bytes("80MB"))
+    assert plan.predicted["bytes"] <= 80_000_000
