@@ -153,14 +153,15 @@ def run_model(name: str, out: Path, args) -> dict:
 
 
 def write_report(res: dict, out: Path) -> None:
-    (out / "results.json").write_text(json.dumps(res, indent=1))
+    (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
     lines = [f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores, threads {res['machine']['threads']}", ""]
     for m in res["models"]:
         lines += [f"### {m['model']['name']} ({m['model']['n_params'] / 1e6:.0f}M params)", "",
-                  "| file | bits/weight | MiB | task KLD | task top-1 | general KLD | general PPL | pp t/s | tg t/s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| file | bits/weight | MiB | task KLD | task top-1 | general KLD | general PPL | pp t/s | tg t/s | decode B/s ÷ bandwidth |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(m["rows"], key=lambda r: r["bpw"]):
-            sp = f"{r['pp']:.0f} ± {r['pp_sd']:.0f} | {r['tg']:.1f} ± {r['tg_sd']:.1f}" if "pp" in r else "| "
+            sp = (f"{r['pp']:.0f} ± {r['pp_sd']:.0f} | {r['tg']:.1f} ± {r['tg_sd']:.1f} | {r['decode_bw_frac']:.2f}"
+                  if "pp" in r else " | | ")
             lines.append(f"| {r['label']} | {r['bpw']:.3f} | {r['file_bytes'] / 2**20:.1f} | {r['task_kld']:.4f} | "
                          f"{r['task_top1']:.3f} | {r['general_kld']:.4f} | {r['general_ppl']:.2f} | {sp} |")
         a, e = m["analysis"], m["export"]
@@ -209,8 +210,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--report-only", action="store_true", help="Re-render results.md and the plots from --out/results.json.")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        write_report(json.loads((args.out / "results.json").read_text()), args.out)
+        print((args.out / "results.md").read_text())
+        return
     os.environ.setdefault("TASA_NO_PROGRESS", "1")
     cpu = platform.processor() or platform.machine()
     try:
