@@ -84,7 +84,7 @@ def export_gguf(
         tensor_bytes = 0
         for info in src.tensors.values():
             t = types[info.name]
-            nb = ggml.nbytes(t, info.shape) if t not in ("F32", "F16") else info.n_elements * (4 if t == "F32" else 2)
+            nb = ggml.nbytes(t, info.shape)
             tensor_bytes += nb
             w.add_tensor_info(info.name, info.shape, np.dtype(np.float32), nb, raw_dtype=ggml.qtype(t))
         w.write_header_to_file()

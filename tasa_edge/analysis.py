@@ -127,12 +127,10 @@ class GradStats:
     seconds: float = 0.0
 
 
-def collect(model, tok, src: ModelSource, pools: dict[str, list[TextSample]], cfg: AnalysisConfig,
-            cache: Path | None = None, show_progress: bool = True) -> GradStats:
-    """Per-sample forward+backward over all pools; resumable through ``cache``."""
-    from .torch_model import gguf_params
-
-    params = gguf_params(model, src)
+def collect(model, tok, params: dict[str, torch.nn.Parameter], pools: dict[str, list[TextSample]],
+            cfg: AnalysisConfig, cache: Path | None = None, show_progress: bool = True) -> GradStats:
+    """Per-sample forward+backward over all pools (``params``: GGUF name -> the model's parameter);
+    resumable through ``cache``."""
     names = list(params)
     dev = next(model.parameters()).device
     fdt = getattr(torch, cfg.fisher_dtype)
@@ -418,8 +416,9 @@ def analyze(src: ModelSource, out_dir: Path, cfg: AnalysisConfig, *, device: str
     model, tok = load_torch_model(src, device=device)
     t_load = time.perf_counter() - t0
     pools = build_pools(cfg, task, general)
+    params = gguf_params(model, src)
     cache = out_dir / f"gradstats-{src.fingerprint.split(':')[1][:12]}-{cfg.key()}.pt"
-    st = collect(model, tok, src, pools, cfg, cache=cache, show_progress=show_progress)
+    st = collect(model, tok, params, pools, cfg, cache=cache, show_progress=show_progress)
     t1 = time.perf_counter()
     mixture = mixture_search(st, pools, cfg)
     chosen = mixture["chosen"]
@@ -428,7 +427,6 @@ def analyze(src: ModelSource, out_dir: Path, cfg: AnalysisConfig, *, device: str
     im_path = out_dir / "imatrix.gguf"
     imatrix.save(im_path)
     menu = format_menu(src, cfg)
-    params = gguf_params(model, src)
     table = sensitivities(src, params, st, menu, cfg, imatrix if cfg.target == "gguf" else None, show_progress)
     t2 = time.perf_counter()
     lam_used = float(chosen["task_ratio"] if lam is None else lam)
