@@ -171,6 +171,30 @@ def collect(model, tok, params: dict[str, torch.nn.Parameter], pools: dict[str, 
 
             hooks.append(mod.register_forward_hook(hook))
 
+    # Per-tensor statistics are taken as soon as autograd has the tensor's gradient, which is then
+    # freed: peak memory is the model + the Fisher sums + one gradient, not a second model copy.
+    cur = {"role": "general", "trace": None}
+    idx = {n: j for j, n in enumerate(names)}
+    fdt_ = fdt
+
+    def grad_hook(p, name):
+        g = p.grad.float()
+        role = cur["role"]
+        with torch.no_grad():
+            if role != "target":
+                src_key = "task" if role == "task" else "general"
+                f = st.fisher[src_key].get(name)
+                if f is None:
+                    st.fisher[src_key][name] = (g * g).to(fdt_)
+                else:
+                    f += (g * g).to(fdt_)
+            a, b = sk[name]
+            cur["trace"][idx[name]] = (a @ g @ b).reshape(-1).cpu().numpy()
+        p.grad = None
+
+    for n in names:
+        hooks.append(params[n].register_post_accumulate_grad_hook(lambda p, n=n: grad_hook(p, n)))
+
     todo = [(role, s) for role, samples in pools.items() for s in samples if s.id not in st.roles]
     t0 = time.perf_counter()
     try:
@@ -180,30 +204,17 @@ def collect(model, tok, params: dict[str, torch.nn.Parameter], pools: dict[str, 
                 ids, mask = ids.to(dev), mask.to(dev)
                 act_sum.clear()
                 model.zero_grad(set_to_none=True)
+                cur["role"] = role
+                cur["trace"] = np.zeros((len(names), cfg.sketch_k * cfg.sketch_k), dtype=np.float32)
                 logits = model(input_ids=ids).logits[0, :-1].float()
                 tgt = ids[0, 1:]
                 m = mask[0, 1:].bool()
                 loss = torch.nn.functional.cross_entropy(logits[m], tgt[m])
+                del logits
                 loss.backward()
-                src_key = "task" if role in ("task", "target") else "general"
-                tr = np.zeros((len(names), cfg.sketch_k * cfg.sketch_k), dtype=np.float32)
-                with torch.no_grad():
-                    for j, n in enumerate(names):
-                        g = params[n].grad
-                        if g is None:
-                            continue
-                        g = g.float()
-                        if role != "target":
-                            f = st.fisher[src_key].get(n)
-                            if f is None:
-                                st.fisher[src_key][n] = (g * g).to(fdt)
-                            else:
-                                f += (g * g).to(fdt)
-                        a, b = sk[n]
-                        tr[j] = (a @ g @ b).reshape(-1).cpu().numpy()
                 if role != "target":
-                    st.n[src_key] += 1
-                st.traces[s.id] = tr
+                    st.n["task" if role == "task" else "general"] += 1
+                st.traces[s.id] = cur["trace"]
                 st.acts[s.id] = {n: v.cpu().numpy().astype(np.float32) for n, v in act_sum.items()}
                 st.tokens[s.id] = int(ids.shape[1])
                 st.roles[s.id] = role

@@ -183,6 +183,7 @@ def analyze(
     beta: float = typer.Option(0.5, help="Diversity weight of the mixture criterion (0 = alignment only)."),
     lam: Optional[float] = typer.Option(None, "--lambda", help="Weight of reasoning sensitivity in the TASA score (default: the chosen mixture's task ratio)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    fisher_dtype: str = typer.Option("float32", "--fisher-dtype", help="Storage of the two Fisher sums: float32, or bfloat16 to halve their memory (models over ~1B params on 24 GB)."),
     seed: int = typer.Option(0),
 ):
     """Gradient traces -> calibration mixture -> perplexity & reasoning sensitivity per tensor and format."""
@@ -193,6 +194,8 @@ def analyze(
         raise TasaError(f"--target must be gguf or onnx, got {target!r}")
     if not 0 <= beta <= 1:
         raise TasaError(f"--beta must be within [0, 1], got {beta}")
+    if fisher_dtype not in ("float32", "bfloat16"):
+        raise TasaError(f"--fisher-dtype must be float32 or bfloat16, got {fisher_dtype!r}")
     src = _open_model(model)
     fm = tuple(f.strip() for f in formats.split(",")) if formats else None
     if fm and target == "gguf":
@@ -202,7 +205,7 @@ def analyze(
     task = split_samples(load_user_file(task_file), "calib") if task_file else None
     general = split_samples(load_user_file(general_file), "calib") if general_file else None
     cfg = AnalysisConfig(n_general=n_general, n_task=n_task, n_target=n_target, max_tokens=max_tokens,
-                         beta=beta, target=target, formats=fm, seed=seed)
+                         beta=beta, target=target, formats=fm, seed=seed, fisher_dtype=fisher_dtype)
     an = run(src, out_dir, cfg, device=device, lam=lam, task=task, general=general)
     t = Table(title="calibration mixtures (gradient-trace alignment vs diversity)")
     for c in ("task ratio", "size", "alignment", "diversity", "score"):

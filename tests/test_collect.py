@@ -1,0 +1,67 @@
+"""Gradient statistics of the analysis pass against a plain per-sample backward (tiny random llama)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from test_hf_convert import tiny_llama  # noqa: F401  (fixture)
+
+
+@pytest.mark.parametrize("fisher_dtype", ["float32", "bfloat16"])
+def test_collect_matches_plain_backward_and_frees_gradients(tiny_llama, fisher_dtype):  # noqa: F811
+    import torch
+
+    from tasa_edge.analysis import AnalysisConfig, collect, encode
+    from tasa_edge.data import TextSample
+    from tasa_edge.model import ModelSource
+    from tasa_edge.torch_model import gguf_params, load_torch_model
+
+    src = ModelSource.open(tiny_llama)
+    model, tok = load_torch_model(src, device="cpu")
+    params = gguf_params(model, src)
+    pools = {
+        "general": [TextSample("enwiki", "g:1", "", "The quick brown fox jumps over the lazy dog."),
+                    TextSample("enwiki", "g:2", "", "Paris is the capital of France, and Berlin of Germany.")],
+        "task": [TextSample("gsm8k", "t:1", "Question: 2 and 2?\nAnswer:", " 2 + 2 = 4\n#### 4")],
+        "target": [TextSample("gsm8k", "t:2", "Question: 3 and 3?\nAnswer:", " 3 + 3 = 6\n#### 6")],
+    }
+    cfg = AnalysisConfig(max_tokens=32, sketch_k=4, fisher_dtype=fisher_dtype)
+    st = collect(model, tok, params, pools, cfg, cache=None, show_progress=False)
+
+    # nothing is left behind: no gradient buffers, no parameter requiring grad
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    assert st.n == {"general": 2, "task": 1}
+    assert set(st.roles) == {"g:1", "g:2", "t:1", "t:2"}
+
+    names = list(params)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    sk = {}
+    for n in names:
+        rows, cols = params[n].shape
+        sk[n] = (torch.randn(cfg.sketch_k, rows, generator=gen) / math.sqrt(rows),
+                 torch.randn(cols, cfg.sketch_k, generator=gen) / math.sqrt(cols))
+    for p in params.values():
+        p.requires_grad_(True)
+    want = {"general": {n: 0.0 for n in names}, "task": {n: 0.0 for n in names}}
+    for role, samples in pools.items():
+        for s in samples:
+            ids, mask = encode(tok, s, cfg.max_tokens)
+            model.zero_grad(set_to_none=True)
+            logits = model(input_ids=ids).logits[0, :-1]
+            m = mask[0, 1:].bool()
+            torch.nn.functional.cross_entropy(logits[m], ids[0, 1:][m]).backward()
+            for j, n in enumerate(names):
+                g = params[n].grad
+                a, b = sk[n]
+                trace = torch.from_numpy(st.traces[s.id][j])
+                assert torch.allclose(trace, (a @ g @ b).reshape(-1), rtol=1e-4, atol=1e-6), (s.id, n)
+                if role != "target":
+                    want[role][n] = want[role][n] + g * g
+    tol = 1e-5 if fisher_dtype == "float32" else 1e-2
+    for role in ("general", "task"):
+        for n in names:
+            got = st.fisher[role][n]
+            assert got.dtype == getattr(torch, fisher_dtype)
+            assert torch.allclose(got.float(), want[role][n], rtol=tol, atol=1e-12), (role, n)
