@@ -319,6 +319,10 @@ def onnx_roundtrip(w: np.ndarray, fmt: str) -> np.ndarray:
     return dequantize_blockwise(packed, scales, zp, bits, block, w.shape[-1])
 
 
+#: elements per slice of a tensor in :func:`sensitivities`
+SENSITIVITY_CHUNK = 1 << 22
+
+
 def sensitivities(src: ModelSource, params: dict, st: GradStats, menu: dict[str, list[str]],
                   cfg: AnalysisConfig, imatrix: ImatrixStats | None, show_progress: bool = True) -> dict:
     """S_ppl and S_task for every (tensor, format), plus the true bytes of each."""
@@ -326,22 +330,33 @@ def sensitivities(src: ModelSource, params: dict, st: GradStats, menu: dict[str,
     table = {"ppl": {}, "task": {}, "bytes": {}, "rel_err": {}}
     with progress_bar("quantization error x Fisher", total=len(menu), enabled=show_progress) as advance:
         for name, fmts in menu.items():
-            w = params[name].detach().float().cpu().numpy()
-            fg = (st.fisher["general"][name].float().cpu().numpy() / max(1, st.n["general"]))
-            ft = (st.fisher["task"][name].float().cpu().numpy() / max(1, st.n["task"]))
-            wn = float(np.linalg.norm(w)) or 1.0
+            p = params[name]
+            rows, cols = p.shape
+            # whole rows at a time (every format quantizes rows independently): the temporaries of
+            # a 150k-row embedding stay at a few MB instead of several copies of the tensor
+            step = max(1, SENSITIVITY_CHUNK // cols)
+            sums = {f: [0.0, 0.0, 0.0] for f in fmts}          # ppl, task, squared error
+            w2 = 0.0
+            for r0 in range(0, rows, step):
+                w = p[r0:r0 + step].detach().float().cpu().numpy()
+                fg = st.fisher["general"][name][r0:r0 + step].float().cpu().numpy() / max(1, st.n["general"])
+                ft = st.fisher["task"][name][r0:r0 + step].float().cpu().numpy() / max(1, st.n["task"])
+                w2 += float(np.vdot(w, w))
+                for f in fmts:
+                    q = ggml.roundtrip(w, f, imat.get(name)) if cfg.target == "gguf" else onnx_roundtrip(w, f)
+                    d2 = (q - w) ** 2
+                    acc = sums[f]
+                    acc[0] += float(np.vdot(fg, d2))
+                    acc[1] += float(np.vdot(ft, d2))
+                    acc[2] += float(d2.sum(dtype=np.float64))
+            wn = math.sqrt(w2) or 1.0
             for k in table:
                 table[k][name] = {}
             for f in fmts:
-                if cfg.target == "gguf":
-                    q = ggml.roundtrip(w, f, imat.get(name))
-                else:
-                    q = onnx_roundtrip(w, f)
-                d2 = (q - w) ** 2
-                table["ppl"][name][f] = 0.5 * float((fg * d2).sum())
-                table["task"][name][f] = 0.5 * float((ft * d2).sum())
+                table["ppl"][name][f] = 0.5 * sums[f][0]
+                table["task"][name][f] = 0.5 * sums[f][1]
                 table["bytes"][name][f] = format_nbytes(cfg.target, f, src.tensors[name].shape)
-                table["rel_err"][name][f] = float(np.sqrt(d2.sum())) / wn
+                table["rel_err"][name][f] = math.sqrt(sums[f][2]) / wn
             advance(1)
     return table
 

@@ -65,3 +65,36 @@ def test_collect_matches_plain_backward_and_frees_gradients(tiny_llama, fisher_d
             got = st.fisher[role][n]
             assert got.dtype == getattr(torch, fisher_dtype)
             assert torch.allclose(got.float(), want[role][n], rtol=tol, atol=1e-12), (role, n)
+
+
+@pytest.mark.parametrize("chunk", [1 << 22, 200])  # whole tensors, and slices of a few rows
+def test_sensitivities_are_fisher_weighted_roundtrip_error(tiny_llama, monkeypatch, chunk):  # noqa: F811
+    import numpy as np
+
+    from tasa_edge import analysis, ggml
+    from tasa_edge.analysis import AnalysisConfig, collect, format_menu, sensitivities
+    from tasa_edge.data import TextSample
+    from tasa_edge.model import ModelSource
+    from tasa_edge.plan import format_nbytes
+    from tasa_edge.torch_model import gguf_params, load_torch_model
+
+    src = ModelSource.open(tiny_llama)
+    model, tok = load_torch_model(src, device="cpu")
+    params = gguf_params(model, src)
+    pools = {"general": [TextSample("enwiki", "g:1", "", "The quick brown fox jumps over the lazy dog.")],
+             "task": [TextSample("gsm8k", "t:1", "Question: 2 and 2?\nAnswer:", " 2 + 2 = 4\n#### 4")]}
+    cfg = AnalysisConfig(max_tokens=32, sketch_k=4, formats=("Q4_0", "Q8_0", "IQ4_NL"))
+    st = collect(model, tok, params, pools, cfg, cache=None, show_progress=False)
+    menu = format_menu(src, cfg)
+    monkeypatch.setattr(analysis, "SENSITIVITY_CHUNK", chunk)
+    table = sensitivities(src, params, st, menu, cfg, None, show_progress=False)
+    for name, fmts in menu.items():
+        w = params[name].detach().numpy()
+        for f in fmts:
+            d2 = (ggml.roundtrip(w, f) - w) ** 2
+            for key, src_key in (("ppl", "general"), ("task", "task")):
+                want = 0.5 * float((st.fisher[src_key][name].numpy() * d2).sum())
+                assert table[key][name][f] == pytest.approx(want, rel=1e-4), (name, f, key)
+            assert table["rel_err"][name][f] == pytest.approx(np.sqrt(d2.sum()) / np.linalg.norm(w), rel=1e-4)
+            assert table["bytes"][name][f] == format_nbytes("gguf", f, src.tensors[name].shape)
+        assert table["ppl"][name]["Q8_0"] < table["ppl"][name]["Q4_0"]
