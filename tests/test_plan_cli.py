@@ -173,6 +173,9 @@ def test_cli_other_bad_inputs(tmp_path, smollm_path):
     assert_one_line_error(run_cli("export", tmp_path / "x.gguf", "-t", "Q8_0", "-o", out), "cannot read GGUF")
     assert_one_line_error(run_cli("baseline", smollm_path, "--ftype", "Q4_Z", "-o", out), "unknown llama.cpp ftype")
     assert not out.exists()
+    an = tmp_path / "an"
+    assert_one_line_error(run_cli("analyze", smollm_path, "--fisher-dtype", "float16", "-o", an), "--fisher-dtype must be")
+    assert not an.exists()
 
 
 def test_cli_inspect_plan_and_gguf(tmp_path, smollm, smollm_path):
