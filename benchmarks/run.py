@@ -401,7 +401,7 @@ def plot(res: dict, out: Path) -> None:
                        color=["C1" if r["kind"] == "tasa" else "C0" if r["kind"] == "llama.cpp" else "C2" for r in timed])
             ax[i].set_xlabel(f"{k} tokens/s ({timed[0]['threads']} threads)" if timed else k)
             ax[i].tick_params(axis="y", labelsize=7)
-        fig.suptitle(f"{m['key']}: speed (orange TASA, blue llama.cpp)")
+        fig.suptitle(f"{m['key']}: speed (orange TASA, blue llama.cpp, green packaged file)")
         fig.tight_layout()
         fig.savefig(out / _plot_name(m, "speed"), dpi=90)
         plt.close(fig)

@@ -175,7 +175,6 @@ def collect(model, tok, params: dict[str, torch.nn.Parameter], pools: dict[str, 
     # freed: peak memory is the model + the Fisher sums + one gradient, not a second model copy.
     cur = {"role": "general", "trace": None}
     idx = {n: j for j, n in enumerate(names)}
-    fdt_ = fdt
 
     def grad_hook(p, name):
         g = p.grad.float()
@@ -185,9 +184,9 @@ def collect(model, tok, params: dict[str, torch.nn.Parameter], pools: dict[str, 
                 src_key = "task" if role == "task" else "general"
                 f = st.fisher[src_key].get(name)
                 if f is None:
-                    st.fisher[src_key][name] = (g * g).to(fdt_)
+                    st.fisher[src_key][name] = (g * g).to(fdt)
                 else:
-                    f += (g * g).to(fdt_)
+                    f += (g * g).to(fdt)
             a, b = sk[name]
             cur["trace"][idx[name]] = (a @ g @ b).reshape(-1).cpu().numpy()
         p.grad = None
