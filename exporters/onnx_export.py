@@ -120,9 +120,11 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int, symmetric: bool, qu
 
 
 def _quantize_ort(w: np.ndarray, bits: int, block: int, symmetric: bool):
-    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+    # The C++ blockwise quantizers themselves; onnxruntime.quantization.matmul_nbits_quantizer only
+    # re-exports them, and from 1.32 it also imports onnx_ir (not an onnxruntime dependency).
+    from onnxruntime.capi import _pybind_state as ort_c
 
-    fn = {2: mnq.quantize_matmul_2bits, 4: mnq.quantize_matmul_4bits, 8: mnq.quantize_matmul_8bits}[bits]
+    fn = {2: ort_c.quantize_matmul_2bits, 4: ort_c.quantize_matmul_4bits, 8: ort_c.quantize_matmul_8bits}[bits]
     n, k = w.shape
     kb = -(-k // block)
     wt = np.ascontiguousarray(np.pad(w, ((0, 0), (0, kb * block - k))).T)    # [K_padded, N]
