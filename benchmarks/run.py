@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exporters.baseline import quantize_baseline  # noqa: E402
 from exporters.gguf_export import export_gguf  # noqa: E402
-from tasa_edge.analysis import AnalysisConfig, pick  # noqa: E402
+from tasa_edge.analysis import pick  # noqa: E402
+from tasa_edge.results import AnalysisConfig  # noqa: E402
 from tasa_edge.data import load_general, load_gsm8k  # noqa: E402
 from tasa_edge.errors import TasaError  # noqa: E402
 from tasa_edge.evaluate import kld_vs_reference, reference_gguf, sample_logits  # noqa: E402
@@ -173,7 +174,7 @@ def run_model(name: str, out: Path, args) -> dict:
     an = in_child(_analyze, name, str(work), cfg)
     analysis = {"wall_s": time.perf_counter() - t0, **an.timings, "n_params": src.n_params,
                 "tokens": args.max_tokens, "fisher_dtype": fisher_dtype,
-                "samples": len(an.mixture["candidates"][0]["members"])}
+                "samples": len(an.mixture.candidates[0].members)}
     log(f"   analysis {analysis['wall_s']:.0f} s, peak RSS {analysis['peak_rss_mb']:.0f} MB")
     log("   per-sample cost vs tokens (own process)")
     scaling = in_child(_token_scaling, name, tuple(args.scaling_tokens), fisher_dtype)
@@ -263,7 +264,7 @@ def run_model(name: str, out: Path, args) -> dict:
                     f"(strict {row['gsm8k']['strict']:.3f}) in {row['gsm8k']['seconds']:.0f} s")
 
     return {"model": src.describe(), "analysis": analysis, "scaling": scaling,
-            "mixture": an.mixture["chosen"] | {"members": len(an.mixture["chosen"]["members"])},
+            "mixture": an.mixture.chosen.summary() | {"members": len(an.mixture.chosen.members)},
             "lambda": an.lam, "rows": rows, "skipped": skipped, "export": export, "bandwidth_gbs": bw / 1e9,
             "speed_pairs": pairs, "gsm8k": gsm, "inversion": inversion(rows)}
 

@@ -1,7 +1,8 @@
 """Device profiles: ``devices/profiles/*.toml`` (or any TOML file) describing a benchmark target.
 
 A profile names the transport (``local`` / ``adb`` / ``ssh``), the threads and memory the device
-offers, the weight formats that have fast kernels there, and how to reach it::
+offers, the weight formats that have fast kernels there (the analysis menu of ``tasa-edge analyze
+--profile``), and how to reach it::
 
     name = "pixel-8"
     description = "..."
@@ -21,6 +22,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tasa_edge import formats
 from tasa_edge.errors import TasaError
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
@@ -53,6 +55,14 @@ class Profile:
     onnx_accuracy_level: int = 4
     transport: dict = field(default_factory=dict)
     path: str | None = None
+
+    def menu(self, target: str) -> tuple[str, ...]:
+        """The formats with fast kernels on this device for ``target`` (the analysis menu of
+        ``tasa-edge analyze --profile``); a one-line error when the profile lists none."""
+        fm = {"gguf": self.gguf_formats, "onnx": self.onnx_formats}.get(target)
+        if not fm:
+            raise TasaError(f"device profile {self.name} lists no {target} formats")
+        return tuple(fm)
 
     def to_dict(self) -> dict:
         return {
@@ -112,24 +122,16 @@ def profile_from_dict(data: dict, where: str = "profile") -> Profile:
     if ram and limit > ram:
         raise TasaError(f"{where}: memory.limit_gib ({limit:g}) exceeds memory.ram_gib ({ram:g})")
 
-    gguf, onnx = fmts.get("gguf", []), fmts.get("onnx", [])
-    from tasa_edge import ggml
-    from tasa_edge.plan import parse_onnx_format
-
-    for f in gguf:
-        if not isinstance(f, str):
-            raise TasaError(f"{where}: formats.gguf must list ggml type names")
+    menus = {}
+    for tname in ("gguf", "onnx"):
+        spec = formats.get(tname)
+        listed = fmts.get(tname, [])
+        if not all(isinstance(f, str) for f in listed):
+            raise TasaError(f"{where}: formats.{tname} must list {tname} format names")
         try:
-            ggml.qtype(f)
+            menus[tname] = [spec.parse(f) for f in listed]
         except TasaError as exc:
-            raise TasaError(f"{where}: formats.gguf: {exc}") from None
-    for f in onnx:
-        if not isinstance(f, str):
-            raise TasaError(f"{where}: formats.onnx must list ONNX formats such as int4_b32")
-        try:
-            parse_onnx_format(f)
-        except TasaError as exc:
-            raise TasaError(f"{where}: formats.onnx: {exc}") from None
+            raise TasaError(f"{where}: formats.{tname}: {exc}") from None
     level = fmts.get("onnx_accuracy_level", 4)
     if level not in (0, 1, 2, 3, 4):
         raise TasaError(f"{where}: formats.onnx_accuracy_level must be 0..4, got {level}")
@@ -150,7 +152,7 @@ def profile_from_dict(data: dict, where: str = "profile") -> Profile:
         name=name, target=target, description=data.get("description", ""), arch=cpu.get("arch", ""),
         threads=threads or None, features=list(features),
         ram_bytes=int(ram * GIB) or None, limit_bytes=int(limit * GIB) or None,
-        gguf_formats=[f.upper() for f in gguf], onnx_formats=list(onnx), onnx_accuracy_level=level,
+        gguf_formats=menus["gguf"], onnx_formats=menus["onnx"], onnx_accuracy_level=level,
         transport=dict(tr), path=None if where == "profile" else where,
     )
 

@@ -51,7 +51,8 @@ def write_reports(report: dict, out: Path, *, plans=(), analysis=None, reference
             plots["plans"][str(p)] = name
     report["analysis"] = None
     if analysis is not None:
-        from tasa_edge.analysis import Analysis, illusion_report
+        from tasa_edge.illusion import illusion_report
+        from tasa_edge.results import Analysis
 
         rep = illusion_report(Analysis.load(Path(analysis)), out / "illusion.png")
         plots["illusion"] = "illusion.png"
@@ -276,15 +277,15 @@ def shape_source(models: list[dict], reference):
 
 def plan_bits_table(plan, src) -> tuple[list[int], list[str], dict, dict]:
     """(layers, kinds, {(layer, kind): (bits, fmt)}, {other tensor: (bits, fmt)}) of a bit plan."""
-    from tasa_edge.model import kind_of, layer_of
-    from tasa_edge.plan import fmt_bits
+    from tasa_edge.names import kind_of, layer_of
+    from tasa_edge import formats
 
     cells, other = {}, {}
     for name, fmt in plan.tensors.items():
         info = src.tensors.get(name)
         if info is None:
             raise TasaError(f"plan tensor {name} is not in {Path(src.path).name}: is the plan for another model?")
-        bits = fmt_bits(plan.target, fmt, info.shape)
+        bits = formats.get(plan.target).bits(fmt, info.shape)
         layer = layer_of(name)
         if layer is None:
             other[name] = (bits, fmt)

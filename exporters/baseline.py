@@ -50,7 +50,7 @@ def quantize_baseline(
     """Run ``llama_model_quantize(src -> out)`` with llama.cpp's mix ``ftype`` (atomic)."""
     import llama_cpp
 
-    from tasa_edge import ggml
+    from tasa_edge.formats import ggml
 
     table = ftypes()
     key = ftype.upper()

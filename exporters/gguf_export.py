@@ -15,13 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from tasa_edge import __version__, ggml
+from tasa_edge import __version__
+from tasa_edge.formats import ggml
 from tasa_edge.errors import TasaError
 from tasa_edge.fsutil import atomic_path
 from tasa_edge.imatrix import ImatrixStats
 from tasa_edge.model import ModelSource
-from tasa_edge.plan import BitPlan
+from tasa_edge.plan import BitPlan, count_formats
 from tasa_edge.progress import progress_bar
+
+from .hf_convert import write_hf_metadata
 
 #: Keys the writer sets itself or that would be stale after re-quantization.
 _SKIP_KEYS = {
@@ -74,8 +77,6 @@ def export_gguf(
         if src.kind == "gguf":
             _copy_metadata(src, w)
         else:
-            from exporters.hf_convert import write_hf_metadata
-
             write_hf_metadata(src, w)
         w.add_file_type(_file_type(types))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -104,10 +105,7 @@ def export_gguf(
         w.close()
     seconds = time.perf_counter() - t0
     size = out.stat().st_size
-    counts: dict[str, int] = {}
-    for info in src.tensors.values():
-        counts[types[info.name]] = counts.get(types[info.name], 0) + 1
-    return ExportResult(out, size, tensor_bytes, 8.0 * tensor_bytes / src.n_params, seconds, dict(sorted(counts.items())))
+    return ExportResult(out, size, tensor_bytes, 8.0 * tensor_bytes / src.n_params, seconds, count_formats(types.values()))
 
 
 def _tensor_type(info, plan: BitPlan) -> str:
@@ -133,7 +131,7 @@ def _file_type(types: dict[str, str]) -> int:
 def _copy_metadata(src: ModelSource, w) -> None:
     from gguf import GGUFValueType
 
-    reader = src._reader
+    reader = src.reader
     for key, f in reader.fields.items():
         if key in _SKIP_KEYS or key.startswith(_SKIP_PREFIXES):
             continue

@@ -1,12 +1,9 @@
 """Hugging Face checkpoint -> GGUF: tensor layout fixes and llama.cpp metadata.
 
-Two entry points, used by :class:`tasa_edge.model.ModelSource` and the GGUF exporter:
+The tensor layout (q/k permutation, gemma3 norm offset) and the hyper-parameters are the core's
+(:mod:`tasa_edge.hf_layout`, used by :class:`tasa_edge.model.ModelSource` when it reads a tensor);
+this module writes the file side:
 
-- :func:`hf_tensor_to_gguf` turns a tensor read from safetensors (float32, numpy order) into the
-  layout llama.cpp expects under its GGUF name. For ``llama`` (Llama/Mistral) the q and k
-  projections are permuted from HF's rotate-half rope layout to GGUF's interleaved one; for
-  ``gemma3`` every RMSNorm weight gets +1 (HF computes ``x * (1 + w)``, llama.cpp ``x * w``).
-  Qwen2/Qwen3 tensors are used as they are.
 - :func:`write_hf_metadata` writes the hyper-parameters llama.cpp reads for the architecture and
   the tokenizer found in the directory (via gguf-py's own vocab helpers).
 
@@ -25,146 +22,7 @@ from typing import Any
 import numpy as np
 
 from tasa_edge.errors import TasaError
-from tasa_edge.model import kind_of
-
-# --------------------------------------------------------------------------- tensors
-
-
-def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """HF rotate-half rope layout -> GGUF interleaved layout (rows of a q/k weight or bias).
-
-    Within each head, HF keeps the two rotated halves as ``[x0..x(d/2-1), y0..y(d/2-1)]``;
-    llama.cpp's (GPT-J style) rope wants the pairs adjacent: ``[x0, y0, x1, y1, ...]``.
-    """
-    rows = w.shape[0]
-    if n_head <= 0 or rows % (2 * n_head):
-        raise TasaError(f"cannot permute q/k rows: {rows} rows is not a multiple of 2 x {n_head} heads")
-    half = rows // n_head // 2
-    return w.reshape(n_head, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of :func:`permute_qk` (GGUF interleaved -> HF rotate-half)."""
-    rows = w.shape[0]
-    if n_head <= 0 or rows % (2 * n_head):
-        raise TasaError(f"cannot permute q/k rows: {rows} rows is not a multiple of 2 x {n_head} heads")
-    half = rows // n_head // 2
-    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def hf_tensor_to_gguf(src, gguf_name: str, arr: np.ndarray) -> np.ndarray:
-    """A safetensors tensor (float32, numpy order) in the layout llama.cpp expects for ``gguf_name``."""
-    arr = np.asarray(arr, dtype=np.float32)
-    if src.arch == "llama":
-        kind = kind_of(gguf_name)
-        if kind in ("attn_q", "attn_k") and gguf_name.endswith((".weight", ".bias")):
-            hp = hparams(src)
-            arr = permute_qk(arr, hp.n_head if kind == "attn_q" else hp.n_head_kv)
-    elif src.arch == "gemma3":
-        if gguf_name.endswith("norm.weight"):
-            arr = arr + np.float32(1.0)
-    return np.ascontiguousarray(arr, dtype=np.float32)
-
-
-# --------------------------------------------------------------------------- hyper-parameters
-
-
-@dataclass(frozen=True)
-class HParams:
-    n_ctx: int
-    n_embd: int
-    n_layer: int
-    n_ff: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    rms_eps: float
-    rope_theta: float
-    rope_scaling: dict | None
-
-
-def _text_cfg(src) -> dict:
-    cfg = src._hf_config
-    if not isinstance(cfg, dict):
-        raise TasaError(f"{src.path}: no Hugging Face config loaded")
-    return cfg.get("text_config", cfg)
-
-
-def _req(cfg: dict, key: str, where) -> Any:
-    v = cfg.get(key)
-    if v is None:
-        raise TasaError(f"{where}: config.json has no '{key}'")
-    return v
-
-
-#: Per-architecture defaults of the transformers config classes (used when config.json omits a key).
-_DEFAULTS = {
-    "llama": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048},
-    "qwen2": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768},
-    "qwen3": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768, "head_dim": 128},
-    "gemma3": {
-        "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "max_position_embeddings": 131072,
-        "head_dim": 256, "rope_local_base_freq": 10000.0,
-    },
-}
-
-
-def _rope_params(cfg: dict, layer_type: str | None = None) -> dict:
-    """The rope parameters of one attention type, from either config style.
-
-    transformers < 5 writes ``rope_theta`` + ``rope_scaling``; transformers >= 5 writes
-    ``rope_parameters`` (for Gemma 3 one dict per layer type: full_attention / sliding_attention).
-    """
-    rp = cfg.get("rope_parameters")
-    if isinstance(rp, dict) and any(isinstance(v, dict) for v in rp.values()):
-        rp = rp.get(layer_type or "full_attention") or {}
-    out: dict = dict(rp) if isinstance(rp, dict) else {}
-    if "rope_theta" not in out and cfg.get("rope_theta") is not None and layer_type != "sliding_attention":
-        out["rope_theta"] = cfg["rope_theta"]
-    legacy = cfg.get("rope_scaling")
-    if isinstance(legacy, dict) and layer_type != "sliding_attention":
-        for k, v in legacy.items():
-            out.setdefault(k, v)
-        if "type" in legacy and "rope_type" not in legacy:
-            out["rope_type"] = legacy["type"]
-    return out
-
-
-def hparams(src) -> HParams:
-    """The model's hyper-parameters (cached on the source)."""
-    cached = getattr(src, "_tasa_hf_hparams", None)
-    if cached is not None:
-        return cached
-    cfg = _text_cfg(src)
-    where = src.path
-    d = _DEFAULTS.get(src.arch, {})
-    n_embd = int(_req(cfg, "hidden_size", where))
-    n_head = int(_req(cfg, "num_attention_heads", where))
-    n_head_kv = int(cfg.get("num_key_value_heads") or n_head)
-    head_dim = cfg.get("head_dim") or d.get("head_dim") or n_embd // n_head
-    rope = _rope_params(cfg)
-    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-    rtype = rope.get("rope_type", "default")
-    hp = HParams(
-        n_ctx=int(cfg.get("max_position_embeddings") or d.get("max_position_embeddings", 2048)),
-        n_embd=n_embd,
-        n_layer=int(_req(cfg, "num_hidden_layers", where)),
-        n_ff=int(_req(cfg, "intermediate_size", where)),
-        n_head=n_head,
-        n_head_kv=n_head_kv,
-        head_dim=int(head_dim),
-        rms_eps=float(cfg.get("rms_norm_eps") or d.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(theta),
-        rope_scaling=None if rtype in (None, "default") else rope,
-    )
-    if n_head % n_head_kv:
-        raise TasaError(f"{where}: num_attention_heads {n_head} is not a multiple of num_key_value_heads {n_head_kv}")
-    try:
-        object.__setattr__(src, "_tasa_hf_hparams", hp)
-    except Exception:  # pragma: no cover - a frozen/slotted source
-        pass
-    return hp
-
+from tasa_edge.hf_layout import ARCH_DEFAULTS, HParams, require, rope_params, text_config
 
 def _write_rope_scaling(src, w, rope: dict | None) -> None:
     import gguf
@@ -194,8 +52,8 @@ def write_hf_metadata(src, w) -> None:
     arch = src.arch
     if arch not in ("llama", "qwen2", "qwen3", "gemma3"):
         raise TasaError(f"{src.path}: no HF metadata writer for architecture '{arch}'")
-    cfg = _text_cfg(src)
-    hp = hparams(src)
+    cfg = text_config(src)
+    hp = src.hparams
     if hp.n_layer != src.n_layers:
         raise TasaError(f"{src.path}: config says {hp.n_layer} layers, the model source {src.n_layers}")
 
@@ -253,9 +111,9 @@ def _write_gemma3(src, w, cfg: dict, hp: HParams) -> None:
             pattern = cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern")
             if pattern:
                 w.add_sliding_window_pattern(int(pattern))
-        local = _rope_params(cfg, "sliding_attention").get("rope_theta")
+        local = rope_params(cfg, "sliding_attention").get("rope_theta")
         if local is None:
-            local = cfg.get("rope_local_base_freq", _DEFAULTS["gemma3"]["rope_local_base_freq"])
+            local = cfg.get("rope_local_base_freq", ARCH_DEFAULTS["gemma3"]["rope_local_base_freq"])
         w.add_rope_freq_base_swa(float(local))
     for key, add in (
         ("final_logit_softcapping", w.add_final_logit_softcapping),
@@ -270,7 +128,7 @@ def _n_vocab(src, cfg: dict) -> int:
     emb = src.tensors.get("token_embd.weight")
     if emb is not None:
         return int(emb.shape[0])
-    return int(_req(cfg, "vocab_size", src.path))
+    return int(require(cfg, "vocab_size", src.path))
 
 
 # --------------------------------------------------------------------------- tokenizer

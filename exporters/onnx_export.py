@@ -13,7 +13,7 @@ Design
   ``past_key_values.N.key|value`` [b, kv_heads, past, head_dim] float; outputs ``logits``
   [b, s, vocab] and ``present.N.key|value`` [b, kv_heads, past+s, head_dim].
 * **Quantizer**: blockwise round-to-nearest along K (the input dimension), exactly
-  :func:`tasa_edge.analysis.onnx_roundtrip` (the error the sensitivity analysis assumed):
+  :meth:`tasa_edge.formats.onnx.OnnxTarget.roundtrip` (the error the sensitivity analysis assumed):
   symmetric ``int`` formats map each block's largest-magnitude value to ``-2^(b-1)`` (onnxruntime's
   rule: all 2^b levels used) and are stored offset by ``2^(b-1)`` (MatMulNBits' default zero
   point, so no zero-point input); ``uint`` formats use ``[min(x,0), max(x,0)]`` with a packed
@@ -44,7 +44,8 @@ from tasa_edge import __version__
 from tasa_edge.errors import TasaError
 from tasa_edge.fsutil import default_mode
 from tasa_edge.model import ModelSource
-from tasa_edge.plan import BitPlan, model_block, parse_onnx_format, plan_nbytes
+from tasa_edge.formats.onnx import QUANTIZERS, parse_format, quantize_blockwise
+from tasa_edge.plan import BitPlan, model_block, plan_nbytes
 from tasa_edge.progress import progress_bar
 
 MODEL_FILE = "model.onnx"
@@ -58,7 +59,6 @@ _FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "l
 _ALIGN = 64               # byte alignment of tensors in the external data file
 _INLINE_MAX = 1024        # tensors up to this many bytes stay inside model.onnx
 _NEG = float(np.finfo(np.float32).min)
-_QUANTIZERS = ("rtn", "ort")
 
 
 @dataclass
@@ -71,102 +71,6 @@ class OnnxExportResult:
     seconds: float
     types: dict[str, int] = field(default_factory=dict)        # plan format -> tensor count
     ops: dict[str, int] = field(default_factory=dict)          # MatMul / MatMulNBits / Gather... counts
-
-
-# ============================================================================ quantizer
-def quantize_blockwise(w: np.ndarray, bits: int, block: int, symmetric: bool, quantizer: str = "rtn"):
-    """Blockwise quantization of ``w`` [N, K] along K, MatMulNBits layout.
-
-    Returns ``(packed uint8 [N, kb, block*bits/8], scales float32 [N, kb], zero_points)`` where
-    ``zero_points`` is None (symmetric: implicit 2^(bits-1)) or uint8 [N, ceil(kb*bits/8)] packed
-    low bits first. ``quantizer="rtn"`` reproduces :func:`tasa_edge.analysis.onnx_roundtrip`.
-    """
-    w = np.asarray(w, dtype=np.float32)
-    if w.ndim != 2:
-        raise TasaError(f"blockwise quantization needs a 2-D weight, got shape {w.shape}")
-    if quantizer == "ort":
-        return _quantize_ort(w, bits, block, symmetric)
-    if quantizer != "rtn":
-        raise TasaError(f"unknown quantizer {quantizer!r} (expected one of {_QUANTIZERS})")
-    n, k = w.shape
-    kb = -(-k // block)
-    packed = np.empty((n, kb, block * bits // 8), np.uint8)
-    scales = np.empty((n, kb), np.float32)
-    zps = None if symmetric else np.empty((n, kb), np.uint8)
-    step = max(1, (1 << 22) // max(1, kb * block))    # ~16 MiB of float32 per chunk
-    for r0 in range(0, n, step):
-        x = w[r0:r0 + step]
-        x = np.pad(x, ((0, 0), (0, kb * block - k))).reshape(x.shape[0], kb, block)
-        if symmetric:
-            # onnxruntime's rule: the block's largest-magnitude value maps to -2^(b-1), so all
-            # 2^b levels are used (absmax / (2^(b-1)-1) would leave int2 with 3 levels)
-            half = 2 ** (bits - 1)
-            idx = np.abs(x).argmax(-1)[..., None]
-            scale = np.take_along_axis(x, idx, -1) / -half
-            scale[scale == 0] = 1.0
-            q = np.clip(np.round(x / scale), -half, half - 1) + half
-        else:
-            qmax = 2 ** bits - 1
-            lo = np.minimum(x.min(-1, keepdims=True), 0)
-            hi = np.maximum(x.max(-1, keepdims=True), 0)
-            scale = (hi - lo) / qmax
-            scale[scale == 0] = 1.0
-            zp = np.clip(np.round(-lo / scale), 0, qmax)
-            q = np.clip(np.round(x / scale) + zp, 0, qmax)
-            zps[r0:r0 + step] = zp[..., 0].astype(np.uint8)
-        packed[r0:r0 + step] = pack_bits(q.astype(np.uint8), bits)
-        scales[r0:r0 + step] = scale[..., 0]
-    return packed, scales, (None if zps is None else pack_bits(zps, bits))
-
-
-def _quantize_ort(w: np.ndarray, bits: int, block: int, symmetric: bool):
-    # The C++ blockwise quantizers themselves; onnxruntime.quantization.matmul_nbits_quantizer only
-    # re-exports them, and from 1.32 it also imports onnx_ir (not an onnxruntime dependency).
-    from onnxruntime.capi import _pybind_state as ort_c
-
-    fn = {2: ort_c.quantize_matmul_2bits, 4: ort_c.quantize_matmul_4bits, 8: ort_c.quantize_matmul_8bits}[bits]
-    n, k = w.shape
-    kb = -(-k // block)
-    wt = np.ascontiguousarray(np.pad(w, ((0, 0), (0, kb * block - k))).T)    # [K_padded, N]
-    packed = np.zeros((n, kb, block * bits // 8), np.uint8)
-    zp = np.zeros((n, -(-kb * bits // 8)), np.uint8)
-    scales = np.zeros((n, kb), np.float32)
-    fn(packed, wt, scales, zp, block, n, kb * block, symmetric)
-    return packed, scales, (None if symmetric else zp)
-
-
-def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
-    """Pack uint8 codes (< 2^bits) along the last axis, low bits first; pads to whole bytes."""
-    if bits == 8:
-        return np.ascontiguousarray(q, dtype=np.uint8)
-    per = 8 // bits
-    pad = (-q.shape[-1]) % per
-    if pad:
-        q = np.pad(q, [(0, 0)] * (q.ndim - 1) + [(0, pad)])
-    q = q.reshape(*q.shape[:-1], -1, per).astype(np.uint8)
-    out = q[..., 0].copy()
-    for j in range(1, per):
-        out |= q[..., j] << (bits * j)
-    return out
-
-
-def unpack_bits(p: np.ndarray, bits: int, count: int) -> np.ndarray:
-    if bits == 8:
-        return p[..., :count]
-    per = 8 // bits
-    parts = [(p >> (bits * j)) & (2 ** bits - 1) for j in range(per)]
-    return np.stack(parts, -1).reshape(*p.shape[:-1], -1)[..., :count]
-
-
-def dequantize_blockwise(packed, scales, zero_points, bits: int, block: int, k: int) -> np.ndarray:
-    """Inverse of :func:`quantize_blockwise` (what MatMulNBits computes with): float32 [N, K]."""
-    n, kb, _ = packed.shape
-    q = unpack_bits(packed, bits, block).astype(np.float32)               # [N, kb, block]
-    if zero_points is None:
-        zp = np.full((n, kb, 1), 2 ** (bits - 1), np.float32)
-    else:
-        zp = unpack_bits(zero_points, bits, kb).astype(np.float32)[..., None]
-    return ((q - zp) * scales[..., None]).reshape(n, kb * block)[:, :k]
 
 
 # ============================================================================ graph builder
@@ -293,7 +197,7 @@ class _Builder:
     def _quantized(self, gname: str, w: np.ndarray, fmt: str) -> _QWeight:
         if gname in self._qcache:
             return self._qcache[gname]
-        bits, block, sym = parse_onnx_format(fmt)
+        bits, block, sym = parse_format(fmt)
         packed, scales, zp = quantize_blockwise(w, bits, block, sym, self.quantizer)
         g = self.g
         q = _QWeight(g.weight(f"{gname}.q{bits}", packed), g.weight(f"{gname}.scales", scales),
@@ -686,14 +590,14 @@ def _check_inputs(src: ModelSource, plan: BitPlan, out: Path, accuracy_level: in
     if plan.target != "onnx":
         raise TasaError(f"plan target is '{plan.target}', the ONNX exporter needs an 'onnx' plan")
     for fmt in set(plan.tensors.values()):
-        parse_onnx_format(fmt)      # int3 / int5 / bad block sizes -> one-line TasaError
+        parse_format(fmt)      # int3 / int5 / bad block sizes -> one-line TasaError
     plan.validate(src)
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise TasaError(f"accuracy_level must be 0..4 (MatMulNBits), got {accuracy_level}")
     if opset < MIN_OPSET:
         raise TasaError(f"opset must be >= {MIN_OPSET}, got {opset}")
-    if quantizer not in _QUANTIZERS:
-        raise TasaError(f"unknown quantizer {quantizer!r} (expected one of {_QUANTIZERS})")
+    if quantizer not in QUANTIZERS:
+        raise TasaError(f"unknown quantizer {quantizer!r} (expected one of {QUANTIZERS})")
     if out.exists():
         if not out.is_dir():
             raise TasaError(f"output {out} exists and is not a directory")

@@ -33,14 +33,6 @@ def _open_model(spec: str):
     return ModelSource.open(resolve_model(spec))
 
 
-def _load_imatrix(path: Optional[Path]):
-    if path is None:
-        return None
-    from .imatrix import load_imatrix
-
-    return load_imatrix(path)
-
-
 @app.callback(invoke_without_command=True)
 def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")):
     if version:
@@ -60,17 +52,20 @@ def export(
     type_: Optional[str] = typer.Option(None, "--type", "-t", help="Uniform plan: every quantizable tensor in this type (llama.cpp shape fallback applies)."),
     default_type: Optional[str] = typer.Option(None, "--default-type", help="Type for tensors no tensor-type-file rule matches."),
     fmt: str = typer.Option("gguf", "--format", "-f", help="gguf or onnx."),
-    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="llama.cpp importance matrix (GGUF or legacy .dat)."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="llama.cpp importance matrix (GGUF or legacy .dat). Default: the one the plan was scored with."),
+    force_imatrix: bool = typer.Option(False, "--force-imatrix", help="Use --imatrix even if the plan was scored with another one (or none)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Quantization threads (default: all cores)."),
     accuracy_level: int = typer.Option(4, "--accuracy-level", help="ONNX MatMulNBits accuracy_level (4 = int8 compute)."),
 ):
     """Write MODEL quantized per a bit plan (GGUF for llama.cpp, or ONNX MatMulNBits)."""
+    from . import formats
     from .plan import BitPlan, read_tensor_type_file
 
     if sum(x is not None for x in (plan, tensor_type_file, type_)) != 1:
         raise TasaError("give exactly one of --plan, --tensor-type-file or --type")
-    if fmt not in ("gguf", "onnx"):
-        raise TasaError(f"--format must be gguf or onnx, got {fmt!r}")
+    spec = formats.get(fmt)
+    if imatrix is not None and not spec.uses_imatrix:
+        raise TasaError(f"--imatrix applies to GGUF export only, not --format {fmt}")
     src = _open_model(model)
     if plan is not None:
         bp = BitPlan.load(plan)
@@ -83,7 +78,7 @@ def export(
     if fmt == "gguf":
         from exporters.gguf_export import export_gguf
 
-        res = export_gguf(src, bp, output, imatrix=_load_imatrix(imatrix), nthreads=threads)
+        res = export_gguf(src, bp, output, imatrix=bp.export_imatrix(imatrix, force=force_imatrix), nthreads=threads)
         out.print(
             f"wrote {res.path} ({res.nbytes / 2**20:.1f} MiB, {res.bpw:.3f} bits/weight, "
             f"{res.seconds:.1f} s) types: " + ", ".join(f"{k}×{v}" for k, v in res.types.items())
@@ -109,7 +104,10 @@ def baseline(
     from exporters.baseline import quantize_baseline
 
     src_path = _reference_gguf(model)
-    res = quantize_baseline(src_path, output, ftype, imatrix=_load_imatrix(imatrix), pure=pure, nthreads=threads)
+    from .imatrix import load_imatrix
+
+    res = quantize_baseline(src_path, output, ftype, imatrix=load_imatrix(imatrix) if imatrix else None,
+                            pure=pure, nthreads=threads)
     out.print(f"wrote {res.path} ({res.nbytes / 2**20:.1f} MiB, {res.bpw:.3f} bits/weight, {res.seconds:.1f} s) ftype {ftype}")
 
 
@@ -174,6 +172,7 @@ def analyze(
     out_dir: Path = typer.Option(Path("tasa-out"), "--out", "-o", help="Directory for analysis.json, imatrix.gguf and the gradient cache."),
     target: str = typer.Option("gguf", "--target", help="Format menu to analyse: gguf (ggml types) or onnx (bits x block)."),
     formats: Optional[str] = typer.Option(None, "--formats", help="Comma-separated menu override, e.g. Q3_K,Q4_K,Q6_K,Q8_0,Q4_0,Q5_0."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="Device profile (shipped name or .toml): its fast formats for --target are the menu."),
     task_file: Optional[Path] = typer.Option(None, "--task-data", help="Your task data (.jsonl question/answer, or .txt) instead of GSM8K."),
     general_file: Optional[Path] = typer.Option(None, "--general-data", help="Your general text (.txt/.jsonl) instead of the shipped corpus."),
     n_general: int = typer.Option(24, help="General-text pool samples."),
@@ -187,21 +186,24 @@ def analyze(
     seed: int = typer.Option(0),
 ):
     """Gradient traces -> calibration mixture -> perplexity & reasoning sensitivity per tensor and format."""
-    from .analysis import AnalysisConfig, analyze as run
+    from . import formats as registry
+    from .analysis import analyze as run
     from .data import load_user_file, split_samples
+    from .results import AnalysisConfig
 
-    if target not in ("gguf", "onnx"):
-        raise TasaError(f"--target must be gguf or onnx, got {target!r}")
+    spec = registry.get(target)
+    if formats and profile:
+        raise TasaError("give --formats or --profile, not both")
     if not 0 <= beta <= 1:
         raise TasaError(f"--beta must be within [0, 1], got {beta}")
     if fisher_dtype not in ("float32", "bfloat16"):
         raise TasaError(f"--fisher-dtype must be float32 or bfloat16, got {fisher_dtype!r}")
     src = _open_model(model)
-    fm = tuple(f.strip() for f in formats.split(",")) if formats else None
-    if fm and target == "gguf":
-        from . import ggml
+    fm = tuple(spec.parse(f.strip()) for f in formats.split(",")) if formats else None
+    if profile:
+        from devices.profiles import load_profile
 
-        fm = tuple(ggml.qtype(f).name for f in fm)
+        fm = load_profile(profile).menu(target)
     task = split_samples(load_user_file(task_file), "calib") if task_file else None
     general = split_samples(load_user_file(general_file), "calib") if general_file else None
     cfg = AnalysisConfig(n_general=n_general, n_task=n_task, n_target=n_target, max_tokens=max_tokens,
@@ -210,13 +212,16 @@ def analyze(
     t = Table(title="calibration mixtures (gradient-trace alignment vs diversity)")
     for c in ("task ratio", "size", "alignment", "diversity", "score"):
         t.add_column(c, justify="right")
-    ch = an.mixture["chosen"]
-    for c in an.mixture["candidates"]:
-        mark = " *" if (c["task_ratio"], c["size"]) == (ch["task_ratio"], ch["size"]) else ""
-        t.add_row(f"{c['task_ratio']:.2f}{mark}", str(c["size"]), f"{c['alignment']:.4f}", f"{c['diversity']:.4f}", f"{c['score']:.4f}")
+    ch = an.mixture.chosen
+    for c in an.mixture.candidates:
+        mark = " *" if c is ch else ""
+        t.add_row(f"{c.task_ratio:.2f}{mark}", str(c.size), f"{c.alignment:.4f}", f"{c.diversity:.4f}", f"{c.score:.4f}")
     out.print(t)
-    out.print(f"chosen mixture: task ratio {ch['task_ratio']:.2f}, {ch['size']} samples; lambda = {an.lam:.2f}")
-    out.print(f"wrote {out_dir / 'analysis.json'} and {an.imatrix_path} ({an.timings['total_s']:.1f} s, {an.timings['n_backward']} backward passes)")
+    out.print(f"chosen mixture: task ratio {ch.task_ratio:.2f}, {ch.size} samples; lambda = {an.lam:.2f}")
+    tm = an.timings
+    cached = f", {tm['n_cached']} from the cache" if tm.get("n_cached") else ""
+    out.print(f"wrote {out_dir / 'analysis.json'} and {an.imatrix_path} ({tm['total_s']:.1f} s, "
+              f"{tm['n_backward']} backward passes{cached})")
 
 
 @app.command("plan")
@@ -232,9 +237,9 @@ def plan_cmd(
     do_sweep: bool = typer.Option(False, "--sweep", help="Print the Pareto curve size -> predicted loss (and write sweep.json)."),
 ):
     """Solve the exact allocation of formats under a budget and write the bit plan."""
-    from .analysis import Analysis
     from .plan import write_tensor_type_file
     from .planner import make_plan, sweep
+    from .results import Analysis
     from .units import parse_bytes
 
     an = Analysis.load(analysis)
@@ -268,7 +273,8 @@ def illusion(
     png: Path = typer.Option(Path("tasa-out/illusion.png"), "--png", help="Plot to write."),
 ):
     """Perplexity-Illusion report: rank correlation of perplexity vs reasoning sensitivity."""
-    from .analysis import Analysis, illusion_report
+    from .illusion import illusion_report
+    from .results import Analysis
 
     rep = illusion_report(Analysis.load(analysis), png)
     pl, pt = rep["per_layer"], rep["per_tensor"]
@@ -288,17 +294,19 @@ def demo(
     prompt: str = typer.Option("The capital of France is", "--prompt", help="Text to complete with the exported GGUF."),
 ):
     """The embedded default: analyse a packaged model, plan, export GGUF, generate with llama.cpp."""
-    from .analysis import AnalysisConfig, analyze as run, illusion_report
-    from .imatrix import load_imatrix
+    from exporters.gguf_export import export_gguf
+
+    from .analysis import analyze as run
+    from .illusion import illusion_report
     from .llama_run import generate
     from .planner import make_plan
-    from exporters.gguf_export import export_gguf
+    from .results import AnalysisConfig
 
     src = _open_model(model)
     out.print(f"[bold]1/4 analyse[/] {src.name} ({src.arch}, {src.n_params / 1e6:.0f}M params)")
     an = run(src, out_dir, AnalysisConfig(n_general=12, n_task=12, n_target=8, max_tokens=160, sizes=(8,)))
-    ch = an.mixture["chosen"]
-    out.print(f"    mixture: task ratio {ch['task_ratio']:.2f} (alignment {ch['alignment']:.3f}, diversity {ch['diversity']:.3f})")
+    ch = an.mixture.chosen
+    out.print(f"    mixture: task ratio {ch.task_ratio:.2f} (alignment {ch.alignment:.3f}, diversity {ch.diversity:.3f})")
     rep = illusion_report(an, out_dir / "illusion.png")
     out.print(f"    perplexity vs reasoning sensitivity, per layer: Spearman {rep['per_layer']['spearman']:+.2f}")
     out.print(f"[bold]2/4 plan[/] {bpw} bits/weight")
@@ -307,7 +315,7 @@ def demo(
     out.print("    " + ", ".join(f"{k}×{v}" for k, v in plan.types_used().items()))
     out.print("[bold]3/4 export[/] GGUF with llama.cpp's kernels")
     gguf_out = out_dir / f"{src.path.stem.split('.')[0]}-tasa-{bpw:g}bpw.gguf"
-    res = export_gguf(src, plan, gguf_out, imatrix=load_imatrix(an.imatrix_path))
+    res = export_gguf(src, plan, gguf_out, imatrix=plan.export_imatrix(None))
     out.print(f"    wrote {res.path} ({res.nbytes / 2**20:.1f} MiB, {res.bpw:.3f} bits/weight)")
     out.print("[bold]4/4 generate[/] with llama-cpp-python")
     text = generate(res.path, prompt, max_tokens=48)

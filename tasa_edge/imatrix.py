@@ -8,6 +8,7 @@ sums (``<name>.in_sum2``) and token counts (``<name>.counts``) in a GGUF with
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,3 +163,16 @@ def save_legacy_dat(st: ImatrixStats, path: str | Path) -> None:
     out += struct.pack("<i", st.chunk_count) + struct.pack("<i", len(ds)) + ds
     with atomic_path(path) as tmp:
         tmp.write_bytes(bytes(out))
+
+
+def imatrix_ref(path: str | Path) -> dict:
+    """The identity a plan records of the imatrix it was scored with: absolute path, sha256 of
+    the file's bytes, number of entries."""
+    p = Path(path).resolve()
+    if not p.is_file():
+        raise TasaError(f"imatrix not found: {p}")
+    h = hashlib.sha256()
+    with open(p, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return {"path": str(p), "sha256": h.hexdigest(), "entries": len(load_imatrix(p).sums)}

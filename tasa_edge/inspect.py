@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from .errors import TasaError
-from .plan import BitPlan, format_nbytes
+from .plan import BitPlan
 
 
 def _row(name: str, shape, typ: str, nbytes: int) -> dict:
@@ -60,8 +60,8 @@ def inspect_plan(path: Path, model: str | None) -> dict:
     rows = []
     for info in src.tensors.values():
         fmt = plan.tensors.get(info.name, "F32") if info.quantizable else "F32"
-        fmt_target = plan.target if fmt not in ("F32",) else "gguf"
-        rows.append(_row(info.name, info.shape, fmt, format_nbytes(fmt_target, fmt, info.shape)))
+        nbytes = plan.spec.nbytes(plan.spec.float_format if fmt == "F32" else fmt, info.shape)
+        rows.append(_row(info.name, info.shape, fmt, nbytes))
     return _summarise(str(path), rows, {"target": plan.target, "budget": plan.budget, "predicted": plan.predicted})
 
 

@@ -20,7 +20,9 @@ from typing import Iterator
 
 import numpy as np
 
+from . import hf_layout
 from .errors import TasaError
+from .names import is_quantizable, sort_key
 
 #: Architectures (GGUF ``general.architecture`` names) whose HF checkpoints we map.
 HF_ARCHS = {
@@ -30,35 +32,6 @@ HF_ARCHS = {
     "Qwen3ForCausalLM": "qwen3",
     "Gemma3ForCausalLM": "gemma3",
 }
-
-
-_NOT_QUANTIZED = (
-    "_norm.weight", "ffn_gate_inp.weight", "altup", "laurel", "per_layer_model_proj",
-    "position_embd", "token_types", "ssm_conv1d", "shortconv.conv.weight", "rope_freqs",
-)
-
-
-def is_quantizable(name: str, shape: tuple[int, ...]) -> bool:
-    """llama.cpp's rule: 2-D+ ``*.weight`` tensors except norms, MoE routers and position embeddings."""
-    if len(shape) < 2 or not name.endswith("weight"):
-        return False
-    return not any(s in name for s in _NOT_QUANTIZED)
-
-
-def layer_of(name: str) -> int | None:
-    """Block index of a GGUF tensor name (``blk.N.*``), else None."""
-    parts = name.split(".")
-    if len(parts) > 2 and parts[0] == "blk" and parts[1].isdigit():
-        return int(parts[1])
-    return None
-
-
-def kind_of(name: str) -> str:
-    """Tensor kind within a block: ``attn_q``, ``ffn_down`` ... or the whole name outside blocks."""
-    parts = name.split(".")
-    if layer_of(name) is not None:
-        return parts[2]
-    return parts[0]
 
 
 @dataclass(frozen=True)
@@ -90,9 +63,9 @@ class ModelSource:
     arch: str
     n_layers: int
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
-    _reader: object | None = None
-    _hf_config: dict | None = None
-    _hf_files: dict[str, Path] | None = None  # hf tensor name -> safetensors file
+    reader: object | None = None               # gguf.GGUFReader of a GGUF source
+    hf_config: dict | None = None              # config.json of an HF source
+    hf_files: dict[str, Path] | None = None    # HF tensor name -> safetensors file
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -127,7 +100,7 @@ class ModelSource:
         for t in reader.tensors:
             shape = tuple(int(x) for x in reversed(t.shape.tolist()))
             tensors[t.name] = TensorInfo(t.name, shape, t.tensor_type.name)
-        return cls(p, "gguf", arch, n_layers, tensors, _reader=reader)
+        return cls(p, "gguf", arch, n_layers, tensors, reader=reader)
 
     @classmethod
     def _open_hf(cls, p: Path) -> "ModelSource":
@@ -149,7 +122,7 @@ class ModelSource:
 
         text_cfg = cfg.get("text_config", cfg)
         n_layers = int(text_cfg["num_hidden_layers"])
-        src = cls(p, "hf", arch, n_layers, _hf_config=cfg, _hf_files={})
+        src = cls(p, "hf", arch, n_layers, hf_config=cfg, hf_files={})
         for f in files:
             with safe_open(f, framework="numpy") as fh:
                 for key in fh.keys():
@@ -158,11 +131,11 @@ class ModelSource:
                     gname = src.gguf_name(key)
                     if gname is None:
                         raise TasaError(f"{p}: no GGUF name for tensor {key} ({arch})")
-                    src._hf_files[key] = f
+                    src.hf_files[key] = f
                     dtype = str(sl.get_dtype()).upper().replace("FLOAT", "F")
                     src.tensors[gname] = TensorInfo(gname, shape, {"F32": "F32", "F16": "F16", "BF16": "BF16"}.get(dtype, dtype), key)
         # sort like llama.cpp: token_embd, blocks by index, then output
-        src.tensors = dict(sorted(src.tensors.items(), key=lambda kv: _sort_key(kv[0])))
+        src.tensors = dict(sorted(src.tensors.items(), key=lambda kv: sort_key(kv[0])))
         return src
 
     # ------------------------------------------------------------------ names
@@ -188,17 +161,15 @@ class ModelSource:
         if info is None:
             raise TasaError(f"tensor {name} not in model {self.path.name}")
         if self.kind == "gguf":
-            from . import ggml
+            from .formats import ggml
 
             t = self._gguf_tensor(name)
             return ggml.dequantize(t.data, t.tensor_type.name).reshape(info.shape)
         from safetensors import safe_open
 
-        with safe_open(self._hf_files[info.hf_name], framework="pt") as fh:
+        with safe_open(self.hf_files[info.hf_name], framework="pt") as fh:  # numpy has no bf16
             arr = fh.get_tensor(info.hf_name).float().numpy()
-        from exporters.hf_convert import hf_tensor_to_gguf
-
-        return hf_tensor_to_gguf(self, name, arr)
+        return hf_layout.hf_tensor_to_gguf(self, name, arr)
 
     def iter_tensors(self) -> Iterator[tuple[TensorInfo, np.ndarray]]:
         for name, info in self.tensors.items():
@@ -206,14 +177,19 @@ class ModelSource:
 
     def _gguf_tensor(self, name: str):
         idx = self._gguf_index[name]
-        return self._reader.tensors[idx]
+        return self.reader.tensors[idx]
 
     @cached_property
     def _gguf_index(self) -> dict[str, int]:
-        return {t.name: i for i, t in enumerate(self._reader.tensors)}
+        return {t.name: i for i, t in enumerate(self.reader.tensors)}
 
     def raw_gguf_field(self, key: str):
-        return _field(self._reader, key) if self.kind == "gguf" else None
+        return _field(self.reader, key) if self.kind == "gguf" else None
+
+    @cached_property
+    def hparams(self) -> "hf_layout.HParams":
+        """Hyper-parameters of an HF source (from its config.json)."""
+        return hf_layout.hparams(self)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -248,15 +224,6 @@ class ModelSource:
             "n_params": self.n_params,
             "fingerprint": self.fingerprint,
         }
-
-
-def _sort_key(name: str):
-    layer = layer_of(name)
-    if name.startswith("token_embd"):
-        return (0, 0, name)
-    if layer is not None:
-        return (1, layer, name)
-    return (2, 0, name)
 
 
 def _field(reader, key: str):

@@ -9,12 +9,18 @@ File format (``tasa-edge/bitplan`` version 1, JSON; schema in ``tasa_edge/schema
       "budget": {"bpw": 3.5} | {"bytes": 2000000000} | null,
       "tensors": {"blk.7.ffn_down.weight": "Q3_K", ...},   # every quantizable tensor
       "predicted": {"bytes": ..., "bpw": ..., "loss": ...},
-      "provenance": {"tool": "tasa-edge 0.1.0", "created": "...", "calibration": {...}, "scores": {...}}
+      "provenance": {"tool": "tasa-edge 0.1.0", "created": "...", "calibration": {...}, "scores": {...}},
+      "imatrix": {"path": "/abs/imatrix.gguf", "sha256": "...", "entries": 210} | null   # optional
     }
+
+``imatrix`` is the importance matrix the plan was scored with: ``export`` uses it by default and
+refuses a different one unless told; ``null`` means scored without one (exported without).
+Plans that were never scored (uniform, tensor-type file) omit the key and take ``--imatrix``.
 
 Formats: GGUF targets use ggml type names (``Q4_K``, ``IQ4_XS``, ``Q8_0``, ``F16``...).
 ONNX targets use ``int{2,4,8}_b{block}`` (symmetric) / ``uint{2,4,8}_b{block}`` (with zero points)
-or ``float``. Tensors that are not quantizable (norms, 1-D) are never listed: they stay F32.
+or ``float``; :mod:`tasa_edge.formats` owns them. Tensors that are not quantizable (norms, 1-D)
+are never listed: they stay F32.
 """
 
 from __future__ import annotations
@@ -25,56 +31,21 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__, ggml
+from . import __version__, formats
 from .errors import TasaError
 from .fsutil import atomic_write_text
 from .model import ModelSource, TensorInfo
 
 PLAN_FORMAT = "tasa-edge/bitplan"
 PLAN_VERSION = 1
-TARGETS = ("gguf", "onnx")
-
-_ONNX_RE = re.compile(r"^(u?int)(2|4|8)_b(\d+)$")
 
 
-def parse_onnx_format(fmt: str) -> tuple[int, int, bool] | None:
-    """``int4_b32`` -> (bits=4, block=32, symmetric=True); ``float`` -> None."""
-    if fmt == "float":
-        return None
-    m = _ONNX_RE.match(fmt)
-    if not m:
-        raise TasaError(f"unknown ONNX format '{fmt}' (expected float or int|uint{{2,4,8}}_b<block>)")
-    bits, block = int(m.group(2)), int(m.group(3))
-    if block < 16 or block & (block - 1):
-        raise TasaError(f"ONNX format '{fmt}': block size must be a power of two >= 16")
-    return bits, block, m.group(1) == "int"
-
-
-def format_nbytes(target: str, fmt: str, shape: tuple[int, ...]) -> int:
-    """Bytes the tensor takes in the exported file (weights + scales [+ zero points])."""
-    if target == "gguf":
-        return ggml.nbytes(fmt, shape)
-    parsed = parse_onnx_format(fmt)
-    n, k = (int(shape[0]), int(shape[-1])) if len(shape) > 1 else (1, int(shape[0]))
-    if parsed is None:
-        return 4 * n * k
-    bits, block, sym = parsed
-    kb = -(-k // block)
-    data = n * kb * (block * bits // 8)
-    scales = n * kb * 4
-    zp = 0 if sym else n * (-(-kb * bits // 8))
-    return data + scales + zp
-
-
-def fmt_bits(target: str, fmt: str, shape: tuple[int, ...]) -> float:
-    return 8.0 * format_nbytes(target, fmt, shape) / max(1, int(_prod(shape)))
-
-
-def _prod(shape) -> int:
-    out = 1
-    for s in shape:
-        out *= int(s)
-    return out
+def count_formats(values) -> dict[str, int]:
+    """format -> how many tensors take it, sorted by format name."""
+    out: dict[str, int] = {}
+    for fmt in values:
+        out[fmt] = out.get(fmt, 0) + 1
+    return dict(sorted(out.items()))
 
 
 @dataclass
@@ -85,6 +56,11 @@ class BitPlan:
     budget: dict | None = None
     predicted: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
+    #: the importance matrix the plan was scored with ({"path", "sha256", "entries"}) or None
+    #: when it was scored without one; only meaningful when ``imatrix_recorded`` (plans that
+    #: were not scored -- uniform, tensor-type file -- record nothing and take ``--imatrix``)
+    imatrix: dict | None = None
+    imatrix_recorded: bool = False
 
     # ------------------------------------------------------------------ io
     def to_dict(self) -> dict:
@@ -97,6 +73,7 @@ class BitPlan:
             "tensors": dict(self.tensors),
             "predicted": self.predicted,
             "provenance": self.provenance,
+            **({"imatrix": self.imatrix} if self.imatrix_recorded else {}),
         }
 
     def save(self, path: str | Path) -> None:
@@ -120,27 +97,32 @@ class BitPlan:
         if d.get("version") != PLAN_VERSION:
             raise TasaError(f"{where}: unsupported plan version {d.get('version')} (this tool reads {PLAN_VERSION})")
         target = d.get("target")
-        if target not in TARGETS:
-            raise TasaError(f"{where}: target must be one of {TARGETS}, got {target!r}")
+        if target not in formats.TARGETS:
+            raise TasaError(f"{where}: target must be one of {tuple(formats.TARGETS)}, got {target!r}")
         tensors = d.get("tensors")
         if not isinstance(tensors, dict) or not all(isinstance(v, str) for v in tensors.values()):
             raise TasaError(f"{where}: 'tensors' must map tensor names to format strings")
         model = d.get("model") or {}
         if not isinstance(model, dict) or "fingerprint" not in model:
             raise TasaError(f"{where}: 'model.fingerprint' is required")
-        return cls(target, model, dict(tensors), d.get("budget"), d.get("predicted") or {}, d.get("provenance") or {})
+        imatrix = d.get("imatrix")
+        if imatrix is not None and not (isinstance(imatrix, dict) and isinstance(imatrix.get("sha256"), str)
+                                        and isinstance(imatrix.get("path"), str)):
+            raise TasaError(f"{where}: 'imatrix' must be null or an object with path and sha256")
+        return cls(target, model, dict(tensors), d.get("budget"), d.get("predicted") or {}, d.get("provenance") or {},
+                   imatrix=imatrix, imatrix_recorded="imatrix" in d)
+
+    @property
+    def spec(self) -> formats.Target:
+        """The target (format registry entry) this plan is for."""
+        return formats.get(self.target)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def uniform(cls, src: ModelSource, fmt: str, target: str = "gguf", *, fallback: bool = True, **extra) -> "BitPlan":
         """Every quantizable tensor in ``fmt`` (with llama.cpp's shape fallback on GGUF)."""
-        tensors = {}
-        for t in src.quantizable:
-            if target == "gguf":
-                tensors[t.name] = ggml.fit_type(fmt, t.ne0) if fallback else ggml.qtype(fmt).name
-            else:
-                parse_onnx_format(fmt)
-                tensors[t.name] = fmt
+        spec = formats.get(target)
+        tensors = {t.name: spec.fit(fmt, t.shape) if fallback else spec.parse(fmt) for t in src.quantizable}
         plan = cls(target, model_block(src), tensors, provenance={"method": f"uniform {fmt}"})
         plan.provenance.update(extra)
         plan.stamp(src)
@@ -163,40 +145,58 @@ class BitPlan:
                 f"plan is for model {self.model.get('name', '?')} ({self.model.get('fingerprint')}), "
                 f"not {src.name} ({src.fingerprint})"
             )
+        spec = self.spec
         for name, fmt in self.tensors.items():
             info = src.tensors.get(name)
             if info is None:
                 raise TasaError(f"plan names unknown tensor '{name}'")
-            if not info.quantizable and fmt not in ("F32", "float"):
+            if not info.quantizable and fmt != spec.float_format:
                 raise TasaError(f"tensor {name} is not quantizable (1-D/norm) but the plan gives it {fmt}")
-            check_format_fits(self.target, fmt, info)
-            if self.target == "gguf" and ggml.requires_imatrix(fmt):
+            check_format_fits(spec, fmt, info)
+            if spec.requires_imatrix(fmt):
                 if imatrix_names is None or name not in imatrix_names:
                     raise TasaError(f"tensor {name}: type {fmt} requires an importance matrix (pass --imatrix)")
         missing = [t.name for t in src.quantizable if t.name not in self.tensors]
         if missing:
             raise TasaError(f"plan does not cover {len(missing)} quantizable tensor(s), e.g. {missing[0]}")
 
+    def export_imatrix(self, given: str | Path | None, *, force: bool = False):
+        """The importance matrix to export this plan with (an ImatrixStats, or None).
+
+        A plan that records the imatrix it was scored with exports with it by default; a given
+        ``--imatrix`` must be that file (same sha256), and a plan scored without one exports
+        without -- anything else is refused unless ``force``: the file written would not be the
+        one the plan was scored for. Plans that record nothing take ``given`` as it is."""
+        from .imatrix import imatrix_ref, load_imatrix
+
+        if not self.imatrix_recorded or (given is not None and force):
+            return load_imatrix(given) if given is not None else None
+        rec = self.imatrix
+        if rec is None:
+            if given is not None:
+                raise TasaError(f"the plan was scored without an importance matrix but --imatrix {given} was given "
+                                "(the file would differ from the one scored; add --force-imatrix to use it anyway)")
+            return None
+        path = Path(given) if given is not None else Path(rec["path"])
+        if not path.is_file():
+            raise TasaError(f"the importance matrix the plan was scored with is missing: {path} (pass --imatrix)")
+        got = imatrix_ref(path)
+        if rec.get("sha256") and got["sha256"] != rec["sha256"]:
+            what = f"--imatrix {given}" if given is not None else f"{path} has changed since planning and"
+            raise TasaError(f"{what} is not the importance matrix the plan was scored with (sha256 "
+                            f"{got['sha256'][:12]}... vs {rec['sha256'][:12]}...); add --force-imatrix to use it anyway")
+        im = load_imatrix(path)
+        im.source = rec["path"]   # the same provenance bytes whichever copy of the file was given
+        return im
+
     def types_used(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for fmt in self.tensors.values():
-            out[fmt] = out.get(fmt, 0) + 1
-        return dict(sorted(out.items()))
+        return count_formats(self.tensors.values())
 
 
-def check_format_fits(target: str, fmt: str, info: TensorInfo) -> None:
-    if target == "gguf":
-        t = ggml.qtype(fmt).name
-        blk = ggml.block_size(t)
-        if info.ne0 % blk:
-            raise TasaError(
-                f"tensor {info.name}: type {t} needs rows divisible by {blk}, but ne0 = {info.ne0} "
-                f"(llama.cpp would use {ggml.fit_type(t, info.ne0)})"
-            )
-    else:
-        parsed = parse_onnx_format(fmt)
-        if parsed is not None and len(info.shape) != 2:
-            raise TasaError(f"tensor {info.name}: ONNX MatMulNBits needs a 2-D weight, got shape {info.shape}")
+def check_format_fits(spec: formats.Target, fmt: str, info: TensorInfo) -> None:
+    why = spec.misfit(fmt, info.shape)
+    if why is not None:
+        raise TasaError(f"tensor {info.name}: {why}")
 
 
 def model_block(src: ModelSource) -> dict:
@@ -211,14 +211,15 @@ def model_block(src: ModelSource) -> dict:
 
 def plan_nbytes(plan: BitPlan, src: ModelSource) -> dict:
     """True tensor-data bytes of the file this plan produces (non-quantizable tensors stay F32)."""
+    spec = plan.spec
     quantized = 0
     total = 0
     for info in src.tensors.values():
         fmt = plan.tensors.get(info.name)
         if fmt is None or not info.quantizable:
-            b = format_nbytes("gguf", "F32", info.shape) if plan.target == "gguf" else 4 * info.n_elements
+            b = spec.nbytes(spec.float_format, info.shape)
         else:
-            b = format_nbytes(plan.target, fmt, info.shape)
+            b = spec.nbytes(fmt, info.shape)
             quantized += b
         total += b
     return {"total": total, "quantized": quantized, "bpw": 8.0 * total / max(1, src.n_params)}
@@ -253,7 +254,7 @@ def read_tensor_type_file(path: str | Path, src: ModelSource, *, default: str | 
             pat = re.compile(m.group(1))
         except re.error as exc:
             raise TasaError(f"{p}:{i}: bad regex {m.group(1)!r}: {exc}") from exc
-        rules.append((pat, ggml.qtype(m.group(2)).name))
+        rules.append((pat, formats.get("gguf").parse(m.group(2))))
     tensors = {}
     for t in src.quantizable:
         fmt = next((f for pat, f in rules if pat.search(t.name)), default)

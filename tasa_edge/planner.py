@@ -8,10 +8,11 @@ tensor, solved exactly (``tasa_edge.allocate``), minimising the summed predicted
 from __future__ import annotations
 
 from .allocate import Allocation, Option, budget_from_bpw, bytes_range, pareto, solve
-from .analysis import Analysis, tasa_scores
 from .errors import TasaError
+from .imatrix import imatrix_ref
 from .model import ModelSource
-from .plan import BitPlan, model_block, plan_nbytes
+from .plan import BitPlan, count_formats, model_block, plan_nbytes
+from .results import Analysis
 
 MODES = ("tasa", "ppl", "task")
 
@@ -22,12 +23,12 @@ def scores_for(an: Analysis, mode: str, lam: float | None = None) -> tuple[dict,
     lam_used = {"tasa": an.lam if lam is None else lam, "ppl": 0.0, "task": 1.0}[mode]
     if not 0.0 <= lam_used <= 1.0:
         raise TasaError(f"--lambda must be within [0, 1], got {lam_used}")
-    return tasa_scores(an.table, an.config["target"], lam_used), lam_used
+    return an.scores(lam_used), lam_used
 
 
 def options_for(an: Analysis, scores: dict) -> dict[str, list[Option]]:
     return {
-        name: [Option(f, int(an.table["bytes"][name][f]), max(0.0, float(v))) for f, v in row.items()]
+        name: [Option(f, int(an.table.bytes[name][f]), max(0.0, float(v))) for f, v in row.items()]
         for name, row in scores.items()
     }
 
@@ -62,9 +63,9 @@ def make_plan(an: Analysis, src: ModelSource, *, bpw: float | None = None, nbyte
 
 def plan_from_allocation(an: Analysis, src: ModelSource, alloc: Allocation, scores: dict, mode: str,
                          lam: float, budget: dict) -> BitPlan:
-    chosen = an.mixture["chosen"]
+    spec = an.target
     plan = BitPlan(
-        "gguf" if an.config["target"] == "gguf" else "onnx",
+        spec.name,
         model_block(src),
         dict(alloc.choice),
         budget=budget,
@@ -72,17 +73,15 @@ def plan_from_allocation(an: Analysis, src: ModelSource, alloc: Allocation, scor
             "method": f"{mode} ({'perplexity only' if mode == 'ppl' else 'reasoning only' if mode == 'task' else 'TASA aggregate'})",
             "lambda": lam,
             "normalisation": "each source divided by its total predicted loss at the reference format",
-            "calibration": {
-                "task_ratio": chosen["task_ratio"], "size": chosen["size"], "alignment": chosen["alignment"],
-                "diversity": chosen["diversity"], "score": chosen["score"], "beta": an.mixture["beta"],
-                "members": chosen["members"],
-            },
-            "imatrix": an.imatrix_path,
+            "calibration": {**an.mixture.chosen.summary(), "beta": an.mixture.beta},
+            "imatrix": an.imatrix_path if spec.uses_imatrix else None,
             "solver": alloc.solver,
             "optimal": alloc.optimal,
             "scores": {n: scores[n][f] for n, f in alloc.choice.items()},
         },
     )
+    plan.imatrix = _scored_imatrix(an) if spec.uses_imatrix else None
+    plan.imatrix_recorded = True
     plan.predicted["loss"] = alloc.loss
     plan.stamp(src)
     size = plan_nbytes(plan, src)
@@ -102,12 +101,14 @@ def sweep(an: Analysis, src: ModelSource, *, mode: str = "tasa", lam: float | No
     for a in pareto(opts, budgets):
         total = a.nbytes + fixed
         out.append({"budget_bytes": a.budget_bytes + fixed, "bytes": total, "bpw": 8.0 * total / src.n_params,
-                    "loss": a.loss, "types": _count(a.choice)})
+                    "loss": a.loss, "types": count_formats(a.choice.values())})
     return out
 
 
-def _count(choice: dict[str, str]) -> dict[str, int]:
-    c: dict[str, int] = {}
-    for f in choice.values():
-        c[f] = c.get(f, 0) + 1
-    return dict(sorted(c.items()))
+def _scored_imatrix(an: Analysis) -> dict | None:
+    """The identity of the imatrix the analysis scored with (hashed now for analyses written
+    before the hash was recorded)."""
+    im = an.imatrix
+    if im is None or im.get("sha256"):
+        return im
+    return imatrix_ref(im["path"])

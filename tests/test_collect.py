@@ -13,7 +13,8 @@ from test_hf_convert import tiny_llama  # noqa: F401  (fixture)
 def test_collect_matches_plain_backward_and_frees_gradients(tiny_llama, fisher_dtype):  # noqa: F811
     import torch
 
-    from tasa_edge.analysis import AnalysisConfig, collect, encode
+    from tasa_edge.analysis import collect, encode, special_prefix
+    from tasa_edge.results import AnalysisConfig
     from tasa_edge.data import TextSample
     from tasa_edge.model import ModelSource
     from tasa_edge.torch_model import gguf_params, load_torch_model
@@ -47,7 +48,7 @@ def test_collect_matches_plain_backward_and_frees_gradients(tiny_llama, fisher_d
     want = {"general": {n: 0.0 for n in names}, "task": {n: 0.0 for n in names}}
     for role, samples in pools.items():
         for s in samples:
-            ids, mask = encode(tok, s, cfg.max_tokens)
+            ids, mask = encode(tok, s, cfg.max_tokens, special_prefix(tok))
             model.zero_grad(set_to_none=True)
             logits = model(input_ids=ids).logits[0, :-1]
             m = mask[0, 1:].bool()
@@ -71,11 +72,12 @@ def test_collect_matches_plain_backward_and_frees_gradients(tiny_llama, fisher_d
 def test_sensitivities_are_fisher_weighted_roundtrip_error(tiny_llama, monkeypatch, chunk):  # noqa: F811
     import numpy as np
 
-    from tasa_edge import analysis, ggml
-    from tasa_edge.analysis import AnalysisConfig, collect, format_menu, sensitivities
+    from tasa_edge import analysis, formats
+    from tasa_edge.formats import ggml
+    from tasa_edge.analysis import collect, format_menu, sensitivities
+    from tasa_edge.results import AnalysisConfig
     from tasa_edge.data import TextSample
     from tasa_edge.model import ModelSource
-    from tasa_edge.plan import format_nbytes
     from tasa_edge.torch_model import gguf_params, load_torch_model
 
     src = ModelSource.open(tiny_llama)
@@ -94,7 +96,7 @@ def test_sensitivities_are_fisher_weighted_roundtrip_error(tiny_llama, monkeypat
             d2 = (ggml.roundtrip(w, f) - w) ** 2
             for key, src_key in (("ppl", "general"), ("task", "task")):
                 want = 0.5 * float((st.fisher[src_key][name].numpy() * d2).sum())
-                assert table[key][name][f] == pytest.approx(want, rel=1e-4), (name, f, key)
-            assert table["rel_err"][name][f] == pytest.approx(np.sqrt(d2.sum()) / np.linalg.norm(w), rel=1e-4)
-            assert table["bytes"][name][f] == format_nbytes("gguf", f, src.tensors[name].shape)
-        assert table["ppl"][name]["Q8_0"] < table["ppl"][name]["Q4_0"]
+                assert table.source(key)[name][f] == pytest.approx(want, rel=1e-4), (name, f, key)
+            assert table.rel_err[name][f] == pytest.approx(np.sqrt(d2.sum()) / np.linalg.norm(w), rel=1e-4)
+            assert table.bytes[name][f] == formats.get("gguf").nbytes(f, src.tensors[name].shape)
+        assert table.ppl[name]["Q8_0"] < table.ppl[name]["Q4_0"]

@@ -456,8 +456,8 @@ def onnx_int4(tmp_path_factory, smollm):
 
 
 def _mixed_plan(src, path):
-    from tasa_edge.ggml import fit_type
-    from tasa_edge.model import kind_of, layer_of
+    from tasa_edge.formats.ggml import fit_type
+    from tasa_edge.names import kind_of, layer_of
     from tasa_edge.plan import BitPlan, model_block
 
     def fmt(name):

@@ -10,7 +10,7 @@ import pytest
 from conftest import gguf_tensors
 from exporters.baseline import quantize_baseline
 from exporters.gguf_export import export_gguf
-from tasa_edge import ggml
+from tasa_edge.formats import ggml
 from tasa_edge.imatrix import ImatrixStats
 from tasa_edge.llama_run import generate, logits
 from tasa_edge.metrics import compare_logits

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from exporters.gguf_export import export_gguf
-from exporters.hf_convert import detect_bpe_pre, permute_qk, unpermute_qk
+from exporters.hf_convert import detect_bpe_pre
+from tasa_edge.hf_layout import permute_qk, unpermute_qk
 from tasa_edge.errors import TasaError
 from tasa_edge.model import ModelSource
 from tasa_edge.plan import BitPlan
@@ -172,9 +173,9 @@ def test_tiny_llama_logits_match_transformers(tiny_llama, tmp_path, monkeypatch)
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
 
     # negative control: without the q/k permutation llama.cpp computes something else
-    import exporters.hf_convert as hc
+    import tasa_edge.hf_layout as hl
 
-    monkeypatch.setattr(hc, "hf_tensor_to_gguf", lambda s, n, a: np.asarray(a, np.float32))
+    monkeypatch.setattr(hl, "hf_tensor_to_gguf", lambda s, n, a: np.asarray(a, np.float32))
     bad = tmp_path / "tiny-llama-unpermuted.gguf"
     export_gguf(ModelSource.open(tiny_llama), BitPlan.uniform(src, "F32"), bad, show_progress=False)
     assert _rel_err(_llama_logits(bad, ids), want) > 5 * _rel_err(got, want)

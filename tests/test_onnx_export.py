@@ -10,13 +10,18 @@ import json
 import numpy as np
 import pytest
 
-from exporters.onnx_export import (
-    DATA_FILE, EXPORT_INFO, MODEL_FILE, dequantize_blockwise, export_onnx, quantize_blockwise,
-)
-from tasa_edge.analysis import onnx_roundtrip
+from exporters.onnx_export import DATA_FILE, EXPORT_INFO, MODEL_FILE, export_onnx
+from tasa_edge import formats
 from tasa_edge.errors import TasaError
-from tasa_edge.model import kind_of, layer_of
-from tasa_edge.plan import BitPlan, model_block, parse_onnx_format
+from tasa_edge.formats.onnx import dequantize_blockwise, parse_format as parse_onnx_format, quantize_blockwise
+from tasa_edge.plan import BitPlan, model_block
+
+
+from tasa_edge.names import kind_of, layer_of
+
+
+def onnx_roundtrip(w, fmt):
+    return formats.get("onnx").roundtrip(w, fmt)
 
 PROMPT = "The capital of France is"
 MAX_TOKENS = 64          # per text in the KLD comparisons

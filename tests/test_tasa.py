@@ -11,7 +11,9 @@ import pytest
 from scipy.stats import spearmanr
 
 from exporters.gguf_export import export_gguf
-from tasa_edge.analysis import Analysis, AnalysisConfig, analyze, illusion_report, pick
+from tasa_edge.analysis import analyze, pick
+from tasa_edge.illusion import illusion_report
+from tasa_edge.results import Analysis, AnalysisConfig
 from tasa_edge.data import load_general, load_gsm8k
 from tasa_edge.evaluate import kld_vs_reference, reference_gguf, sample_logits
 from tasa_edge.imatrix import load_imatrix
@@ -47,26 +49,26 @@ def measure(path, heldout):
 
 def test_analysis_reports_mixtures_and_writes_outputs(analysis, smollm):
     an, d = analysis
-    cands = an.mixture["candidates"]
-    assert {c["task_ratio"] for c in cands} >= {0.0, 0.5, 1.0}
+    cands = an.mixture.candidates
+    assert {c.task_ratio for c in cands} >= {0.0, 0.5, 1.0}
     for c in cands:
-        assert -1 <= c["alignment"] <= 1 and 0 < c["diversity"] <= 1
-    by_ratio = {c["task_ratio"]: c for c in cands}
+        assert -1 <= c.alignment <= 1 and 0 < c.diversity <= 1
+    by_ratio = {c.task_ratio: c for c in cands}
     # the gradient-trace criterion sees the tradeoff: task data aligns, general text diversifies
-    assert by_ratio[1.0]["alignment"] > by_ratio[0.0]["alignment"]
-    assert by_ratio[0.0]["diversity"] > by_ratio[1.0]["diversity"]
-    print("mixtures:", [(c["task_ratio"], round(c["alignment"], 3), round(c["diversity"], 3), round(c["score"], 3)) for c in cands])
+    assert by_ratio[1.0].alignment > by_ratio[0.0].alignment
+    assert by_ratio[0.0].diversity > by_ratio[1.0].diversity
+    print("mixtures:", [(c.task_ratio, round(c.alignment, 3), round(c.diversity, 3), round(c.score, 3)) for c in cands])
     assert (d / "analysis.json").exists() and (d / "imatrix.gguf").exists()
     im = load_imatrix(d / "imatrix.gguf")
     assert "blk.0.ffn_down.weight" in im.sums and im.sums["blk.0.ffn_down.weight"].size == 1536
     # sensitivities: a lower-bit format of the same tensor predicts more loss (Q6_K vs Q8_0 is
     # not ordered on this Q4_1-sourced reference: its weights sit on a 4-bit grid)
     for src_key in ("task", "ppl"):
-        row = an.table[src_key]["blk.5.ffn_down.weight"]
+        row = an.table.source(src_key)["blk.5.ffn_down.weight"]
         assert row["Q2_K"] > row["Q3_K"] > row["Q4_K"] > row["Q8_0"] >= 0
-    assert set(an.table["ppl"]) == {t.name for t in smollm.quantizable}
+    assert set(an.table.ppl) == {t.name for t in smollm.quantizable}
     # resumable: the gradient cache is there and a re-run reuses it
-    assert list(d.glob("gradstats-*.pt"))
+    assert list(d.glob("gradstats-*.safetensors"))
 
 
 def test_plan_bpw_budget_end_to_end_via_cli(analysis, smollm_path, tmp_path):
@@ -85,7 +87,7 @@ def test_plan_bpw_budget_end_to_end_via_cli(analysis, smollm_path, tmp_path):
     assert rep["bpw"] <= 4.6
     assert len(rep["by_type"]) >= 3
     plan = json.loads(plan_path.read_text())
-    assert plan["provenance"]["calibration"]["task_ratio"] == an.mixture["chosen"]["task_ratio"]
+    assert plan["provenance"]["calibration"]["task_ratio"] == an.mixture.chosen.task_ratio
     assert abs(plan["predicted"]["bytes"] - rep["bytes"]) == 0
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as _gguf_dequantize
 
-from .errors import TasaError
+from ..errors import TasaError
 
 QT = GGMLQuantizationType
 
