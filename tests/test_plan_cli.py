@@ -186,3 +186,57 @@ def test_cli_inspect_plan_and_gguf(tmp_path, smollm, smollm_path):
     assert rep["by_type"]["Q8_0"]["tensors"] == len(smollm.quantizable)
     res = run_cli("inspect", smollm_path, "--summary")
     assert res.returncode == 0 and "bits/weight" in res.stdout and "Q4_1" in res.stdout
+
+
+@pytest.mark.slow
+def test_plan_exports_with_the_imatrix_it_was_scored_with(tmp_path, smollm, smollm_path):
+    """A plan that records its imatrix exports the same bytes with or without --imatrix (any copy
+    of the file); another imatrix is refused unless forced; a plan scored without one refuses one."""
+    import shutil
+
+    from tasa_edge.imatrix import imatrix_ref
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for k in range(2):
+        im = ImatrixStats(datasets=[f"set{k}"])
+        for t in smollm.quantizable:
+            if t.name.startswith("blk."):
+                im.add(t.name, rng.uniform(0.1, 4.0, t.ne0), 64)
+        paths.append(tmp_path / f"imatrix{k}.gguf")
+        im.save(paths[-1])
+    scored, other = paths
+    plan = BitPlan.uniform(smollm, "Q4_K")
+    plan.imatrix, plan.imatrix_recorded = imatrix_ref(scored), True
+    plan.save(tmp_path / "plan.json")
+    assert json.loads((tmp_path / "plan.json").read_text())["imatrix"]["sha256"] == plan.imatrix["sha256"]
+
+    def export(name, *extra):
+        return run_cli("export", smollm_path, "--plan", tmp_path / "plan.json", "-o", tmp_path / name, *extra)
+
+    assert export("default.gguf").returncode == 0
+    copy = tmp_path / "elsewhere" / "copy.gguf"
+    copy.parent.mkdir()
+    shutil.copy(scored, copy)
+    assert export("given.gguf", "--imatrix", scored).returncode == 0
+    assert export("copy.gguf", "--imatrix", copy).returncode == 0
+    want = (tmp_path / "default.gguf").read_bytes()
+    assert (tmp_path / "given.gguf").read_bytes() == want
+    assert (tmp_path / "copy.gguf").read_bytes() == want
+
+    assert_one_line_error(export("other.gguf", "--imatrix", other), "not the importance matrix the plan was scored with")
+    assert not (tmp_path / "other.gguf").exists()
+    assert export("forced.gguf", "--imatrix", other, "--force-imatrix").returncode == 0
+    assert (tmp_path / "forced.gguf").read_bytes() != want
+
+    plan.imatrix = None
+    plan.save(tmp_path / "plan.json")
+    assert_one_line_error(export("none.gguf", "--imatrix", scored), "scored without an importance matrix")
+    assert not (tmp_path / "none.gguf").exists()
+    assert export("none.gguf").returncode == 0
+    assert (tmp_path / "none.gguf").read_bytes() != want
+
+    plan.imatrix = imatrix_ref(copy)
+    plan.save(tmp_path / "plan.json")
+    copy.unlink()
+    assert_one_line_error(export("gone.gguf"), "is missing")

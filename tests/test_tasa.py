@@ -82,6 +82,11 @@ def test_plan_bpw_budget_end_to_end_via_cli(analysis, smollm_path, tmp_path):
     r = subprocess.run([sys.executable, "-m", "tasa_edge.cli", "export", str(smollm_path), "--plan", str(plan_path),
                         "--imatrix", str(d / "imatrix.gguf"), "-o", str(out)], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
+    # the plan carries the imatrix it was scored with: exporting without --imatrix is the same file
+    r = subprocess.run([sys.executable, "-m", "tasa_edge.cli", "export", str(smollm_path), "--plan", str(plan_path),
+                        "-o", str(tmp_path / "default.gguf")], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "default.gguf").read_bytes() == out.read_bytes()
     rep = inspect_gguf(out)
     print(f"file bpw {rep['bpw']:.4f} (budget 4.6), {rep['bytes']:,} tensor bytes, file {out.stat().st_size:,} bytes")
     assert rep["bpw"] <= 4.6
