@@ -100,3 +100,43 @@ def test_sensitivities_are_fisher_weighted_roundtrip_error(tiny_llama, monkeypat
             assert table.rel_err[name][f] == pytest.approx(np.sqrt(d2.sum()) / np.linalg.norm(w), rel=1e-4)
             assert table.bytes[name][f] == formats.get("gguf").nbytes(f, src.tensors[name].shape)
         assert table.ppl[name]["Q8_0"] < table.ppl[name]["Q4_0"]
+
+
+def test_analyze_with_a_device_profile_scores_the_profiles_fast_formats(tiny_llama, tmp_path):  # noqa: F811
+    """``analyze --profile`` takes the device profile's formats for the target as the menu (those
+    that fit each tensor), and its gradient cache is data only (safetensors, no pickle)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from devices.profiles import load_profile
+    from tasa_edge import formats
+
+    task, general = tmp_path / "task.jsonl", tmp_path / "general.txt"
+    task.write_text("".join(json.dumps({"question": f"{a} plus {b}?", "answer": f"{a + b}"}) + "\n"
+                            for a in range(8) for b in range(6)))
+    general.write_text("\n\n".join(f"The {w} sat on the mat number {i}." for i in range(12) for w in ("cat", "dog", "fox")))
+    args = [sys.executable, "-m", "tasa_edge.cli", "analyze", str(tiny_llama), "-o", str(tmp_path / "out"),
+            "--profile", "local-cpu", "--task-data", str(task), "--general-data", str(general),
+            "--n-general", "8", "--n-task", "8", "--n-target", "2", "--max-tokens", "64"]
+    env = {**os.environ, "TASA_NO_PROGRESS": "1"}
+    r = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    tmp_path = tmp_path / "out"
+    an = json.loads((tmp_path / "analysis.json").read_text())
+    profile_menu = load_profile("local-cpu").menu("gguf")
+    spec = formats.get("gguf")
+    for name, fmts in an["config"]["formats"].items():
+        assert set(fmts) <= set(profile_menu), name
+    # 64-wide rows: only the profile's 32-block formats fit; its K- and IQ4_XS types do not
+    assert set(an["config"]["formats"]["blk.0.attn_q.weight"]) == {f for f in profile_menu if spec.fits(f, (64, 64))}
+    caches = list(tmp_path.glob("gradstats-*"))
+    assert len(caches) == 1 and caches[0].suffix == ".safetensors"
+    assert caches[0].read_bytes()[8:9] == b"{"   # safetensors: u64 header length, then a JSON header
+    # the cached re-run does no backward pass and says so
+    r = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "0 backward passes" in r.stdout and "from the cache" in r.stdout
+    r = subprocess.run(args + ["--formats", "Q4_0"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "not both" in r.stderr
