@@ -47,6 +47,7 @@ import torch
 from . import formats
 from .data import TextSample, build_mixture, load_general, load_gsm8k
 from .errors import TasaError
+from .fisher import FisherAccumulator
 from .fsutil import atomic_path
 from .imatrix import ImatrixStats, imatrix_ref
 from .model import ModelSource
@@ -91,7 +92,7 @@ def pick(samples: list[TextSample], n: int, salt: str) -> list[TextSample]:
 @dataclass
 class GradStats:
     names: list[str]
-    fisher: dict[str, dict[str, torch.Tensor]]          # source -> name -> sum g^2
+    fisher: dict[str, FisherAccumulator]                # source -> sums of g^2 per tensor
     n: dict[str, int]                                   # source -> samples
     traces: dict[str, np.ndarray]                       # sample id -> [n_tensors, k*k]
     acts: dict[str, dict[str, np.ndarray]]              # sample id -> name -> sum x^2 per column
@@ -108,10 +109,9 @@ def collect(model, tok, params: dict[str, torch.nn.Parameter], pools: dict[str, 
     resumable through ``cache`` (valid only for the same ``key``: model fingerprint + config)."""
     names = list(params)
     dev = next(model.parameters()).device
-    fdt = getattr(torch, cfg.fisher_dtype)
-    st = load_cache(cache, names, key) if cache is not None else None
+    st = load_cache(cache, names, key, cfg) if cache is not None else None
     if st is None:
-        st = GradStats(names, {"general": {}, "task": {}}, {"general": 0, "task": 0}, {}, {}, {}, {})
+        st = GradStats(names, new_fisher(cfg), {"general": 0, "task": 0}, {}, {}, {}, {})
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params.values():
@@ -148,18 +148,13 @@ def collect(model, tok, params: dict[str, torch.nn.Parameter], pools: dict[str, 
     idx = {n: j for j, n in enumerate(names)}
 
     def grad_hook(p, name):
-        g = p.grad.float()
+        g = p.grad
         role = cur["role"]
         with torch.no_grad():
-            if role != "target":
-                src_key = "task" if role == "task" else "general"
-                f = st.fisher[src_key].get(name)
-                if f is None:
-                    st.fisher[src_key][name] = (g * g).to(fdt)
-                else:
-                    f += (g * g).to(fdt)
             a, b = sk[name]
-            cur["trace"][idx[name]] = (a @ g @ b).reshape(-1).cpu().numpy()
+            cur["trace"][idx[name]] = (a @ g.to(a.dtype) @ b).reshape(-1).cpu().numpy()
+            if role != "target":
+                st.fisher["task" if role == "task" else "general"].add(name, g)
         p.grad = None
 
     for n in names:
@@ -211,9 +206,10 @@ def save_cache(st: GradStats, cache: Path, key: str) -> None:
 
     act_names = sorted({n for a in st.acts.values() for n in a})
     tensors: dict[str, torch.Tensor] = {}
-    for src_key, col in st.fisher.items():
-        for n, f in col.items():
-            tensors[f"fisher/{src_key}/{n}"] = f.detach().cpu().contiguous()
+    for src_key, acc in st.fisher.items():
+        for n, parts in acc.parts.items():
+            for part, t in parts.items():
+                tensors[f"fisher/{src_key}/{part}/{n}"] = t.detach().cpu().contiguous()
     sids = sorted(st.roles)
     if sids:
         tensors["traces"] = torch.from_numpy(np.stack([st.traces[i] for i in sids]))
@@ -230,7 +226,11 @@ def save_cache(st: GradStats, cache: Path, key: str) -> None:
         save_file(tensors, str(tmp), metadata={"tasa_edge": json.dumps(meta)})
 
 
-def load_cache(cache: Path, names: list[str], key: str) -> GradStats | None:
+def new_fisher(cfg: AnalysisConfig) -> dict[str, FisherAccumulator]:
+    return {s: FisherAccumulator(cfg.fisher, getattr(torch, cfg.fisher_dtype)) for s in ("general", "task")}
+
+
+def load_cache(cache: Path, names: list[str], key: str, cfg: AnalysisConfig) -> GradStats | None:
     """The cached statistics if ``cache`` holds this model's and configuration's (else None: they
     are recomputed). Data only: safetensors tensors and a JSON header, never a pickle."""
     if not cache.is_file():
@@ -246,12 +246,12 @@ def load_cache(cache: Path, names: list[str], key: str) -> GradStats | None:
             return None
         t = load_file(str(cache))
         sids = meta["samples"]
-        st = GradStats(names, {"general": {}, "task": {}}, {k: int(v) for k, v in meta["n"].items()}, {}, {}, {}, {},
+        st = GradStats(names, new_fisher(cfg), {k: int(v) for k, v in meta["n"].items()}, {}, {}, {}, {},
                        float(meta["seconds"]))
         for k, v in t.items():
             if k.startswith("fisher/"):
-                _, src_key, n = k.split("/", 2)
-                st.fisher[src_key][n] = v
+                _, src_key, part, n = k.split("/", 3)
+                st.fisher[src_key].parts.setdefault(n, {})[part] = v
         traces = t["traces"].numpy() if sids else None
         for i, sid in enumerate(sids):
             st.traces[sid] = traces[i]
@@ -321,38 +321,71 @@ def format_menu(src: ModelSource, cfg: AnalysisConfig) -> dict[str, list[str]]:
 SENSITIVITY_CHUNK = 1 << 22
 
 
-def sensitivities(src: ModelSource, params: dict, st: GradStats, menu: dict[str, list[str]],
+def sensitivities(src: ModelSource, weights, st: GradStats, menu: dict[str, list[str]],
                   cfg: AnalysisConfig, imatrix: ImatrixStats | None, show_progress: bool = True) -> SensitivityTable:
-    """S_ppl and S_task for every (tensor, format), plus the true bytes of each."""
+    """S_ppl and S_task for every (tensor, format), plus the true bytes of each.
+
+    ``weights(name, r0, r1)`` returns rows ``r0:r1`` of the exact reference tensor (float32, in the
+    layout of the gradient statistics), so the errors are those of the file the exporter writes,
+    not of a lower-precision copy used for the gradients. With ``cfg.sensitivity_rows < 1``, each
+    tensor larger than :data:`SAMPLED_MIN_ROWS` rows is estimated from a systematic sample of
+    row stripes (every ggml / MatMulNBits block lies within one row, so rows quantize
+    independently and the scaled sample sum is unbiased)."""
     spec = formats.get(cfg.target)
     imat = imatrix.means() if imatrix is not None and spec.uses_imatrix else {}
     table = SensitivityTable()
     with progress_bar("quantization error x Fisher", total=len(menu), enabled=show_progress) as advance:
         for name, fmts in menu.items():
-            p = params[name]
-            rows, cols = p.shape
+            rows, cols = src.tensors[name].shape
             # row slices: the temporaries (float copies, one roundtrip, squared errors) of e.g.
             # a 150k-row embedding stay at a few MB instead of several copies of the tensor
             step = max(1, SENSITIVITY_CHUNK // cols)
+            stripes = sample_rows(rows, step, cfg.sensitivity_rows, f"{cfg.seed}\0{name}")
+            covered = sum(r1 - r0 for r0, r1 in stripes)
             sums = {f: [0.0, 0.0, 0.0] for f in fmts}          # ppl, task, squared error
             w2 = 0.0
-            for r0 in range(0, rows, step):
-                w = p[r0:r0 + step].detach().float().cpu().numpy()
-                fg = st.fisher["general"][name][r0:r0 + step].float().cpu().numpy() / max(1, st.n["general"])
-                ft = st.fisher["task"][name][r0:r0 + step].float().cpu().numpy() / max(1, st.n["task"])
+            for r0, r1 in stripes:
+                w = weights(name, r0, r1)
                 w2 += float(np.vdot(w, w))
                 for f in fmts:
                     d2 = (spec.roundtrip(w, f, imat.get(name)) - w) ** 2
                     acc = sums[f]
-                    acc[0] += float(np.vdot(fg, d2))
-                    acc[1] += float(np.vdot(ft, d2))
+                    acc[0] += st.fisher["general"].weighted_error(name, r0, d2, st.n["general"])
+                    acc[1] += st.fisher["task"].weighted_error(name, r0, d2, st.n["task"])
                     acc[2] += float(d2.sum(dtype=np.float64))
+            scale = rows / covered
             wn = math.sqrt(w2) or 1.0
             for f in fmts:
-                table.add(name, f, ppl=0.5 * sums[f][0], task=0.5 * sums[f][1],
+                table.add(name, f, ppl=0.5 * scale * sums[f][0], task=0.5 * scale * sums[f][1],
                           nbytes=spec.nbytes(f, src.tensors[name].shape), rel_err=math.sqrt(sums[f][2]) / wn)
             advance(1)
     return table
+
+
+#: tensors with fewer rows are always scored whole
+SAMPLED_MIN_ROWS = 1024
+
+
+def sample_rows(rows: int, step: int, fraction: float, salt: str) -> list[tuple[int, int]]:
+    """Row stripes ``[(r0, r1), ...]`` to score: all rows, or about ``fraction`` of them as every
+    k-th stripe of ``stripe`` rows from a seeded offset (systematic sampling)."""
+    if not 0 < fraction <= 1:
+        raise TasaError(f"sensitivity row fraction must be in (0, 1], got {fraction}")
+    if fraction >= 1 or rows < SAMPLED_MIN_ROWS:
+        return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+    stripe = min(64, step)
+    n = -(-rows // stripe)
+    every = max(1, round(1 / fraction))
+    off = int.from_bytes(hashlib.sha256(salt.encode()).digest()[:4], "little") % every
+    out = [(i * stripe, min(rows, (i + 1) * stripe)) for i in range(off, n, every)]
+    # merge adjacent stripes into slices of at most ``step`` rows
+    merged: list[tuple[int, int]] = []
+    for r0, r1 in out:
+        if merged and merged[-1][1] == r0 and r1 - merged[-1][0] <= step:
+            merged[-1] = (merged[-1][0], r1)
+        else:
+            merged.append((r0, r1))
+    return merged
 
 
 # ---------------------------------------------------------------------------- driver
@@ -374,12 +407,12 @@ def build_pools(cfg: AnalysisConfig, task: list[TextSample] | None = None,
 def analyze(src: ModelSource, out_dir: Path, cfg: AnalysisConfig, *, device: str | None = None,
             lam: float | None = None, task: list[TextSample] | None = None,
             general: list[TextSample] | None = None, show_progress: bool = True) -> Analysis:
-    from .torch_model import gguf_params, load_torch_model
+    from .torch_model import gguf_params, load_torch_model, reference_weights
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model, tok = load_torch_model(src, device=device)
+    model, tok = load_torch_model(src, device=device, dtype=cfg.dtype)
     t_load = time.perf_counter() - t0
     pools = build_pools(cfg, task, general)
     params = gguf_params(model, src)
@@ -387,13 +420,14 @@ def analyze(src: ModelSource, out_dir: Path, cfg: AnalysisConfig, *, device: str
     cache = out_dir / f"gradstats-{src.fingerprint.split(':')[1][:12]}-{cfg.key()}.safetensors"
     menu = format_menu(src, cfg)   # bad --formats fail before the gradient pass
     st = collect(model, tok, params, pools, cfg, cache=cache, show_progress=show_progress, key=key)
+    weights = reference_weights(model, src, params)
     t1 = time.perf_counter()
     mixture = mixture_search(st, pools, cfg)
     imatrix = mixture_imatrix(st, mixture.chosen.members)
     imatrix.chunk_size = cfg.max_tokens
     im_path = (out_dir / "imatrix.gguf").resolve()
     imatrix.save(im_path)
-    table = sensitivities(src, params, st, menu, cfg, imatrix, show_progress)
+    table = sensitivities(src, weights, st, menu, cfg, imatrix, show_progress)
     t2 = time.perf_counter()
     lam_used = float(mixture.chosen.task_ratio if lam is None else lam)
     res = Analysis(

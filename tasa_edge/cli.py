@@ -182,7 +182,10 @@ def analyze(
     beta: float = typer.Option(0.5, help="Diversity weight of the mixture criterion (0 = alignment only)."),
     lam: Optional[float] = typer.Option(None, "--lambda", help="Weight of reasoning sensitivity in the TASA score (default: the chosen mixture's task ratio)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    fisher_dtype: str = typer.Option("float32", "--fisher-dtype", help="Storage of the two Fisher sums: float32, or bfloat16 to halve their memory (models over ~1B params on 24 GB)."),
+    fisher: str = typer.Option("factored", "--fisher", help="Form of the Fisher statistics: factored (row x column sums, r+c values per tensor), block (32-column means) or exact (full size, for checking)."),
+    fisher_dtype: str = typer.Option("float32", "--fisher-dtype", help="Storage of exact Fisher sums: float32, or bfloat16 to halve them."),
+    dtype: str = typer.Option("auto", "--dtype", help="Weights during the gradient pass: auto (bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else float32), float32 or bfloat16. Quantization errors are always taken on the exact weights."),
+    sensitivity_rows: float = typer.Option(1.0, "--sensitivity-rows", help="Fraction of each large tensor's rows the sensitivity pass scores (a systematic sample; 1 = all)."),
     seed: int = typer.Option(0),
 ):
     """Gradient traces -> calibration mixture -> perplexity & reasoning sensitivity per tensor and format."""
@@ -198,6 +201,12 @@ def analyze(
         raise TasaError(f"--beta must be within [0, 1], got {beta}")
     if fisher_dtype not in ("float32", "bfloat16"):
         raise TasaError(f"--fisher-dtype must be float32 or bfloat16, got {fisher_dtype!r}")
+    if fisher not in ("factored", "block", "exact"):
+        raise TasaError(f"--fisher must be factored, block or exact, got {fisher!r}")
+    if dtype not in ("auto", "float32", "bfloat16"):
+        raise TasaError(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
+    if not 0 < sensitivity_rows <= 1:
+        raise TasaError(f"--sensitivity-rows must be in (0, 1], got {sensitivity_rows}")
     src = _open_model(model)
     fm = tuple(spec.parse(f.strip()) for f in formats.split(",")) if formats else None
     if profile:
@@ -207,7 +216,8 @@ def analyze(
     task = split_samples(load_user_file(task_file), "calib") if task_file else None
     general = split_samples(load_user_file(general_file), "calib") if general_file else None
     cfg = AnalysisConfig(n_general=n_general, n_task=n_task, n_target=n_target, max_tokens=max_tokens,
-                         beta=beta, target=target, formats=fm, seed=seed, fisher_dtype=fisher_dtype)
+                         beta=beta, target=target, formats=fm, seed=seed, fisher=fisher, fisher_dtype=fisher_dtype,
+                         dtype=dtype, sensitivity_rows=sensitivity_rows)
     an = run(src, out_dir, cfg, device=device, lam=lam, task=task, general=general)
     t = Table(title="calibration mixtures (gradient-trace alignment vs diversity)")
     for c in ("task ratio", "size", "alignment", "diversity", "score"):

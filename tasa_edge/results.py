@@ -39,12 +39,16 @@ class AnalysisConfig:
     target: str = "gguf"
     formats: tuple[str, ...] | None = None
     seed: int = 0
-    fisher_dtype: str = "float32"
+    fisher: str = "factored"     # form of the Fisher statistics: factored | block | exact (tasa_edge.fisher)
+    fisher_dtype: str = "float32"    # storage of the exact form
+    dtype: str = "auto"          # weights during the gradient pass: auto | float32 | bfloat16
+    sensitivity_rows: float = 1.0    # fraction of each large tensor's rows the sensitivity pass samples
 
     def key(self) -> str:
-        """Identity of the gradient statistics (not of the format menu or mixture scoring)."""
+        """Identity of the gradient statistics (not of the format menu, mixture scoring or the
+        sensitivity pass)."""
         d = asdict(self)
-        for k in ("formats", "beta", "ratios", "sizes", "target"):
+        for k in ("formats", "beta", "ratios", "sizes", "target", "sensitivity_rows"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

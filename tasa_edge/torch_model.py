@@ -64,25 +64,75 @@ def hf_dir_for(src: ModelSource, show_progress: bool = True) -> Path:
     return target
 
 
-def load_torch_model(src: ModelSource, device: str | None = None, dtype: torch.dtype | None = None):
-    """(model, tokenizer) for analysis. CUDA: bf16 weights (fp32 statistics), device_map="auto";
-    CPU: float32."""
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has native bf16 matrix instructions (AVX512-BF16 / AMX), where oneDNN
+    runs bf16 matmuls at least as fast as float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - torch built without oneDNN
+        return False
+
+
+def pick_dtype(dev: torch.device, dtype: str | torch.dtype | None = "auto") -> torch.dtype:
+    """Weights' dtype for the gradient pass: bf16 where the device computes in bf16 (CUDA, CPUs
+    with AVX512-BF16/AMX), float32 elsewhere; or the one asked for."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if dev.type == "cuda" or cpu_computes_bf16() else torch.float32
+    if dtype not in ("float32", "bfloat16"):
+        raise TasaError(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+def load_torch_model(src: ModelSource, device: str | None = None, dtype: str | torch.dtype | None = "auto"):
+    """(model, tokenizer) for analysis: weights in :func:`pick_dtype`'s dtype, on CUDA with
+    device_map="auto" (layers spread over the GPUs, then the host)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = pick_device(device)
     d = hf_dir_for(src)
     kwargs = {}
+    dtype = pick_dtype(dev, dtype)
     if dev.type == "cuda":
         kwargs["device_map"] = "auto"
-        dtype = dtype or torch.bfloat16
-    else:
-        dtype = dtype or torch.float32
     model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, **kwargs)
     if dev.type != "cuda":
         model.to(dev)
     model.eval()
     tok = AutoTokenizer.from_pretrained(d)
     return model, tok
+
+
+def reference_weights(model, src: ModelSource, params: dict[str, torch.nn.Parameter]):
+    """``read(name, r0, r1)``: rows ``r0:r1`` of tensor ``name`` (GGUF name) of the exact reference
+    model as float32, in the layout of ``model``'s parameter (HF layout), streamed from the
+    safetensors files of :func:`hf_dir_for` -- not from the (possibly bf16) weights in memory."""
+    from safetensors import safe_open
+
+    d = hf_dir_for(src, show_progress=False)
+    where: dict[str, Path] = {}
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as fh:
+            where.update({k: f for k in fh.keys()})
+    key: dict[str, str] = {}
+    by_id = {id(p): g for g, p in params.items()}
+    for hf_name, p in model.named_parameters(remove_duplicate=False):
+        g = by_id.get(id(p))
+        if g is not None and hf_name in where:
+            key.setdefault(g, hf_name)
+    missing = [g for g in params if g not in key]
+    if missing:
+        raise TasaError(f"{d}: no stored weights for {len(missing)} tensor(s), e.g. {missing[0]}")
+    handles: dict[Path, object] = {}
+
+    def read(name: str, r0: int, r1: int):
+        f = where[key[name]]
+        if f not in handles:
+            handles[f] = safe_open(f, framework="pt")
+        return handles[f].get_slice(key[name])[r0:r1].float().numpy()
+
+    return read
 
 
 def gguf_params(model, src: ModelSource) -> dict[str, torch.nn.Parameter]:

@@ -9,8 +9,9 @@ import pytest
 from test_hf_convert import tiny_llama  # noqa: F401  (fixture)
 
 
-@pytest.mark.parametrize("fisher_dtype", ["float32", "bfloat16"])
-def test_collect_matches_plain_backward_and_frees_gradients(tiny_llama, fisher_dtype):  # noqa: F811
+@pytest.mark.parametrize("form,fisher_dtype", [("exact", "float32"), ("exact", "bfloat16"), ("factored", "float32"),
+                                               ("block", "float32")])
+def test_collect_matches_plain_backward_and_frees_gradients(tiny_llama, form, fisher_dtype):  # noqa: F811
     import torch
 
     from tasa_edge.analysis import collect, encode, special_prefix
@@ -20,7 +21,7 @@ def test_collect_matches_plain_backward_and_frees_gradients(tiny_llama, fisher_d
     from tasa_edge.torch_model import gguf_params, load_torch_model
 
     src = ModelSource.open(tiny_llama)
-    model, tok = load_torch_model(src, device="cpu")
+    model, tok = load_torch_model(src, device="cpu", dtype="float32")
     params = gguf_params(model, src)
     pools = {
         "general": [TextSample("enwiki", "g:1", "", "The quick brown fox jumps over the lazy dog."),
@@ -28,7 +29,7 @@ def test_collect_matches_plain_backward_and_frees_gradients(tiny_llama, fisher_d
         "task": [TextSample("gsm8k", "t:1", "Question: 2 and 2?\nAnswer:", " 2 + 2 = 4\n#### 4")],
         "target": [TextSample("gsm8k", "t:2", "Question: 3 and 3?\nAnswer:", " 3 + 3 = 6\n#### 6")],
     }
-    cfg = AnalysisConfig(max_tokens=32, sketch_k=4, fisher_dtype=fisher_dtype)
+    cfg = AnalysisConfig(max_tokens=32, sketch_k=4, fisher=form, fisher_dtype=fisher_dtype, dtype="float32")
     st = collect(model, tok, params, pools, cfg, cache=None, show_progress=False)
 
     # nothing is left behind: no gradient buffers, no parameter requiring grad
@@ -63,43 +64,82 @@ def test_collect_matches_plain_backward_and_frees_gradients(tiny_llama, fisher_d
     tol = 1e-5 if fisher_dtype == "float32" else 1e-2
     for role in ("general", "task"):
         for n in names:
-            got = st.fisher[role][n]
-            assert got.dtype == getattr(torch, fisher_dtype)
-            assert torch.allclose(got.float(), want[role][n], rtol=tol, atol=1e-12), (role, n)
+            got, w = st.fisher[role].parts[n], want[role][n]
+            expect = {"exact": {"full": w}, "factored": {"rows": w.sum(1), "cols": w.sum(0)},
+                      "block": {"blocks": w.reshape(w.shape[0], -1, 32).sum(-1)}}[form]
+            assert set(got) == set(expect)
+            for part, v in expect.items():
+                assert got[part].dtype == (getattr(torch, fisher_dtype) if form == "exact" else torch.float32)
+                assert torch.allclose(got[part].float(), v, rtol=tol, atol=1e-12), (role, n, part)
 
 
+@pytest.mark.parametrize("form", ["exact", "factored", "block"])
 @pytest.mark.parametrize("chunk", [1 << 22, 200])  # whole tensors, and slices of a few rows
-def test_sensitivities_are_fisher_weighted_roundtrip_error(tiny_llama, monkeypatch, chunk):  # noqa: F811
+def test_sensitivities_are_fisher_weighted_roundtrip_error(tiny_llama, monkeypatch, chunk, form):  # noqa: F811
+    """S = 1/2 sum F * (Q(w) - w)^2 with F in the chosen form, the errors taken on the exact
+    stored weights (the model computes in bf16 here)."""
     import numpy as np
+    import torch
 
     from tasa_edge import analysis, formats
-    from tasa_edge.formats import ggml
     from tasa_edge.analysis import collect, format_menu, sensitivities
-    from tasa_edge.results import AnalysisConfig
     from tasa_edge.data import TextSample
+    from tasa_edge.formats import ggml
     from tasa_edge.model import ModelSource
-    from tasa_edge.torch_model import gguf_params, load_torch_model
+    from tasa_edge.results import AnalysisConfig
+    from tasa_edge.torch_model import gguf_params, load_torch_model, reference_weights
 
     src = ModelSource.open(tiny_llama)
-    model, tok = load_torch_model(src, device="cpu")
+    model, tok = load_torch_model(src, device="cpu", dtype="bfloat16")
     params = gguf_params(model, src)
     pools = {"general": [TextSample("enwiki", "g:1", "", "The quick brown fox jumps over the lazy dog.")],
              "task": [TextSample("gsm8k", "t:1", "Question: 2 and 2?\nAnswer:", " 2 + 2 = 4\n#### 4")]}
-    cfg = AnalysisConfig(max_tokens=32, sketch_k=4, formats=("Q4_0", "Q8_0", "IQ4_NL"))
+    cfg = AnalysisConfig(max_tokens=32, sketch_k=4, formats=("Q4_0", "Q8_0", "IQ4_NL"), fisher="exact", dtype="bfloat16")
     st = collect(model, tok, params, pools, cfg, cache=None, show_progress=False)
+    exact = {k: acc for k, acc in st.fisher.items()}
+    st.fisher = {k: acc.compact(form) for k, acc in exact.items()}
     menu = format_menu(src, cfg)
     monkeypatch.setattr(analysis, "SENSITIVITY_CHUNK", chunk)
-    table = sensitivities(src, params, st, menu, cfg, None, show_progress=False)
+    weights = reference_weights(model, src, params)
+    table = sensitivities(src, weights, st, menu, cfg, None, show_progress=False)
     for name, fmts in menu.items():
-        w = params[name].detach().numpy()
+        w = weights(name, 0, src.tensors[name].shape[0])
+        assert w.dtype == np.float32 and not np.array_equal(w, params[name].detach().float().numpy())
         for f in fmts:
             d2 = (ggml.roundtrip(w, f) - w) ** 2
             for key, src_key in (("ppl", "general"), ("task", "task")):
-                want = 0.5 * float((st.fisher[src_key][name].numpy() * d2).sum())
+                full = exact[src_key].parts[name]["full"].double()
+                if form == "factored":
+                    full = torch.outer(full.sum(1), full.sum(0)) / full.sum()
+                elif form == "block":
+                    full = full.reshape(full.shape[0], -1, 32).mean(-1).repeat_interleave(32, dim=1)
+                want = 0.5 * float((full.numpy() * d2).sum())
                 assert table.source(key)[name][f] == pytest.approx(want, rel=1e-4), (name, f, key)
             assert table.rel_err[name][f] == pytest.approx(np.sqrt(d2.sum()) / np.linalg.norm(w), rel=1e-4)
             assert table.bytes[name][f] == formats.get("gguf").nbytes(f, src.tensors[name].shape)
         assert table.ppl[name]["Q8_0"] < table.ppl[name]["Q4_0"]
+
+
+def test_row_sampled_sensitivity_is_unbiased_and_close():
+    """Sampling row stripes covers the wanted fraction, never a row twice, and the scaled sum of a
+    smooth per-row quantity is close to the full one."""
+    import numpy as np
+
+    from tasa_edge.analysis import sample_rows
+
+    rows = 50_000
+    stripes = sample_rows(rows, 2730, 0.25, "x")
+    covered = np.zeros(rows, bool)
+    for r0, r1 in stripes:
+        assert not covered[r0:r1].any() and r1 - r0 <= 2730
+        covered[r0:r1] = True
+    assert abs(covered.mean() - 0.25) < 0.01
+    v = np.random.default_rng(0).lognormal(0, 1, rows)
+    est = v[covered].sum() * rows / covered.sum()
+    assert abs(est / v.sum() - 1) < 0.05
+    assert sample_rows(500, 100, 0.25, "x") == [(0, 100), (100, 200), (200, 300), (300, 400), (400, 500)]
+    assert sample_rows(rows, 2730, 0.25, "x") == stripes          # seeded: the same salt, the same rows
+    assert len({tuple(sample_rows(rows, 2730, 0.25, s)) for s in "abcdefgh"}) > 1
 
 
 def test_analyze_with_a_device_profile_scores_the_profiles_fast_formats(tiny_llama, tmp_path):  # noqa: F811

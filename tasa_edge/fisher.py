@@ -1,0 +1,101 @@
+"""Diagonal Fisher statistics of one weight matrix, in the form the sensitivities need.
+
+The sensitivity of tensor W [r, c] to a quantization error D = Q(W) - W is
+
+    S = 1/2 * sum_ij F_ij * D_ij^2,        F_ij = mean over samples of g_ij^2
+
+(g: the per-sample gradient of the loss). Three forms of F are kept:
+
+* ``exact``: F itself, r x c values (4 or 2 bytes each): two full-size copies (general text and
+  task data) double the analysis memory. Kept for checking the compact forms.
+* ``factored`` (default): the row sums R_i = sum_j F_ij and column sums C_j = sum_i F_ij, and F is
+  read as the rank-one matrix with the same marginals, F_ij ~ R_i * C_j / T (T = sum R = sum C;
+  Adafactor's factorisation of a second-moment matrix). r + c float32 values per tensor: the
+  statistics of an 8B model take a few MB. The row factor carries the output-gradient scale of each
+  output channel, the column factor the input-activation scale of each input column (what
+  llama.cpp's importance matrix measures), so the sensitivity keeps both; what it loses is their
+  interaction. ``tasa-edge analyze --fisher exact`` and the benchmark's fidelity table measure
+  what that costs in plan quality.
+* ``block``: F averaged over blocks of 32 consecutive input columns (the smallest quantization
+  block of both targets): r * c / 32 values.
+
+Sums over samples are additive in every form, so per-sample statistics are accumulated as the
+gradients arrive, and statistics from several processes are summed (distributed analysis).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import TasaError
+
+FORMS = ("factored", "block", "exact")
+BLOCK = 32
+
+
+class FisherAccumulator:
+    """Sums of g^2 of one source (general text or task data) for every tensor, in one form."""
+
+    def __init__(self, form: str = "factored", dtype: torch.dtype = torch.float32):
+        if form not in FORMS:
+            raise TasaError(f"unknown Fisher form {form!r} (known: {', '.join(FORMS)})")
+        self.form = form
+        self.dtype = dtype if form == "exact" else torch.float32
+        self.parts: dict[str, dict[str, torch.Tensor]] = {}     # name -> part -> tensor
+
+    def add(self, name: str, g: torch.Tensor) -> None:
+        """Add one sample's gradient ``g`` [r, c] (any float dtype)."""
+        self.add_sum(name, g.float().square())
+
+    def add_sum(self, name: str, g2: torch.Tensor) -> None:
+        """Add a sum of squared gradients ``g2`` [r, c] (float32)."""
+        if self.form == "exact":
+            new = {"full": g2.to(self.dtype)}
+        elif self.form == "factored":
+            new = {"rows": g2.sum(1), "cols": g2.sum(0)}
+        else:
+            r, c = g2.shape
+            new = {"blocks": torch.nn.functional.pad(g2, (0, (-c) % BLOCK)).reshape(r, -1, BLOCK).sum(-1)}
+        cur = self.parts.get(name)
+        if cur is None:
+            self.parts[name] = {k: v.clone() if v.data_ptr() == g2.data_ptr() else v for k, v in new.items()}
+        else:
+            for k, v in new.items():
+                cur[k] += v
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for p in self.parts.values() for t in p.values())
+
+    def weighted_error(self, name: str, r0: int, d2: np.ndarray, n_samples: int) -> float:
+        """sum_ij F_ij * d2_ij over rows ``r0 .. r0 + len(d2)`` of tensor ``name`` (F = sum / n)."""
+        p = self.parts[name]
+        r1 = r0 + d2.shape[0]
+        scale = 1.0 / max(1, n_samples)
+        if self.form == "exact":
+            f = p["full"][r0:r1].float().cpu().numpy()
+            return scale * float(np.vdot(f, d2))
+        if self.form == "factored":
+            rows = p["rows"].double()
+            total = float(rows.sum()) or 1.0
+            rw = p["rows"][r0:r1].double().cpu().numpy()
+            cw = p["cols"].double().cpu().numpy()
+            return scale * float(rw @ (d2.astype(np.float64) @ cw)) / total
+        blocks = p["blocks"][r0:r1].cpu().numpy().astype(np.float64) / BLOCK
+        c = d2.shape[1]
+        pad = (-c) % BLOCK
+        d2b = np.pad(d2, ((0, 0), (0, pad))).reshape(d2.shape[0], -1, BLOCK).sum(-1, dtype=np.float64)
+        return scale * float(np.vdot(blocks, d2b))
+
+    # ------------------------------------------------------------------ derived forms
+    def compact(self, form: str) -> "FisherAccumulator":
+        """The same statistics in another (coarser) form: ``exact`` gives every form exactly
+        (the compact forms are sums of the exact one), which is how the benchmark compares them."""
+        if form == self.form:
+            return self
+        if self.form != "exact":
+            raise TasaError(f"cannot derive {form} Fisher statistics from {self.form} ones")
+        out = FisherAccumulator(form)
+        for name, p in self.parts.items():
+            out.add_sum(name, p["full"].float())
+        return out
