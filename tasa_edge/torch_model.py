@@ -8,10 +8,13 @@ through :meth:`ModelSource.gguf_name`, the same mapping the exporters use.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import struct
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import TasaError
@@ -94,6 +97,9 @@ def load_torch_model(src: ModelSource, device: str | None = None, dtype: str | t
     d = hf_dir_for(src)
     kwargs = {}
     dtype = pick_dtype(dev, dtype)
+    if dev.type == "cpu":
+        model = _load_streamed(d, dtype)
+        return model, AutoTokenizer.from_pretrained(d)
     if dev.type == "cuda":
         kwargs["device_map"] = "auto"
     model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, **kwargs)
@@ -104,33 +110,91 @@ def load_torch_model(src: ModelSource, device: str | None = None, dtype: str | t
     return model, tok
 
 
+class SafetensorsRows:
+    """Row slices of the tensors of a safetensors directory, read with plain file reads (no
+    mmap: a streamed tensor costs its rows' memory only, and no file pages stay mapped)."""
+
+    _DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+
+    def __init__(self, d: Path):
+        self.entries: dict[str, tuple[Path, int, str, tuple[int, ...]]] = {}
+        for f in sorted(Path(d).glob("*.safetensors")):
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+            for k, v in header.items():
+                if k != "__metadata__":
+                    self.entries[k] = (f, 8 + n + int(v["data_offsets"][0]), v["dtype"], tuple(int(s) for s in v["shape"]))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.entries[key][3]
+
+    def read(self, key: str, r0: int = 0, r1: int | None = None) -> np.ndarray:
+        """Rows ``r0:r1`` (first axis) of tensor ``key`` as float32."""
+        f, off, dt, shape = self.entries[key]
+        if dt not in self._DTYPES:
+            raise TasaError(f"{f.name}: tensor {key} has dtype {dt}; expected F32, F16 or BF16")
+        item = self._DTYPES[dt]
+        row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        r1 = shape[0] if r1 is None else min(r1, shape[0]) if shape else 1
+        count = (r1 - r0) * row if shape else 1
+        with open(f, "rb") as fh:
+            fh.seek(off + r0 * row * item.itemsize)
+            a = np.fromfile(fh, dtype=item, count=count)
+        if dt == "BF16":
+            a = (a.astype(np.uint32) << 16).view(np.float32)
+        return a.astype(np.float32, copy=False).reshape((r1 - r0, *shape[1:]) if shape else ())
+
+
+def _load_streamed(d: Path, dtype: torch.dtype):
+    """The model built empty (accelerate's ``init_empty_weights``) and filled tensor by tensor from
+    the safetensors files, cast on the way: peak memory is the model in ``dtype`` plus one float32
+    tensor, not a float32 copy of the whole model (what ``from_pretrained`` holds while casting)."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(d)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    store = SafetensorsRows(d)
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    for key in store.entries:
+        if key in names:
+            set_module_tensor_to_device(model, key, "cpu", value=torch.from_numpy(store.read(key)), dtype=dtype)
+    inp, outp = model.get_input_embeddings(), model.get_output_embeddings()
+    if getattr(cfg, "tie_word_embeddings", False) and outp is not None:
+        if inp.weight.device.type == "meta":           # stored once, under the output name
+            inp.weight = outp.weight
+        model.tie_weights()
+    empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if empty:
+        raise TasaError(f"{d}: no stored weights for {len(empty)} parameter(s), e.g. {empty[0]}")
+    model.eval()
+    return model
+
+
 def reference_weights(model, src: ModelSource, params: dict[str, torch.nn.Parameter]):
     """``read(name, r0, r1)``: rows ``r0:r1`` of tensor ``name`` (GGUF name) of the exact reference
     model as float32, in the layout of ``model``'s parameter (HF layout), streamed from the
     safetensors files of :func:`hf_dir_for` -- not from the (possibly bf16) weights in memory."""
-    from safetensors import safe_open
-
     d = hf_dir_for(src, show_progress=False)
-    where: dict[str, Path] = {}
-    for f in sorted(d.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as fh:
-            where.update({k: f for k in fh.keys()})
+    store = SafetensorsRows(d)
     key: dict[str, str] = {}
     by_id = {id(p): g for g, p in params.items()}
     for hf_name, p in model.named_parameters(remove_duplicate=False):
         g = by_id.get(id(p))
-        if g is not None and hf_name in where:
+        if g is not None and hf_name in store:
             key.setdefault(g, hf_name)
     missing = [g for g in params if g not in key]
     if missing:
         raise TasaError(f"{d}: no stored weights for {len(missing)} tensor(s), e.g. {missing[0]}")
-    handles: dict[Path, object] = {}
 
-    def read(name: str, r0: int, r1: int):
-        f = where[key[name]]
-        if f not in handles:
-            handles[f] = safe_open(f, framework="pt")
-        return handles[f].get_slice(key[name])[r0:r1].float().numpy()
+    def read(name: str, r0: int, r1: int) -> np.ndarray:
+        return store.read(key[name], r0, r1)
 
     return read
 
