@@ -102,7 +102,8 @@ if prog == "scp":
 sys.exit(subprocess.run(["sh", "-c", local(" ".join(rest[1:]))]).returncode)
 '''
 
-TOOL = '#!/bin/sh\nexec "@PY@" -m devices.pybench @TOOL@ "$@"\n'
+#: llama-bench / llama-perplexity on the stand-in device: the test double tests/fakes/pybench.py
+TOOL = '#!/bin/sh\nexec "@PY@" "@FAKE@" @TOOL@ "$@"\n'
 
 
 def _script(path: Path, text: str, **subs) -> Path:
@@ -125,7 +126,7 @@ def standins(tmp_path, monkeypatch):
     _script(exe / "ssh", SSH, **subs)
     _script(exe / "scp", SSH, **subs)
     for t in ("llama-bench", "llama-perplexity"):
-        _script(tools / t, TOOL, PY=sys.executable, TOOL=t)
+        _script(tools / t, TOOL, PY=sys.executable, FAKE=str(ROOT / "tests" / "fakes" / "pybench.py"), TOOL=t)
     monkeypatch.setenv("TASA_ADB", str(exe / "adb"))
     monkeypatch.setenv("TASA_SSH", str(exe / "ssh"))
     monkeypatch.setenv("TASA_SCP", str(exe / "scp"))
