@@ -10,9 +10,9 @@
   onnxruntime), time the load, run llama-bench-style prompt-processing / decode tests, read the peak
   RSS, then score stored reference chunks (KLD, top-1, perplexity) and run GSM8K.
 
-Running each model in its own process makes ``ru_maxrss`` (peak resident set) per model, lets the
-parent apply ``RLIMIT_AS`` to the child only, and keeps a crashing or out-of-memory model from
-taking the benchmark run down.
+Running each model in its own process makes the peak resident set
+(:func:`tasa_edge.memory.peak_rss_bytes`) per model, lets the parent apply ``RLIMIT_AS`` to the
+child only, and keeps a crashing or out-of-memory model from taking the benchmark run down.
 """
 
 from __future__ import annotations
