@@ -31,11 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exporters.baseline import quantize_baseline  # noqa: E402
 from exporters.gguf_export import export_gguf  # noqa: E402
+from exporters.reference import reference_gguf  # noqa: E402
 from tasa_edge.analysis import pick  # noqa: E402
 from tasa_edge.results import AnalysisConfig  # noqa: E402
 from tasa_edge.data import load_general, load_gsm8k  # noqa: E402
 from tasa_edge.errors import TasaError  # noqa: E402
-from tasa_edge.evaluate import kld_vs_reference, reference_gguf, sample_logits  # noqa: E402
+from tasa_edge.evaluate import kld_vs_reference, reference_logprobs  # noqa: E402
 from tasa_edge.imatrix import load_imatrix  # noqa: E402
 from tasa_edge.inspect import inspect_gguf  # noqa: E402
 from tasa_edge.model import ModelSource  # noqa: E402
@@ -184,16 +185,16 @@ def run_model(name: str, out: Path, args) -> dict:
 
     task = pick(load_gsm8k("eval"), args.n_eval, "bench")
     gen = pick(load_general("eval"), args.n_eval, "bench")
-    log("   reference logits")
-    ref_logits = {"task": sample_logits(ref, task), "general": sample_logits(ref, gen)}
+    log("   reference log-probs (float16 store, as tasa-edge bench)")
+    ref_lp = {"task": reference_logprobs(ref, task), "general": reference_logprobs(ref, gen)}
     rows = []
 
     def measure(label: str, kind: str, path: Path, extra: dict | None = None) -> dict:
         rep = inspect_gguf(path)
         row = {"label": label, "kind": kind, "file": str(path.relative_to(work) if path.is_relative_to(work) else path),
                "file_bytes": path.stat().st_size, "tensor_bytes": rep["bytes"], "bpw": rep["bpw"], **(extra or {})}
-        for k, samples in (("task", task), ("general", gen)):
-            m = kld_vs_reference(ref_logits[k], path, samples)
+        for k in ("task", "general"):
+            m = kld_vs_reference(ref_lp[k], path)
             row[f"{k}_kld"], row[f"{k}_top1"], row[f"{k}_ppl"] = m["kld"], m["top1"], m["ppl"]
         rows.append(row)
         log(f"   {label:28s} {row['bpw']:6.3f} bpw  task KLD {row['task_kld']:.4f}  general KLD {row['general_kld']:.4f}")

@@ -41,8 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tasa_edge import __version__
+from tasa_edge import __version__, quality
 from tasa_edge.errors import TasaError
+from tasa_edge.evaluate import MAX_TOKENS
 from tasa_edge.fsutil import atomic_write_text
 from tasa_edge.progress import progress_bar
 
@@ -59,7 +60,7 @@ GIB = 1024 * MIB
 #: Largest reference log-prob store kept on disk at once; beyond it chunks are streamed.
 DEFAULT_REF_BUDGET = 2 * GIB
 CHUNK_BYTES = 512 * MIB
-TASK_CTX = 512          # tokens per GSM8K question+answer (longer ones are truncated)
+TASK_CTX = MAX_TOKENS   # tokens per GSM8K question+answer (longer ones are truncated)
 
 
 @dataclass(frozen=True)
@@ -250,20 +251,18 @@ def _quiet_stderr():
 
 
 def tokenize_sets(tok: Tokenizer, samples: dict, size: Size) -> dict[str, list[tuple[list[int], int]]]:
-    """Per set: (token ids, first scored index). General text: every token after the first (BOS);
-    task: the answer tokens after ``Question: ...\\nAnswer:`` (as :func:`tasa_edge.evaluate.sample_logits`)."""
+    """Per set: (token ids, first scored index) by :func:`tasa_edge.evaluate.sample_tokens` (the
+    README path's tokenization). General text: every token after the first (BOS), at most
+    ``general_tokens`` scored; task: the answer tokens after ``Question: ...\\nAnswer:``."""
+    from tasa_edge.evaluate import sample_tokens
+
     start0 = max(1, len(tok("")))
     out: dict[str, list] = {"general": [], "task": []}
-    for s in samples["general"]:
-        ids = tok(s.text)[: size.general_tokens + start0]
-        if len(ids) > start0:
-            out["general"].append((ids, start0))
-    for s in samples["task"]:
-        p = tok(s.prompt)
-        ids = tok(s.prompt + s.target)[:TASK_CTX]
-        st = max(1, len(p))
-        if len(ids) > st:
-            out["task"].append((ids, st))
+    for name, limit in (("general", size.general_tokens + start0), ("task", TASK_CTX)):
+        for s in samples[name]:
+            item = sample_tokens(tok, s, limit)
+            if item is not None:
+                out[name].append(item)
     return out
 
 
@@ -340,24 +339,16 @@ def run_child(job: dict, work: Path, tag: str, threads: int, limit_bytes: int | 
 
 def aggregate(score_files: list[Path]) -> dict | None:
     """Mean KLD (± standard error, 99th percentile), top-1 agreement, perplexities and Δp over
-    every scored position of the given chunk results (llama-perplexity's statistics)."""
+    every scored position of the given chunk results (:func:`tasa_edge.quality.summarize`)."""
     arrs = [dict(np.load(f)) for f in score_files if Path(f).exists()]
     if not arrs:
         return None
-    lq = np.concatenate([a["lq_t"] for a in arrs]).astype(np.float64)
-    out: dict = {"n": int(lq.size), "ppl": float(np.exp(-lq.mean()))}
-    if all("kl" in a for a in arrs):
-        kl = np.concatenate([a["kl"] for a in arrs])
-        same = np.concatenate([a["same_top1"] for a in arrs]).astype(np.float64)
-        lp = np.concatenate([a["tgt_lp"] for a in arrs]).astype(np.float64)
-        se = (lambda x: float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else 0.0)
-        out.update({
-            "kld": float(kl.mean()), "kld_se": se(kl), "kld_p99": float(np.quantile(kl, 0.99)),
-            "kld_max": float(kl.max()), "top1": float(same.mean()), "top1_se": se(same),
-            "ppl_ref": float(np.exp(-lp.mean())),
-            "delta_p": float((np.exp(lq) - np.exp(lp)).mean()),
-        })
-    return out
+    lq = np.concatenate([a["lq_t"] for a in arrs])
+    if not all("kl" in a for a in arrs):
+        return quality.summarize(lq)
+    return quality.summarize(lq, np.concatenate([a["kl"] for a in arrs]),
+                             np.concatenate([a["same_top1"] for a in arrs]),
+                             np.concatenate([a["tgt_lp"] for a in arrs]))
 
 
 def gsm8k_summary(rows: list[dict], size: Size, where: str) -> dict:
@@ -376,10 +367,11 @@ def gsm8k_summary(rows: list[dict], size: Size, where: str) -> dict:
 
 # ============================================================================ bench
 def resolve_reference(reference) -> Path | None:
-    """A reference model spec (packaged name, GGUF, HF dir) -> its F32 reference GGUF."""
+    """A reference model spec (packaged name, GGUF, HF dir, ModelSource) -> its F32 reference GGUF
+    (:func:`exporters.reference.reference_gguf`)."""
     if reference is None:
         return None
-    from tasa_edge.evaluate import reference_gguf
+    from exporters.reference import reference_gguf
     from tasa_edge.model import ModelSource
     from tasa_edge.zoo import resolve_model
 
@@ -391,7 +383,7 @@ def resolve_reference(reference) -> Path | None:
 
         kind, _ = classify(p)
         if kind == "gguf" and all(t.type == "F32" for t in read_header(p).tensors.values()):
-            return p  # already a float32 reference (what reference_gguf would return)
+            return p  # already a float32 reference (what reference_gguf returns, without parsing it twice)
     return reference_gguf(ModelSource.open(p))
 
 
@@ -619,8 +611,8 @@ class _Run:
         for set_name in ("general", "task"):
             lps = [np.load(c)["tgt_lp"] for s, c, _ in chunks if s == set_name and "tgt_lp" in np.load(c)]
             if lps:
-                lp = np.concatenate(lps).astype(np.float64)
-                out[f"ppl_{set_name}"] = float(np.exp(-lp.mean()))
+                lp = np.concatenate(lps)
+                out[f"ppl_{set_name}"] = quality.perplexity(lp)
                 out[f"positions_{set_name}"] = int(lp.size)
         return out
 

@@ -10,16 +10,15 @@
   onnxruntime), time the load, run llama-bench-style prompt-processing / decode tests, read the peak
   RSS, then score stored reference chunks (KLD, top-1, perplexity) and run GSM8K.
 
-Running each model in its own process makes ``ru_maxrss`` (peak resident set) per model, lets the
-parent apply ``RLIMIT_AS`` to the child only, and keeps a crashing or out-of-memory model from
-taking the benchmark run down.
+Running each model in its own process makes the peak resident set
+(:func:`tasa_edge.memory.peak_rss_bytes`) per model, lets the parent apply ``RLIMIT_AS`` to the
+child only, and keeps a crashing or out-of-memory model from taking the benchmark run down.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -27,34 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
+from tasa_edge import quality
+from tasa_edge.memory import peak_rss_bytes
+
 #: lm-eval gsm8k ``until`` strings, plus the blank line that separates few-shot examples.
 GSM8K_STOPS = ["Question:", "</s>", "<|im_end|>", "\n\n"]
 
 
 # ============================================================================ helpers
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far.
-
-    Linux: ``VmHWM`` of ``/proc/self/status`` -- the high-water mark of *this* address space.
-    (``getrusage``'s ``ru_maxrss`` survives ``exec`` and would report the forking parent's size.)
-    Elsewhere ``ru_maxrss`` (kB on Linux/BSD, bytes on macOS)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(r if sys.platform == "darwin" else r * 1024)
-
-
-def log_softmax32(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
 def ts_stats(n_tokens: int, seconds: list[float]) -> dict:
     """llama-bench's per-test summary: tokens/s mean and (sample) stddev over the repetitions."""
     ts = [n_tokens / s for s in seconds]
@@ -136,16 +115,11 @@ class GGUFBackend:
         return time.perf_counter() - t0
 
     def score(self, seqs: list[np.ndarray], starts: list[int]):
-        """Yield, per sequence, the logits [n-start, vocab] predicting tokens ``seq[start:]``."""
-        n_ctx = max(len(s) for s in seqs)
-        llm = self._open(n_ctx, True, min(512, n_ctx))
-        try:
-            for ids, st in zip(seqs, starts):
-                llm.reset()
-                llm.eval([int(t) for t in ids])
-                yield np.asarray(llm.scores[st - 1: len(ids) - 1], dtype=np.float32)
-        finally:
-            llm.close()
+        """Yield, per sequence, the logits [n-start, vocab] predicting tokens ``seq[start:]``
+        (:func:`tasa_edge.llama_run.score`: the README's numbers score the same way)."""
+        from tasa_edge.llama_run import score
+
+        yield from score(self.path, seqs, starts, self.threads)
 
     def generate(self, prompts: list[str], max_tokens: int, stops: list[str]) -> list[str]:
         from llama_cpp import Llama
@@ -318,7 +292,8 @@ def load_chunk(meta_path: str | Path) -> dict:
 
 
 def write_reference(be, meta_path: str) -> dict:
-    """Run the reference over a chunk; store log-probs (float16) of every scored position."""
+    """Run the reference over a chunk; store (:func:`tasa_edge.quality.reference_rows`) the float16
+    log-probs of every scored position, the targets' log-probs and the reference's top-1."""
     z = load_chunk(meta_path)
     seqs, starts = z["seqs"], [int(s) for s in z["starts"]]
     n_pos = sum(len(s) - st for s, st in zip(seqs, starts))
@@ -328,15 +303,14 @@ def write_reference(be, meta_path: str) -> dict:
     top1 = np.zeros(n_pos, np.int32)
     row = 0
     for ids, st, lg in zip(seqs, starts, be.score(seqs, starts)):
-        lp = log_softmax32(lg)
+        lp, t_lp, t1 = quality.reference_rows(lg, np.asarray(ids[st:]))
         if store is None:
-            store = np.lib.format.open_memmap(lp_path + ".tmp.npy", mode="w+", dtype=np.float16,
+            store = np.lib.format.open_memmap(lp_path + ".tmp.npy", mode="w+", dtype=quality.STORE_DTYPE,
                                               shape=(n_pos, lp.shape[1]))
         m = lp.shape[0]
-        store[row: row + m] = lp.astype(np.float16)
-        tgt = np.asarray(ids[st:], dtype=np.int64)
-        tgt_lp[row: row + m] = lp[np.arange(m), tgt]
-        top1[row: row + m] = lp.argmax(-1)
+        store[row: row + m] = lp
+        tgt_lp[row: row + m] = t_lp
+        top1[row: row + m] = t1
         row += m
     store.flush()
     vocab = int(store.shape[1])
@@ -351,23 +325,23 @@ def write_reference(be, meta_path: str) -> dict:
 
 
 def score_chunk(be, meta_path: str, out_path: str) -> dict:
-    """Per scored position: KL(P_ref || P_model), top-1 agreement and the model's log-prob of the
-    next token, written to ``out_path`` (``.npz``) for the parent to aggregate over chunks."""
+    """Per scored position (:func:`tasa_edge.quality.score_rows`): KL(P_ref || P_model), top-1
+    agreement and the model's log-prob of the next token, written to ``out_path`` (``.npz``) for the
+    parent to aggregate over chunks."""
     z = load_chunk(meta_path)
     seqs, starts, ref = z["seqs"], [int(s) for s in z["starts"]], z["lp"]
     lq_t, kl, same = [], [], []
     row = 0
     for ids, st, lg in zip(seqs, starts, be.score(seqs, starts)):
-        lq = log_softmax32(lg)
-        m = lq.shape[0]
-        tgt = np.asarray(ids[st:], dtype=np.int64)
-        lq_t.append(lq[np.arange(m), tgt])
-        if ref is not None:
-            if ref.shape[1] != lq.shape[1]:
-                raise RuntimeError(f"vocabulary size {lq.shape[1]} differs from the reference's {ref.shape[1]}")
-            lp = np.asarray(ref[row: row + m], dtype=np.float32)
-            kl.append((np.exp(lp) * (lp - lq)).sum(-1, dtype=np.float64))
-            same.append(lq.argmax(-1) == z["ref_top1"][row: row + m])
+        m = lg.shape[0]
+        tgt = np.asarray(ids[st:])
+        if ref is None:
+            lq_t.append(quality.target_logprobs(lg, tgt))
+        else:
+            k, s, q = quality.score_rows(ref[row: row + m], z["ref_top1"][row: row + m], lg, tgt)
+            kl.append(k)
+            same.append(s)
+            lq_t.append(q)
         row += m
     arrays = {"lq_t": np.concatenate(lq_t).astype(np.float32)}
     if ref is not None:

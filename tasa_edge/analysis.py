@@ -445,6 +445,6 @@ def analyze(src: ModelSource, out_dir: Path, cfg: AnalysisConfig, *, device: str
 
 
 def _peak_rss_mb() -> float:
-    import resource
+    from .memory import peak_rss_bytes
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return peak_rss_bytes() / 2**20

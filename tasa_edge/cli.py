@@ -112,21 +112,9 @@ def baseline(
 
 
 def _reference_gguf(model: str) -> Path:
-    from .model import ModelSource
-    from .zoo import resolve_model
+    from exporters.reference import reference_gguf
 
-    p = resolve_model(model)
-    if p.is_dir():
-        from exporters.gguf_export import export_gguf
-        from .plan import BitPlan
-        from .zoo import cache_dir
-
-        src = ModelSource.open(p)
-        ref = cache_dir() / f"{src.fingerprint.split(':')[1]}-f32.gguf"
-        if not ref.exists():
-            export_gguf(src, BitPlan.uniform(src, "F32"), ref)
-        return ref
-    return p
+    return reference_gguf(model, show_progress=True)
 
 
 # ---------------------------------------------------------------------------- inspect

@@ -1,62 +1,85 @@
-"""Measured quality of exported GGUF files against the float reference (llama.cpp)."""
+"""Measured quality of exported GGUF files against the float reference (llama.cpp): the README's numbers.
+
+The path is ``tasa-edge bench``'s, in memory: the same token ids (:func:`sample_tokens`), the same
+llama.cpp scoring (:func:`tasa_edge.llama_run.score`), the same float16 reference store and
+statistics (:mod:`tasa_edge.quality`) -- so on the same files and samples both give the same KLD,
+bit for bit.  The reference GGUF itself comes from ``exporters.reference.reference_gguf``.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from . import quality
 from .data import TextSample
-from .metrics import compare_logits, log_softmax
-from .model import ModelSource
-from .zoo import cache_dir
+
+#: tokens per held-out sample (question + answer, or general text) -- the harness's TASK_CTX too.
+MAX_TOKENS = 512
 
 
-def reference_gguf(src: ModelSource) -> Path:
-    """The float32 reference of ``src`` as a GGUF (the dequantized model), exported once and cached."""
-    from exporters.gguf_export import export_gguf
+def sample_tokens(tokenize: Callable[[str], list[int]], s: TextSample, max_tokens: int = MAX_TOKENS):
+    """(token ids, first scored index) of one sample, or None when nothing is left to score.
 
-    from .plan import BitPlan
-
-    if src.kind == "gguf" and all(t.src_type in ("F32",) for t in src.tensors.values()):
-        return src.path
-    ref = cache_dir() / f"ref-{src.fingerprint.split(':')[1]}-f32.gguf"
-    if not ref.exists():
-        export_gguf(src, BitPlan.uniform(src, "F32"), ref, show_progress=False)
-    return ref
+    ``tokenize`` adds BOS.  Task samples are scored on the answer tokens conditioned on the question;
+    general text (empty prompt) on every token after BOS -- llama-perplexity's scoring, in one
+    window of at most ``max_tokens``."""
+    start = max(1, len(tokenize(s.prompt)))
+    ids = list(tokenize(s.prompt + s.target))[:max_tokens]
+    return (ids, start) if len(ids) > start else None
 
 
-def sample_logits(path: str | Path, samples: list[TextSample], n_ctx: int = 512, n_threads: int | None = None):
-    """For each sample: (next-token ids, logits predicting them) on the target positions only.
+@dataclass
+class Reference:
+    """The reference store of a set of samples, in memory (what the harness keeps on disk)."""
 
-    Task samples are scored on the answer tokens conditioned on the question; general text on
-    every token after BOS (llama-perplexity's scoring, in one window of ``n_ctx``)."""
-    from .llama_run import open_llama
-
-    out = []
-    with open_llama(path, n_ctx=n_ctx, n_threads=n_threads) as llm:
-        for s in samples:
-            p = llm.tokenize(s.prompt.encode(), add_bos=True) if s.prompt else llm.tokenize(b"", add_bos=True)
-            full = llm.tokenize((s.prompt + s.target).encode(), add_bos=True)[:n_ctx]
-            start = max(1, len(p))
-            llm.reset()
-            llm.eval(full)
-            lg = np.array(llm.scores[: len(full)], dtype=np.float32)
-            out.append((np.array(full[start:]), lg[start - 1: len(full) - 1]))
-    return out
+    seqs: list[list[int]]
+    starts: list[int]
+    lp: list[np.ndarray] = field(default_factory=list)       # float16 [n - start, vocab] per sequence
+    tgt_lp: list[np.ndarray] = field(default_factory=list)   # float32 [n - start]
+    top1: list[np.ndarray] = field(default_factory=list)     # int32 [n - start]
 
 
-def kld_vs_reference(ref_logits, path: str | Path, samples: list[TextSample], n_ctx: int = 512) -> dict:
-    """Mean KLD / top-1 agreement / perplexity of ``path`` vs precomputed reference logits."""
-    q = sample_logits(path, samples, n_ctx=n_ctx)
-    tgt = np.concatenate([t for t, _ in ref_logits])
-    r = np.concatenate([l for _, l in ref_logits])
-    ql = np.concatenate([l for _, l in q])
-    return compare_logits(r, ql, tgt)
+def tokenize_samples(path: str | Path, samples: list[TextSample], max_tokens: int = MAX_TOKENS):
+    """(sequences, starts) of ``samples`` with the tokenizer of the GGUF at ``path``."""
+    from llama_cpp import Llama
+
+    tok = Llama(model_path=str(path), vocab_only=True, verbose=False, n_ctx=16)
+    try:
+        items = [sample_tokens(lambda t: tok.tokenize(t.encode(), add_bos=True), s, max_tokens) for s in samples]
+    finally:
+        tok.close()
+    items = [x for x in items if x is not None]
+    return [ids for ids, _ in items], [st for _, st in items]
 
 
-def perplexity(logits_list) -> float:
-    tgt = np.concatenate([t for t, _ in logits_list])
-    lg = np.concatenate([l for _, l in logits_list])
-    lp = log_softmax(lg)
-    return float(np.exp(-lp[np.arange(tgt.size), tgt].mean()))
+def reference_logprobs(ref: str | Path, samples: list[TextSample], max_tokens: int = MAX_TOKENS,
+                       n_threads: int | None = None) -> Reference:
+    """Run the reference GGUF over ``samples`` and keep its store (float16 log-probs, targets' log-probs, top-1)."""
+    from .llama_run import score
+
+    seqs, starts = tokenize_samples(ref, samples, max_tokens)
+    r = Reference(seqs, starts)
+    for ids, st, lg in zip(seqs, starts, score(ref, seqs, starts, n_threads)):
+        lp, tgt_lp, top1 = quality.reference_rows(lg, np.asarray(ids[st:]))
+        r.lp.append(lp)
+        r.tgt_lp.append(tgt_lp)
+        r.top1.append(top1)
+    return r
+
+
+def kld_vs_reference(ref: Reference, path: str | Path, n_threads: int | None = None) -> dict:
+    """KLD (mean ± se, p99, max), top-1 agreement, perplexities and Δp of the GGUF at ``path`` on the
+    reference's token ids (:func:`tasa_edge.quality.summarize`)."""
+    from .llama_run import score
+
+    kl, same, lq_t = [], [], []
+    for i, lg in enumerate(score(path, ref.seqs, ref.starts, n_threads)):
+        k, s, q = quality.score_rows(ref.lp[i], ref.top1[i], lg, np.asarray(ref.seqs[i][ref.starts[i]:]))
+        kl.append(k)
+        same.append(s)
+        lq_t.append(q)
+    return quality.summarize(np.concatenate(lq_t), np.concatenate(kl), np.concatenate(same), np.concatenate(ref.tgt_lp))

@@ -24,14 +24,12 @@ def smollm(smollm_path):
 
 
 @pytest.fixture(scope="session")
-def smollm_f32(tmp_path_factory, smollm):
-    """The reference: the packaged Q4_1 model dequantized to an F32 GGUF (by our exporter)."""
-    from exporters.gguf_export import export_gguf
-    from tasa_edge.plan import BitPlan
+def smollm_f32(smollm):
+    """The reference: the packaged Q4_1 model dequantized to an F32 GGUF, by the one reference
+    builder (cached in tasa-edge's cache directory, as the CLI, the harness and the benchmark use it)."""
+    from exporters.reference import reference_gguf
 
-    out = tmp_path_factory.mktemp("ref") / "smollm2-f32.gguf"
-    export_gguf(smollm, BitPlan.uniform(smollm, "F32"), out, show_progress=False)
-    return out
+    return reference_gguf(smollm)
 
 
 def gguf_tensors(path):

@@ -13,7 +13,7 @@ from exporters.gguf_export import export_gguf
 from tasa_edge.formats import ggml
 from tasa_edge.imatrix import ImatrixStats
 from tasa_edge.llama_run import generate, logits
-from tasa_edge.metrics import compare_logits
+from tasa_edge.quality import compare_logits
 from tasa_edge.model import ModelSource
 from tasa_edge.plan import BitPlan
 

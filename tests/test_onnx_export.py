@@ -254,7 +254,7 @@ def exported(smollm, onnx_dir):
 
 
 def _kld(ref, q) -> dict:
-    from tasa_edge.metrics import compare_logits
+    from tasa_edge.quality import compare_logits
 
     for (t0, _), (t1, _) in zip(ref, q):
         assert np.array_equal(t0, t1)

@@ -89,3 +89,12 @@ def test_planning_and_reports_load_no_torch(module):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]", f"{module} loads {r.stdout.strip()}"
+
+
+def test_quality_module_is_pure_numpy():
+    deps = {i.split(".")[0] for i in _imports(ROOT / "tasa_edge" / "quality.py", set())}
+    assert not deps & {"torch", "llama_cpp", "onnxruntime", "exporters", "devices"}
+
+
+def test_test_double_is_not_in_the_package():
+    assert not (ROOT / "devices" / "pybench.py").exists() and (ROOT / "tests" / "fakes" / "pybench.py").exists()

@@ -11,11 +11,12 @@ import pytest
 from scipy.stats import spearmanr
 
 from exporters.gguf_export import export_gguf
+from exporters.reference import reference_gguf
 from tasa_edge.analysis import analyze, pick
 from tasa_edge.illusion import illusion_report
 from tasa_edge.results import Analysis, AnalysisConfig
 from tasa_edge.data import load_general, load_gsm8k
-from tasa_edge.evaluate import kld_vs_reference, reference_gguf, sample_logits
+from tasa_edge.evaluate import kld_vs_reference, reference_logprobs
 from tasa_edge.imatrix import load_imatrix
 from tasa_edge.inspect import inspect_gguf
 from tasa_edge.plan import BitPlan
@@ -36,15 +37,15 @@ def analysis(tmp_path_factory, smollm):
 
 @pytest.fixture(scope="module")
 def heldout(smollm):
-    """Reference logits on held-out (eval split) task and general samples."""
+    """The reference store (float16 log-probs) of held-out (eval split) task and general samples."""
     ref = reference_gguf(smollm)
     task = pick(load_gsm8k("eval"), 8, "eval")
     gen = pick(load_general("eval"), 6, "eval")
-    return {"task": (task, sample_logits(ref, task)), "general": (gen, sample_logits(ref, gen))}
+    return {"task": reference_logprobs(ref, task), "general": reference_logprobs(ref, gen)}
 
 
 def measure(path, heldout):
-    return {k: kld_vs_reference(ref, path, samples) for k, (samples, ref) in heldout.items()}
+    return {k: kld_vs_reference(ref, path) for k, ref in heldout.items()}
 
 
 def test_analysis_reports_mixtures_and_writes_outputs(analysis, smollm):
@@ -117,7 +118,7 @@ def test_predicted_loss_ranks_plans_like_measured_task_kld(analysis, smollm, hel
     for name, p in plans.items():
         out = tmp_path / f"{name}.gguf"
         export_gguf(smollm, p, out, imatrix=im, show_progress=False)
-        m = kld_vs_reference(heldout["task"][1], out, heldout["task"][0])
+        m = kld_vs_reference(heldout["task"], out)
         pred.append(sum(scores[n][f] for n, f in p.tensors.items()))
         meas.append(m["kld"])
         print(f"{name:14s} bpw {p.predicted['bpw']:.3f} predicted {pred[-1]:.4f} task KLD {m['kld']:.4f}")
@@ -154,7 +155,7 @@ def test_onnx_target_plan_beats_uniform_int4(analysis, smollm, tmp_path):
 
     from exporters.onnx_export import export_onnx
     from tasa_edge import onnx_run
-    from tasa_edge.metrics import compare_logits
+    from tasa_edge.quality import compare_logits
 
     _, d = analysis
     an = analyze(smollm, d, replace(CFG, target="onnx", formats=None), device="cpu", show_progress=False)

@@ -1,11 +1,13 @@
 """Python stand-ins for llama.cpp's ``llama-bench`` and ``llama-perplexity`` (llama-cpp-python).
 
-``python -m devices.pybench llama-bench -m M.gguf -p 64 -n 16 -r 2 -t 4 -o json`` prints
-llama-bench's JSON rows (``n_prompt``/``n_gen``/``avg_ts``/``stddev_ts``/``samples_ts`` ...), and
-``python -m devices.pybench llama-perplexity -m REF -f TEXT -c 128 --kl-divergence-base BASE`` then
+A test double, not part of the package: ``python tests/fakes/pybench.py llama-bench -m M.gguf -p 64
+-n 16 -r 2 -t 4 -o json`` prints llama-bench's JSON rows (``n_prompt``/``n_gen``/``avg_ts``/
+``stddev_ts``/``samples_ts`` ...), and
+``python tests/fakes/pybench.py llama-perplexity -m REF -f TEXT -c 128 --kl-divergence-base BASE`` then
 ``... -m Q --kl-divergence-base BASE --kl-divergence`` print llama-perplexity's KL-divergence
 summary, with the same chunking (``-c`` tokens per chunk, BOS first, the second half of every chunk
-scored). The measurements are :mod:`devices.worker`'s; the base file is an ``.npz`` of our own
+scored). The measurements are :mod:`devices.worker`'s and :mod:`tasa_edge.quality`'s; the base
+file is an ``.npz`` of our own
 (llama.cpp's binary layout is not reproduced).
 
 They let the adb/ssh flow of :mod:`devices.remote` run end to end against a local stand-in device
@@ -18,10 +20,14 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from devices.worker import GGUFBackend, log_softmax32, measure_speed
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
+
+from devices.worker import GGUFBackend, measure_speed  # noqa: E402
+from tasa_edge import quality  # noqa: E402
 
 
 def _bench(argv: list[str]) -> int:
@@ -118,24 +124,28 @@ def _perplexity(argv: list[str]) -> int:
     for i, toks in enumerate(_chunks(llm, tokens, ctx, n_chunks)):
         llm.reset()
         llm.eval(toks)
-        lq = log_softmax32(np.asarray(llm.scores[first: ctx - 1], dtype=np.float32))
+        lg = np.asarray(llm.scores[first: ctx - 1], dtype=np.float32)
         tgt = np.asarray(tokens[i * ctx + first + 1: (i + 1) * ctx], dtype=np.int64)
-        m = lq.shape[0]
-        nll.append(-lq[np.arange(m), tgt])
+        m = lg.shape[0]
         if a.kl_divergence:
-            lp = base["lp"][row: row + m].astype(np.float32)
+            lp16 = base["lp"][row: row + m]
             row += m
-            nll_base.append(-lp[np.arange(m), tgt])
-            kl.append((np.exp(lp) * (lp - lq)).sum(-1, dtype=np.float64))
-            same.append(lp.argmax(-1) == lq.argmax(-1))
-            dp.append(np.exp(lq[np.arange(m), tgt]) - np.exp(lp[np.arange(m), tgt]))
+            lp_t = lp16.astype(np.float32)[np.arange(m), tgt]
+            k, same_top1, lq_t = quality.score_rows(lp16, lp16.astype(np.float32).argmax(-1), lg, tgt)
+            nll.append(-lq_t)
+            nll_base.append(-lp_t)
+            kl.append(k)
+            same.append(same_top1)
+            dp.append(np.exp(lq_t) - np.exp(lp_t))
         else:
-            lps.append(lq.astype(np.float16))
+            lp16, tgt_lp, _ = quality.reference_rows(lg, tgt)
+            nll.append(-tgt_lp)
+            lps.append(lp16)
         print(f"[{i + 1}]{np.exp(np.concatenate(nll).mean()):.4f},", end="", flush=True)
     print()
     nll_all = np.concatenate(nll)
     ppl = float(np.exp(nll_all.mean()))
-    ppl_se = ppl * float(nll_all.std(ddof=1) / np.sqrt(nll_all.size)) if nll_all.size > 1 else 0.0
+    ppl_se = ppl * quality.std_error(nll_all)
     if not a.kl_divergence:
         if a.kl_divergence_base:
             with open(a.kl_divergence_base, "wb") as fh:
@@ -150,23 +160,19 @@ def _perplexity(argv: list[str]) -> int:
     return 0
 
 
-def _se(x: np.ndarray) -> float:
-    return float(x.std(ddof=1) / np.sqrt(x.size)) if x.size > 1 else 0.0
-
-
 def _print_kld(ppl, ppl_se, nll, nll_base, kl, same, dp) -> None:
     pb = float(np.exp(nll_base.mean()))
     d = nll - nll_base
     print("====== Perplexity statistics ======")
     print(f"Mean PPL(Q)                   : {ppl:10.6f} ± {ppl_se:10.6f}")
-    print(f"Mean PPL(base)                : {pb:10.6f} ± {pb * _se(nll_base):10.6f}")
+    print(f"Mean PPL(base)                : {pb:10.6f} ± {pb * quality.std_error(nll_base):10.6f}")
     cor = float(np.corrcoef(nll, nll_base)[0, 1]) if nll.size > 1 else 1.0
     print(f"Cor(ln(PPL(Q)), ln(PPL(base))): {100 * cor:6.2f}%")
-    print(f"Mean ln(PPL(Q)/PPL(base))     : {d.mean():10.6f} ± {_se(d):10.6f}")
-    print(f"Mean PPL(Q)/PPL(base)         : {np.exp(d.mean()):10.6f} ± {np.exp(d.mean()) * _se(d):10.6f}")
+    print(f"Mean ln(PPL(Q)/PPL(base))     : {d.mean():10.6f} ± {quality.std_error(d):10.6f}")
+    print(f"Mean PPL(Q)/PPL(base)         : {np.exp(d.mean()):10.6f} ± {np.exp(d.mean()) * quality.std_error(d):10.6f}")
     print()
     print("====== KL divergence statistics ======")
-    print(f"Mean    KLD: {kl.mean():10.6f} ± {_se(kl):10.6f}")
+    print(f"Mean    KLD: {kl.mean():10.6f} ± {quality.std_error(kl):10.6f}")
     print(f"Maximum KLD: {kl.max():10.6f}")
     for q, label in ((99.9, "99.9%"), (99.0, "99.0%"), (95.0, "95.0%"), (90.0, "90.0%")):
         print(f"{label:<7} KLD: {np.percentile(kl, q):10.6f}")
@@ -176,19 +182,19 @@ def _print_kld(ppl, ppl_se, nll, nll_base, kl, same, dp) -> None:
     print(f"Minimum KLD: {kl.min():10.6f}")
     print()
     print("====== Token probability statistics ======")
-    print(f"Mean    Δp: {100 * dp.mean():6.3f} ± {100 * _se(dp):5.3f} %")
+    print(f"Mean    Δp: {100 * dp.mean():6.3f} ± {100 * quality.std_error(dp):5.3f} %")
     print(f"Maximum Δp: {100 * dp.max():6.3f}%")
     print(f"Median  Δp: {100 * np.median(dp):6.3f}%")
     print(f"Minimum Δp: {100 * dp.min():6.3f}%")
-    print(f"RMS Δp    : {100 * np.sqrt((dp ** 2).mean()):6.3f} ± {100 * _se(dp ** 2):5.3f} %")
+    print(f"RMS Δp    : {100 * np.sqrt((dp ** 2).mean()):6.3f} ± {100 * quality.std_error(dp ** 2):5.3f} %")
     s = same.astype(np.float64)
-    print(f"Same top p: {100 * s.mean():6.3f} ± {100 * _se(s):5.3f} %")
+    print(f"Same top p: {100 * s.mean():6.3f} ± {100 * quality.std_error(s):5.3f} %")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ("llama-bench", "llama-perplexity"):
-        print("usage: python -m devices.pybench {llama-bench|llama-perplexity} ARGS...", file=sys.stderr)
+        print("usage: python tests/fakes/pybench.py {llama-bench|llama-perplexity} ARGS...", file=sys.stderr)
         return 2
     return (_bench if argv[0] == "llama-bench" else _perplexity)(argv[1:])
 
