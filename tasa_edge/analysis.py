@@ -50,6 +50,7 @@ from .errors import TasaError
 from .fisher import FisherAccumulator
 from .fsutil import atomic_path
 from .imatrix import ImatrixStats, imatrix_ref
+from .memory import peak_rss_bytes, release_freed_memory
 from .model import ModelSource
 from .progress import progress_bar
 from .results import Analysis, AnalysisConfig, Candidate, Mixture, SensitivityTable
@@ -102,6 +103,9 @@ class GradStats:
     computed: int = 0                                   # backward passes run by this process
 
 
+#: elements per float32 slice of a gradient while its statistics are taken
+GRAD_CHUNK = 1 << 22
+
 def collect(model, tok, params: dict[str, torch.nn.Parameter], pools: dict[str, list[TextSample]],
             cfg: AnalysisConfig, cache: Path | None = None, show_progress: bool = True,
             key: str = "") -> GradStats:
@@ -150,11 +154,19 @@ def collect(model, tok, params: dict[str, torch.nn.Parameter], pools: dict[str, 
     def grad_hook(p, name):
         g = p.grad
         role = cur["role"]
+        acc = None if role == "target" else st.fisher["task" if role == "task" else "general"]
         with torch.no_grad():
             a, b = sk[name]
-            cur["trace"][idx[name]] = (a @ g.to(a.dtype) @ b).reshape(-1).cpu().numpy()
-            if role != "target":
-                st.fisher["task" if role == "task" else "general"].add(name, g)
+            rows, cols = g.shape
+            step = max(1, GRAD_CHUNK // cols)
+            ag = torch.zeros(a.shape[0], cols, device=g.device)
+            for r0 in range(0, rows, step):       # float32 slices, not a float32 copy of g
+                gc = g[r0:r0 + step].float()
+                ag += a[:, r0:r0 + step] @ gc
+                if acc is not None:
+                    acc.add_rows(name, r0, gc.square_(), (rows, cols))
+                del gc
+            cur["trace"][idx[name]] = (ag @ b).reshape(-1).cpu().numpy()
         p.grad = None
 
     for n in names:
@@ -185,6 +197,7 @@ def collect(model, tok, params: dict[str, torch.nn.Parameter], pools: dict[str, 
                 st.tokens[s.id] = int(ids.shape[1])
                 st.roles[s.id] = role
                 st.computed += 1
+                release_freed_memory()
                 advance(1)
                 if cache is not None and (i + 1) % 16 == 0:
                     save_cache(st, cache, key)
@@ -358,6 +371,7 @@ def sensitivities(src: ModelSource, weights, st: GradStats, menu: dict[str, list
             for f in fmts:
                 table.add(name, f, ppl=0.5 * scale * sums[f][0], task=0.5 * scale * sums[f][1],
                           nbytes=spec.nbytes(f, src.tensors[name].shape), rel_err=math.sqrt(sums[f][2]) / wn)
+            release_freed_memory()
             advance(1)
     return table
 
@@ -445,6 +459,4 @@ def analyze(src: ModelSource, out_dir: Path, cfg: AnalysisConfig, *, device: str
 
 
 def _peak_rss_mb() -> float:
-    from .memory import peak_rss_bytes
-
     return peak_rss_bytes() / 2**20

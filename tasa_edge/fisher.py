@@ -46,23 +46,32 @@ class FisherAccumulator:
 
     def add(self, name: str, g: torch.Tensor) -> None:
         """Add one sample's gradient ``g`` [r, c] (any float dtype)."""
-        self.add_sum(name, g.float().square())
+        self.add_rows(name, 0, g.float().square(), tuple(g.shape))
 
     def add_sum(self, name: str, g2: torch.Tensor) -> None:
         """Add a sum of squared gradients ``g2`` [r, c] (float32)."""
+        self.add_rows(name, 0, g2, tuple(g2.shape))
+
+    def add_rows(self, name: str, r0: int, g2: torch.Tensor, shape: tuple[int, int]) -> None:
+        """Add squared gradients ``g2`` of rows ``r0 : r0 + len(g2)`` of a tensor of ``shape``
+        (callers stream a gradient in row slices, so no full-size float32 copy is needed)."""
+        parts = self.parts.get(name)
+        r, c = shape
+        if parts is None:
+            z = dict(device=g2.device)
+            parts = self.parts[name] = (
+                {"full": torch.zeros(r, c, dtype=self.dtype, **z)} if self.form == "exact" else
+                {"rows": torch.zeros(r, **z), "cols": torch.zeros(c, **z)} if self.form == "factored" else
+                {"blocks": torch.zeros(r, -(-c // BLOCK), **z)})
+        r1 = r0 + g2.shape[0]
         if self.form == "exact":
-            new = {"full": g2.to(self.dtype)}
+            parts["full"][r0:r1] += g2.to(self.dtype)
         elif self.form == "factored":
-            new = {"rows": g2.sum(1), "cols": g2.sum(0)}
+            parts["rows"][r0:r1] += g2.sum(1)
+            parts["cols"] += g2.sum(0)
         else:
-            r, c = g2.shape
-            new = {"blocks": torch.nn.functional.pad(g2, (0, (-c) % BLOCK)).reshape(r, -1, BLOCK).sum(-1)}
-        cur = self.parts.get(name)
-        if cur is None:
-            self.parts[name] = {k: v.clone() if v.data_ptr() == g2.data_ptr() else v for k, v in new.items()}
-        else:
-            for k, v in new.items():
-                cur[k] += v
+            pad = (-c) % BLOCK
+            parts["blocks"][r0:r1] += torch.nn.functional.pad(g2, (0, pad)).reshape(g2.shape[0], -1, BLOCK).sum(-1)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for p in self.parts.values() for t in p.values())
