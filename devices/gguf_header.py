@@ -50,6 +50,7 @@ class GGUFHeader:
 
 def read_header(path: str | Path) -> GGUFHeader:
     p = Path(path)
+    from tasa_edge.gguf_check import check_gguf; check_gguf(p)  # noqa: E702  bounded validation first
     try:
         with open(p, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             return _parse(p, mm)

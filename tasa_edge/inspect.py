@@ -33,6 +33,7 @@ def _summarise(path: str, rows: list[dict], extra: dict | None = None) -> dict:
 def inspect_gguf(path: Path) -> dict:
     from gguf import GGUFReader
 
+    from .gguf_check import check_gguf; check_gguf(path)  # noqa: E702  bounded validation first
     try:
         r = GGUFReader(path, "r")
     except Exception as exc:
@@ -72,8 +73,7 @@ def inspect_path(path: Path, model: str | None = None) -> dict:
         magic = fh.read(4)
     if magic == b"GGUF":
         return inspect_gguf(path)
-    try:
-        json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise TasaError(f"{path} is neither a GGUF file nor a bit plan JSON") from None
+    from .jsonio import load_json
+
+    load_json(path, "bit plan JSON")  # one-line TasaError for anything that is not JSON
     return inspect_plan(path, model)

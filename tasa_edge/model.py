@@ -113,6 +113,7 @@ class ModelSource:
     def _open_gguf(cls, p: Path) -> "ModelSource":
         from gguf import GGUFReader
 
+        from .gguf_check import check_gguf; check_gguf(p)  # noqa: E702  bounded validation first
         try:
             reader = GGUFReader(p, "r")
         except Exception as exc:
