@@ -406,6 +406,7 @@ class Analysis:
         p = Path(path)
         if not p.exists():
             raise TasaError(f"analysis not found: {p}")
+        from .jsonio import check_analysis_file; check_analysis_file(p)  # noqa: E702  bounded load + schema analysis.v1
         try:
             d = json.loads(p.read_text())
         except json.JSONDecodeError as exc:

@@ -107,11 +107,9 @@ class BitPlan:
         p = Path(path)
         if not p.exists():
             raise TasaError(f"plan not found: {p}")
-        try:
-            d = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise TasaError(f"{p}: not valid JSON ({exc})") from exc
-        return cls.from_dict(d, where=str(p))
+        from .jsonio import load_json
+
+        return cls.from_dict(load_json(p, "plan"), where=str(p))
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "plan") -> "BitPlan":
@@ -128,6 +126,7 @@ class BitPlan:
         model = d.get("model") or {}
         if not isinstance(model, dict) or "fingerprint" not in model:
             raise TasaError(f"{where}: 'model.fingerprint' is required")
+        from .jsonio import check_plan; check_plan(d, where)  # noqa: E702  schema bitplan.v1
         return cls(target, model, dict(tensors), d.get("budget"), d.get("predicted") or {}, d.get("provenance") or {})
 
     # ------------------------------------------------------------------ construction
