@@ -151,6 +151,7 @@ def quantize(
     """
     t = qtype(name)
     src = np.ascontiguousarray(data, dtype=np.float32)
+    from .quantguard import check_quant_inputs; check_quant_inputs(src, t.name, imatrix)  # noqa: E702  no GGML_ABORT
     if t.name == "F32":
         return src
     if t.name == "F16":
