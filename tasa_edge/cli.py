@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__
+from . import __version__, guards
 from .errors import TasaError
 
 app = typer.Typer(
@@ -42,7 +42,11 @@ def _load_imatrix(path: Optional[Path]):
 
 
 @app.callback(invoke_without_command=True)
-def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")):
+def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+          verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's own log lines.")):
+    from .llamalog import set_verbose
+
+    set_verbose(verbose)
     if version:
         out.print(f"tasa-edge {__version__}")
         raise typer.Exit()
@@ -71,6 +75,7 @@ def export(
         raise TasaError("give exactly one of --plan, --tensor-type-file or --type")
     if fmt not in ("gguf", "onnx"):
         raise TasaError(f"--format must be gguf or onnx, got {fmt!r}")
+    (guards.output_file if fmt == "gguf" else guards.output_dir)(output, "--output")
     src = _open_model(model)
     if plan is not None:
         bp = BitPlan.load(plan)
@@ -108,6 +113,7 @@ def baseline(
     """llama.cpp's own quantization mix via llama_model_quantize (the baseline to beat)."""
     from exporters.baseline import quantize_baseline
 
+    guards.output_file(output, "--output")
     src_path = _reference_gguf(model)
     res = quantize_baseline(src_path, output, ftype, imatrix=_load_imatrix(imatrix), pure=pure, nthreads=threads)
     out.print(f"wrote {res.path} ({res.nbytes / 2**20:.1f} MiB, {res.bpw:.3f} bits/weight, {res.seconds:.1f} s) ftype {ftype}")
@@ -196,6 +202,7 @@ def analyze(
         raise TasaError(f"--beta must be within [0, 1], got {beta}")
     if fisher_dtype not in ("float32", "bfloat16"):
         raise TasaError(f"--fisher-dtype must be float32 or bfloat16, got {fisher_dtype!r}")
+    guards.output_dir(out_dir, "--out")
     src = _open_model(model)
     fm = tuple(f.strip() for f in formats.split(",")) if formats else None
     if fm and target == "gguf":
@@ -237,8 +244,10 @@ def plan_cmd(
     from .planner import make_plan, sweep
     from .units import parse_bytes
 
+    guards.output_file(output, "--output"), guards.output_file(tensor_type_file, "--tensor-type-file")
     an = Analysis.load(analysis)
     src = _open_model(model)
+    guards.budget(src, bpw, parse_bytes(nbytes) if nbytes else None)
     if do_sweep:
         pts = sweep(an, src, mode=mode, lam=lam)
         t = Table(title=f"Pareto sweep ({mode})")
@@ -270,6 +279,7 @@ def illusion(
     """Perplexity-Illusion report: rank correlation of perplexity vs reasoning sensitivity."""
     from .analysis import Analysis, illusion_report
 
+    guards.output_file(png, "--png")
     rep = illusion_report(Analysis.load(analysis), png)
     pl, pt = rep["per_layer"], rep["per_tensor"]
     out.print(f"per layer  ({pl['n']:>3}): Spearman {pl['spearman']:+.3f}  Kendall {pl['kendall']:+.3f}")
@@ -294,6 +304,7 @@ def demo(
     from .planner import make_plan
     from exporters.gguf_export import export_gguf
 
+    guards.output_dir(out_dir, "--out")
     src = _open_model(model)
     out.print(f"[bold]1/4 analyse[/] {src.name} ({src.arch}, {src.n_params / 1e6:.0f}M params)")
     an = run(src, out_dir, AnalysisConfig(n_general=12, n_task=12, n_target=8, max_tokens=160, sizes=(8,)))
@@ -324,29 +335,83 @@ _register_bench()
 
 
 def main() -> None:
-    """Console-script entry: user errors print one line and exit non-zero, never a traceback."""
-    try:
-        app(standalone_mode=False)
-    except TasaError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
+    """Console-script entry: user errors print one line and exit 2, usage errors print the usage
+    and exit 2, Ctrl-C / SIGTERM print "interrupted" and exit 130 / 143; never a traceback."""
+    from .interrupt import Terminated, install, received
 
-        if isinstance(exc, click.exceptions.Exit):
+    install()
+    try:
+        rv = app(standalone_mode=False)
+    except TasaError as exc:
+        _exit_error(str(exc), exc.exit_code)
+    except Terminated as exc:
+        _exit_interrupted(exc.exit_code)
+    except KeyboardInterrupt:
+        _exit_interrupted(130)
+    except Exception as exc:
+        _exit_click(exc)  # re-raises what is not a click exception (a bug: keep its traceback)
+    if received() is not None:  # typer turned a KeyboardInterrupt into Exit(130)
+        _exit_interrupted(128 + received())
+    sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
+
+
+def _exit_error(msg: str, code: int):
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def _exit_interrupted(code: int):
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the line and the exit are not cut short
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    err.print("interrupted", highlight=False)
+    sys.exit(code)
+
+
+def _click_exception_modules():
+    """``click.exceptions`` and typer's vendored copy (typer >= 0.16 raises its own classes)."""
+    import importlib
+
+    mods = []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            mods.append(importlib.import_module(name))
+        except ImportError:
+            pass
+    return mods
+
+
+def _exit_click(exc: Exception):
+    mods = _click_exception_modules()
+    for m in mods:
+        if isinstance(exc, getattr(m, "Exit", ())):
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, getattr(m, "Abort", ())):
+            if isinstance(exc.__context__, KeyboardInterrupt) or received() is not None:
+                _exit_interrupted(128 + (received() or 2))
             sys.exit(1)
-        if isinstance(exc, click.ClickException):
-            err.print(f"error: {exc.format_message()}", highlight=False, soft_wrap=True)
+        if isinstance(exc, m.ClickException):
+            exc.show()  # usage errors: the usage line, a hint and "Error: ..." (exit 2)
             sys.exit(exc.exit_code)
-        if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, OSError)):
-            err.print(f"error: {exc}", highlight=False, soft_wrap=True)
-            sys.exit(1)
-        raise
+    import typer.exceptions as te
+
+    if isinstance(exc, getattr(te, "Exit", ())):
+        sys.exit(exc.exit_code)
+    if isinstance(exc, getattr(te, "Abort", ())):
+        if received() is not None:
+            _exit_interrupted(128 + received())
+        sys.exit(1)
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        _exit_error(str(exc), 2)
+    if isinstance(exc, OSError) and exc.errno is not None:
+        import errno
+
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EPIPE):
+            _exit_error(f"{exc.strerror}: {exc.filename or ''}".rstrip(": "), 1)
+    raise exc
 
 
 if __name__ == "__main__":
