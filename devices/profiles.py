@@ -139,6 +139,10 @@ def profile_from_dict(data: dict, where: str = "profile") -> Profile:
         raise TasaError(f"{where}: transport key(s) {', '.join(sorted(extra))} do not apply to target '{target}'")
     if target == "ssh" and not tr.get("host"):
         raise TasaError(f"{where}: an ssh profile needs transport.host")
+    if target == "ssh":
+        from .remote import validate_host
+
+        validate_host(tr["host"], tr.get("user"), tr.get("port"), where=f"{where}: transport")
     port = tr.get("port", 22)
     if not 0 < port < 65536:
         raise TasaError(f"{where}: transport.port must be 1..65535, got {port}")
