@@ -81,9 +81,13 @@ def load_profile(spec: str | Path) -> Profile:
     if not p.is_file():
         raise TasaError(f"device profile not found: {p}")
     try:
+        if p.stat().st_size > 1 << 20:
+            raise TasaError(f"{p}: a device profile is a small TOML file (over 1 MiB)")
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise TasaError(f"{p}: invalid TOML ({exc})") from None
+    except RecursionError:
+        raise TasaError(f"{p}: invalid TOML (nested too deeply)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise TasaError(f"{p}: cannot read ({exc})") from None
     return profile_from_dict(data, where=str(p))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -36,7 +37,25 @@ def loads(text: str, where: str, max_depth: int = MAX_DEPTH):
         raise TasaError(f"{where}: not valid JSON ({exc})") from None
     if depth(obj) > max_depth:
         raise TasaError(f"{where}: JSON nested deeper than {max_depth} levels")
+    _check_strings(obj, where)
     return obj
+
+
+def _check_strings(obj, where: str) -> None:
+    """JSON may escape lone surrogates (``"\\ud800"``); they are not text and cannot be written out."""
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, list):
+            stack.extend(o)
+        elif isinstance(o, str):
+            try:
+                o.encode("utf-8")
+            except UnicodeEncodeError:
+                raise TasaError(f"{where}: a JSON string holds an unpaired surrogate (not text)") from None
 
 
 def load_json(path: str | os.PathLike, what: str = "JSON file", max_depth: int = MAX_DEPTH):
@@ -157,3 +176,36 @@ def check_analysis_file(path: str | os.PathLike) -> dict:
         raise TasaError(f"{path}: not a tasa-edge analysis file")
     check_analysis(d, str(path))
     return d
+
+
+def read_text_file(path: str | os.PathLike, what: str, max_bytes: int = 16 << 20) -> str:
+    """A small UTF-8 text file, or a one-line TasaError."""
+    p = Path(path)
+    try:
+        if p.stat().st_size > max_bytes:
+            raise TasaError(f"{p}: {what} larger than {max_bytes >> 20} MiB")
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise TasaError(f"cannot read {what} {p}: {exc.strerror or exc}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TasaError(f"{p}: {what} is not UTF-8 (byte {exc.start})") from None
+
+
+_NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*[*+}|](?:[^()\\]|\\.)*\)\s*[*+{]")
+
+
+def safe_regex(pattern: str, where: str = "regex") -> "re.Pattern":
+    """Compile a user regex (tensor-type files) matched against tensor names; refuse the shapes
+    that backtrack exponentially (a quantified group holding a quantifier or an alternation).
+    A syntax error is left to ``re.error``."""
+    if len(pattern) > 1024:
+        raise TasaError(f"{where}: regex longer than 1024 characters")
+    if _NESTED_QUANTIFIER.search(pattern):
+        raise TasaError(f"{where}: regex {pattern!r} repeats a group that holds a quantifier or alternation "
+                        "(exponential backtracking); simplify it")
+    try:
+        return re.compile(pattern)
+    except (RecursionError, OverflowError) as exc:
+        raise TasaError(f"{where}: bad regex {pattern[:60]!r}: {type(exc).__name__}") from None

@@ -242,14 +242,16 @@ def read_tensor_type_file(path: str | Path, src: ModelSource, *, default: str | 
     if not p.exists():
         raise TasaError(f"tensor-type file not found: {p}")
     rules: list[tuple[re.Pattern, str]] = []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
+    from .jsonio import read_text_file, safe_regex
+
+    for i, line in enumerate(read_text_file(p, "tensor-type file").splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         m = _TT_LINE.match(line)
         if not m:
             raise TasaError(f"{p}:{i}: expected 'pattern=type', got {line.strip()!r}")
         try:
-            pat = re.compile(m.group(1))
+            pat = safe_regex(m.group(1), f"{p}:{i}")
         except re.error as exc:
             raise TasaError(f"{p}:{i}: bad regex {m.group(1)!r}: {exc}") from exc
         rules.append((pat, ggml.qtype(m.group(2)).name))
