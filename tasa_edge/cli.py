@@ -406,11 +406,8 @@ def _exit_click(exc: Exception):
         sys.exit(1)
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         _exit_error(str(exc), 2)
-    if isinstance(exc, OSError) and exc.errno is not None:
-        import errno
-
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EPIPE):
-            _exit_error(f"{exc.strerror}: {exc.filename or ''}".rstrip(": "), 1)
+    if isinstance(exc, OSError):  # the system failed the tool (disk full, I/O error): one line
+        _exit_error(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), 1)
     raise exc
 
 

@@ -15,7 +15,7 @@ import sys
 VERBOSE = False
 _errors: collections.deque = collections.deque(maxlen=8)
 _callback = None  # keep the ctypes callback alive
-_GGML_LOG_LEVEL_ERROR, _GGML_LOG_LEVEL_CONT = 3, 5
+_GGML_LOG_LEVEL_ERROR, _GGML_LOG_LEVEL_CONT = 4, 5  # ggml.h: NONE, DEBUG, INFO, WARN, ERROR, CONT
 _last_level = 0
 
 
