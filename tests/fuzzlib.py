@@ -32,7 +32,7 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = ("gguf", "imatrix_gguf", "imatrix_dat", "plan", "analysis")
+KINDS = ("gguf", "imatrix_gguf", "imatrix_dat", "plan", "analysis", "tensor_type", "profile")
 INTERESTING_U64 = [0, 1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 31, 32, 33, 255, 256, 65535, 1 << 31, (1 << 32) - 1,
                    1 << 32, 1 << 40, 1 << 62, (1 << 63) - 1, 1 << 63, (1 << 64) - 1, (1 << 64) - 8]
 INTERESTING_F32 = [float("nan"), float("inf"), -float("inf"), -1e-30, -1.0, 0.0, 1e-45, 3.4e38, 1e30, -0.0]
@@ -97,8 +97,12 @@ def make_bases(d: Path) -> dict[str, Path]:
         "lam": 0.5, "imatrix_path": None, "timings": {"total_s": 1.0},
     }
     (d / "analysis.json").write_text(json.dumps(an))
+    (d / "tt.txt").write_text("# llama-quantize --tensor-type-file\ntoken_embd\\.weight=q8_0\n"
+                              "blk\\.(0|1)\\.attn_q\\.weight=q4_0\nffn_down=q6_k\n")
+    (d / "profile.toml").write_text((ROOT / "devices" / "profiles" / "raspberry-pi-5.toml").read_text())
     return {"gguf": model, "imatrix_gguf": im_gguf, "imatrix_dat": im_dat,
-            "plan": d / "plan.json", "analysis": d / "analysis.json"}
+            "plan": d / "plan.json", "analysis": d / "analysis.json",
+            "tensor_type": d / "tt.txt", "profile": d / "profile.toml"}
 
 
 # ============================================================================ mutations
@@ -259,6 +263,28 @@ def mutate_json(rng: random.Random, text: str) -> bytes:
     return json.dumps(obj, ensure_ascii=rng.random() < 0.5).encode("utf-8", "surrogatepass")
 
 
+_TEXT_JUNK = ["(a+)+$=q8_0", "[=q4_0", "x=Q99", "=q8_0", ".*=iq2_xxs", "a" * 5000 + "=q8_0", "\x00=q8_0",
+              "ffn=", "[cpu]\nthreads = -1", "[transport]\nhost = \"-oProxyCommand=id\"", "a = " + "[" * 3000,
+              "name = 1", "target = \"ssh\"", "[memory]\nlimit_gib = 1e400", "port = 99999", "[transport]\nport = 0"]
+
+
+def mutate_text(rng: random.Random, text: str) -> bytes:
+    if rng.random() < 0.5:
+        return _bytes_mutation(rng, text.encode(), len(text))
+    lines = text.splitlines()
+    for _ in range(rng.randint(1, 3)):
+        i = rng.randrange(len(lines) + 1)
+        op = rng.random()
+        if op < 0.5:
+            lines.insert(i, rng.choice(_TEXT_JUNK))
+        elif op < 0.75 and lines:
+            del lines[min(i, len(lines) - 1)]
+        elif lines:
+            j = min(i, len(lines) - 1)
+            lines[j] = lines[j].replace("=", rng.choice(["==", "", "= ", "=-"]), 1)
+    return ("\n".join(lines) + "\n").encode("utf-8", "surrogatepass")
+
+
 class Mutator:
     def __init__(self, kind: str, base: Path):
         self.kind, self.data = kind, base.read_bytes()
@@ -273,6 +299,8 @@ class Mutator:
         rng = random.Random(f"{self.kind}:{seed}:{i}")
         if self.kind in ("plan", "analysis"):
             return mutate_json(rng, self.data.decode())
+        if self.kind in ("tensor_type", "profile"):
+            return mutate_text(rng, self.data.decode())
         return mutate_binary(rng, self.data, self.fields, self.floats, self.header_len)
 
 
@@ -318,6 +346,15 @@ def _use(kind: str, path: Path, ctx: dict) -> None:
         an = Analysis.load(path)
         _schema_or_flag(path, "analysis.v1")
         make_plan(an, ctx["src"], bpw=6.0)
+    elif kind == "tensor_type":
+        from tasa_edge.plan import read_tensor_type_file
+
+        plan = read_tensor_type_file(path, ctx["src"], default="Q8_0")
+        plan.validate(ctx["src"])
+    elif kind == "profile":
+        from devices.profiles import load_profile
+
+        load_profile(path)
 
 
 class InvalidAccepted(Exception):
@@ -347,7 +384,8 @@ def worker(kind: str, seed: int, start: int, count: int, d: Path) -> None:
     bases = make_bases(d / "base")
     mut = Mutator(kind, bases[kind])
     ctx = {"src": ModelSource.open(bases["gguf"]), "out": d / "out.gguf"}
-    case = d / f"case-{kind}{'.dat' if kind == 'imatrix_dat' else '.json' if kind in ('plan', 'analysis') else '.gguf'}"
+    ext = {"imatrix_dat": ".dat", "plan": ".json", "analysis": ".json", "tensor_type": ".txt", "profile": ".toml"}
+    case = d / f"case-{kind}{ext.get(kind, '.gguf')}"
     for i in range(start, start + count):
         case.write_bytes(mut.case(seed, i))
         print(json.dumps({"i": i, "start": True}), flush=True)
