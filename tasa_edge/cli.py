@@ -42,11 +42,13 @@ def _load_imatrix(path: Optional[Path]):
 
 
 @app.callback(invoke_without_command=True)
-def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+def _root(ctx: typer.Context, version: bool = typer.Option(False, "--version", help="Print the version and exit."),
           verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's own log lines.")):
-    from .llamalog import set_verbose
+    from . import llamalog
 
-    set_verbose(verbose)
+    llamalog.set_verbose(verbose)
+    if ctx.invoked_subcommand == "demo":  # runs llama.cpp in this process (baseline does in its worker)
+        llamalog.install()
     if version:
         out.print(f"tasa-edge {__version__}")
         raise typer.Exit()
@@ -337,78 +339,9 @@ _register_bench()
 def main() -> None:
     """Console-script entry: user errors print one line and exit 2, usage errors print the usage
     and exit 2, Ctrl-C / SIGTERM print "interrupted" and exit 130 / 143; never a traceback."""
-    from .interrupt import Terminated, install, received
+    from .cli_errors import run_app
 
-    install()
-    try:
-        rv = app(standalone_mode=False)
-    except TasaError as exc:
-        _exit_error(str(exc), exc.exit_code)
-    except Terminated as exc:
-        _exit_interrupted(exc.exit_code)
-    except KeyboardInterrupt:
-        _exit_interrupted(130)
-    except Exception as exc:
-        _exit_click(exc)  # re-raises what is not a click exception (a bug: keep its traceback)
-    if received() is not None:  # typer turned a KeyboardInterrupt into Exit(130)
-        _exit_interrupted(128 + received())
-    sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
-
-
-def _exit_error(msg: str, code: int):
-    from rich.markup import escape
-
-    err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
-    sys.exit(code)
-
-
-def _exit_interrupted(code: int):
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the line and the exit are not cut short
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    err.print("interrupted", highlight=False)
-    sys.exit(code)
-
-
-def _click_exception_modules():
-    """``click.exceptions`` and typer's vendored copy (typer >= 0.16 raises its own classes)."""
-    import importlib
-
-    mods = []
-    for name in ("typer._click.exceptions", "click.exceptions"):
-        try:
-            mods.append(importlib.import_module(name))
-        except ImportError:
-            pass
-    return mods
-
-
-def _exit_click(exc: Exception):
-    mods = _click_exception_modules()
-    for m in mods:
-        if isinstance(exc, getattr(m, "Exit", ())):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, getattr(m, "Abort", ())):
-            if isinstance(exc.__context__, KeyboardInterrupt) or received() is not None:
-                _exit_interrupted(128 + (received() or 2))
-            sys.exit(1)
-        if isinstance(exc, m.ClickException):
-            exc.show()  # usage errors: the usage line, a hint and "Error: ..." (exit 2)
-            sys.exit(exc.exit_code)
-    import typer.exceptions as te
-
-    if isinstance(exc, getattr(te, "Exit", ())):
-        sys.exit(exc.exit_code)
-    if isinstance(exc, getattr(te, "Abort", ())):
-        if received() is not None:
-            _exit_interrupted(128 + received())
-        sys.exit(1)
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        _exit_error(str(exc), 2)
-    if isinstance(exc, OSError):  # the system failed the tool (disk full, I/O error): one line
-        _exit_error(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), 1)
-    raise exc
+    run_app(app, err)
 
 
 if __name__ == "__main__":
