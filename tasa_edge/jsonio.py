@@ -209,3 +209,19 @@ def safe_regex(pattern: str, where: str = "regex") -> "re.Pattern":
         return re.compile(pattern)
     except (RecursionError, OverflowError) as exc:
         raise TasaError(f"{where}: bad regex {pattern[:60]!r}: {type(exc).__name__}") from None
+
+
+def load_hf_config(path: str | os.PathLike) -> dict:
+    """A Hugging Face ``config.json``: a JSON object whose (text_)config has a positive
+    ``num_hidden_layers`` and list-of-strings ``architectures``."""
+    d = load_json(path, "config.json")
+    if not isinstance(d, dict):
+        raise TasaError(f"{path}: config.json must be a JSON object")
+    archs = d.get("architectures", [])
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise TasaError(f"{path}: 'architectures' must be a list of strings")
+    text = d.get("text_config", d)
+    n = text.get("num_hidden_layers") if isinstance(text, dict) else None
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise TasaError(f"{path}: num_hidden_layers must be a positive integer, got {n!r}")
+    return d

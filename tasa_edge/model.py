@@ -135,7 +135,7 @@ class ModelSource:
         cfg_path = p / "config.json"
         if not cfg_path.exists():
             raise TasaError(f"{p}: no config.json (not a Hugging Face model directory)")
-        cfg = json.loads(cfg_path.read_text())
+        from .jsonio import load_hf_config; cfg = load_hf_config(cfg_path)  # noqa: E702  bounded, checked
         archs = cfg.get("architectures") or []
         arch = next((HF_ARCHS[a] for a in archs if a in HF_ARCHS), None)
         if arch is None:
