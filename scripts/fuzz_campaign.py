@@ -181,7 +181,7 @@ def main() -> None:
     if not a.skip_cli:
         results["usage"] = run_usage(work)
         print("usage", {k: v for k, v in results["usage"].items() if k != "other"}, flush=True)
-        results["interrupts"] = run_interrupts(work, delays=(0.3, 1.5, 3.0))
+        results["interrupts"] = run_interrupts(work, delays=(0.2, 1.0, 2.0))
         results["sigkill"] = run_sigkill(work)
         results["disk_full"] = run_disk_full(work)
         results["concurrent"] = run_concurrent(work)
@@ -207,7 +207,7 @@ def print_table(res: dict) -> None:
         hit = [i for i in ints if i["hit_running"]]
         print(f"| Ctrl-C / SIGTERM (export, baseline) | {len(ints)} ({len(hit)} mid-run) | | "
               f"{sum(i['ok'] for i in hit)} clean 130/143 | {sum(i['tracebacks'] for i in ints)} | 0 | 0 | "
-              f"{sum(1 for i in hit if not i['ok'])} not clean, {sum(len(i['left']) for i in ints)} files left |")
+              f"{sum(1 for i in hit if not i['ok'])} not clean, {sum(len(i['left']) for i in hit)} files left |")
         k = res["sigkill"]
         print(f"| SIGKILL then rerun | 1 | | | 0 | | | {k['left_after_kill']} temp after kill, "
               f"{k['left_after_rerun']} after rerun (rc {k['rerun_rc']}) |")
