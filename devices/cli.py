@@ -29,7 +29,11 @@ def parse_host(s: str) -> tuple[str, str | None, int | None]:
     m = re.fullmatch(r"(?:([^@\s]+)@)?([^@:\s]+)(?::(\d+))?", s.strip())
     if not m:
         raise TasaError(f"cannot parse ssh host {s!r} (expected [user@]host[:port])")
-    return m.group(2), m.group(1), int(m.group(3)) if m.group(3) else None
+    from .remote import validate_host
+
+    host, user, port = m.group(2), m.group(1), int(m.group(3)) if m.group(3) else None
+    validate_host(host, user, port)
+    return host, user, port
 
 
 def bench(

@@ -16,6 +16,7 @@ from pathlib import Path
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from tasa_edge.errors import TasaError
+from tasa_edge.gguf_check import check_gguf
 
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
@@ -50,6 +51,7 @@ class GGUFHeader:
 
 def read_header(path: str | Path) -> GGUFHeader:
     p = Path(path)
+    check_gguf(p)
     try:
         with open(p, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             return _parse(p, mm)

@@ -91,9 +91,13 @@ def load_profile(spec: str | Path) -> Profile:
     if not p.is_file():
         raise TasaError(f"device profile not found: {p}")
     try:
+        if p.stat().st_size > 1 << 20:
+            raise TasaError(f"{p}: a device profile is a small TOML file (over 1 MiB)")
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise TasaError(f"{p}: invalid TOML ({exc})") from None
+    except RecursionError:
+        raise TasaError(f"{p}: invalid TOML (nested too deeply)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise TasaError(f"{p}: cannot read ({exc})") from None
     return profile_from_dict(data, where=str(p))
@@ -141,6 +145,10 @@ def profile_from_dict(data: dict, where: str = "profile") -> Profile:
         raise TasaError(f"{where}: transport key(s) {', '.join(sorted(extra))} do not apply to target '{target}'")
     if target == "ssh" and not tr.get("host"):
         raise TasaError(f"{where}: an ssh profile needs transport.host")
+    if target == "ssh":
+        from .remote import validate_host
+
+        validate_host(tr["host"], tr.get("user"), tr.get("port"), where=f"{where}: transport")
     port = tr.get("port", 22)
     if not 0 < port < 65536:
         raise TasaError(f"{where}: transport.port must be 1..65535, got {port}")

@@ -158,6 +158,23 @@ class AdbTransport(Transport):
             raise TasaError(f"adb push {local} -> {remote} failed: {_last_line(r.stderr, r.stdout)}")
 
 
+_HOST_RE = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252}[A-Za-z0-9_])?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*)$")
+_SAFE_REMOTE_PATH = re.compile(r"[A-Za-z0-9_./+=@%,-]+")
+_USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+
+
+def validate_host(host: str, user: str | None = None, port: int | None = None, where: str = "--host") -> None:
+    """The one check for ssh targets, from ``--host`` or a profile's ``transport``: a host name or
+    IP address (never starting with ``-``, no spaces, quotes or shell characters), a plain user
+    name, a port in 1..65535."""
+    if not isinstance(host, str) or not _HOST_RE.fullmatch(host):
+        raise TasaError(f"{where}: invalid ssh host {host!r} (a host name or IP address)")
+    if user is not None and user != "" and (not isinstance(user, str) or not _USER_RE.fullmatch(user)):
+        raise TasaError(f"{where}: invalid ssh user {user!r}")
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
+        raise TasaError(f"{where}: ssh port must be 1..65535, got {port!r}")
+
+
 class SshTransport(Transport):
     kind = "ssh"
     OPTIONS = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=15"]
@@ -166,6 +183,7 @@ class SshTransport(Transport):
                  remote_dir: str | None = None, timeout: float = 3600.0):
         if not host:
             raise TasaError("the ssh target needs a host: pass --host (or a profile with transport.host)")
+        validate_host(host, user, port, where="ssh target")
         super().__init__(remote_dir, timeout)
         self.ssh, self.scp = tool_path("ssh"), tool_path("scp")
         self.host, self.user, self.port = host, user or None, port
@@ -177,7 +195,7 @@ class SshTransport(Transport):
 
     def shell(self, cmd: str, timeout: float | None = None) -> tuple[int, str, str]:
         port = ["-p", str(self.port)] if self.port and self.port != 22 else []
-        r = self._run([self.ssh] + self.OPTIONS + port + [self.dest, cmd], timeout)
+        r = self._run([self.ssh] + self.OPTIONS + port + ["--", self.dest, cmd], timeout)
         return r.returncode, r.stdout, r.stderr
 
     def check(self) -> None:
@@ -187,7 +205,11 @@ class SshTransport(Transport):
 
     def push(self, local: Path, remote: str) -> None:
         port = ["-P", str(self.port)] if self.port and self.port != 22 else []
-        r = self._run([self.scp, "-q"] + self.OPTIONS + port + [str(local), f"{self.dest}:{remote}"])
+        # legacy scp (-O) expands the remote path in a remote shell, SFTP-mode scp does not: only
+        # paths that read the same either way are sent; "--" ends the options
+        if not _SAFE_REMOTE_PATH.fullmatch(remote):
+            raise TasaError(f"remote path {remote!r} has characters scp may expand; rename the file")
+        r = self._run([self.scp, "-q"] + self.OPTIONS + port + ["--", str(local), f"{self.dest}:{remote}"])
         if r.returncode != 0:
             raise TasaError(f"scp {local} -> {self.dest}:{remote} failed: {_last_line(r.stderr, r.stdout)}")
 

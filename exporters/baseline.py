@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasa_edge.errors import TasaError
+from tasa_edge.gguf_check import check_gguf
 from tasa_edge.fsutil import atomic_path
 from tasa_edge.imatrix import ImatrixStats
 
@@ -62,6 +63,7 @@ def quantize_baseline(
     src = Path(src)
     if not src.exists():
         raise TasaError(f"model not found: {src}")
+    check_gguf(src, "model GGUF")
     out = Path(out)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = table[key]
@@ -94,12 +96,11 @@ def quantize_baseline(
         keep.append(tto)
         params.tt_overrides = ctypes.cast(tto, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     t0 = time.perf_counter()
-    with atomic_path(out, suffix=".gguf") as tmp:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-        if rc != 0:
-            raise TasaError(f"llama_model_quantize failed for {src.name} -> {ftype} (code {rc}); see llama.cpp's log above")
-    seconds = time.perf_counter() - t0
     from tasa_edge.inspect import inspect_gguf
+    from .quantize_child import run_quantize
 
-    rep = inspect_gguf(out)
+    with atomic_path(out, suffix=".gguf") as tmp:
+        run_quantize(llama_cpp.llama_model_quantize, src, tmp, params, what=f"{src.name} -> {ftype}")  # own process: Ctrl-C / abort safe
+        rep = inspect_gguf(tmp)  # the output is checked before it is renamed into place
+    seconds = time.perf_counter() - t0
     return BaselineResult(out, out.stat().st_size, rep["bytes"], rep["bpw"], seconds, key)

@@ -103,6 +103,11 @@ def export_gguf(
                 del data, arr
                 advance(1)
         w.close()
+        from tasa_edge.gguf_check import check_gguf
+
+        hdr = check_gguf(tmp, "exported GGUF")  # checked before it is renamed into place
+        if hdr.n_tensors != len(src.tensors):
+            raise TasaError(f"exported GGUF has {hdr.n_tensors} tensors, expected {len(src.tensors)}")
     seconds = time.perf_counter() - t0
     size = out.stat().st_size
     return ExportResult(out, size, tensor_bytes, 8.0 * tensor_bytes / src.n_params, seconds, count_formats(types.values()))

@@ -302,7 +302,7 @@ def mixture_search(st: GradStats, pools: dict[str, list[TextSample]], cfg: Analy
             div = pr / len(members)
             score = (1 - cfg.beta) * align + cfg.beta * div
             n_task = sum(1 for s in members if s.source == "gsm8k" or s.prompt)
-            cands.append(Candidate(r, size, n_task, align, div, score, [s.id for s in members]))
+            cands.append(Candidate(r, size, align, div, score, [s.id for s in members], n_task))
     if not cands:
         raise TasaError("no candidate mixture could be built from the pools")
     chosen = max(cands, key=lambda c: (c.score, -c.task_ratio))

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__
+from . import __version__, guards
 from .errors import TasaError
 
 app = typer.Typer(
@@ -34,7 +34,13 @@ def _open_model(spec: str):
 
 
 @app.callback(invoke_without_command=True)
-def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")):
+def _root(ctx: typer.Context, version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+          verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's own log lines.")):
+    from . import llamalog
+
+    llamalog.set_verbose(verbose)
+    if ctx.invoked_subcommand == "demo":  # runs llama.cpp in this process (baseline does in its worker)
+        llamalog.install()
     if version:
         out.print(f"tasa-edge {__version__}")
         raise typer.Exit()
@@ -66,6 +72,7 @@ def export(
     spec = formats.get(fmt)
     if imatrix is not None and not spec.uses_imatrix:
         raise TasaError(f"--imatrix applies to GGUF export only, not --format {fmt}")
+    (guards.output_file if fmt == "gguf" else guards.output_dir)(output, "--output")
     src = _open_model(model)
     if plan is not None:
         bp = BitPlan.load(plan)
@@ -103,6 +110,7 @@ def baseline(
     """llama.cpp's own quantization mix via llama_model_quantize (the baseline to beat)."""
     from exporters.baseline import quantize_baseline
 
+    guards.output_file(output, "--output")
     src_path = _reference_gguf(model)
     from .imatrix import load_imatrix
 
@@ -195,6 +203,7 @@ def analyze(
         raise TasaError(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
     if not 0 < sensitivity_rows <= 1:
         raise TasaError(f"--sensitivity-rows must be in (0, 1], got {sensitivity_rows}")
+    guards.output_dir(out_dir, "--out")
     src = _open_model(model)
     fm = tuple(spec.parse(f.strip()) for f in formats.split(",")) if formats else None
     if profile:
@@ -240,8 +249,10 @@ def plan_cmd(
     from .results import Analysis
     from .units import parse_bytes
 
+    guards.output_file(output, "--output"), guards.output_file(tensor_type_file, "--tensor-type-file")
     an = Analysis.load(analysis)
     src = _open_model(model)
+    guards.budget(src, bpw, parse_bytes(nbytes) if nbytes else None)
     if do_sweep:
         pts = sweep(an, src, mode=mode, lam=lam)
         t = Table(title=f"Pareto sweep ({mode})")
@@ -274,6 +285,7 @@ def illusion(
     from .illusion import illusion_report
     from .results import Analysis
 
+    guards.output_file(png, "--png")
     rep = illusion_report(Analysis.load(analysis), png)
     pl, pt = rep["per_layer"], rep["per_tensor"]
     out.print(f"per layer  ({pl['n']:>3}): Spearman {pl['spearman']:+.3f}  Kendall {pl['kendall']:+.3f}")
@@ -300,6 +312,7 @@ def demo(
     from .planner import make_plan
     from .results import AnalysisConfig
 
+    guards.output_dir(out_dir, "--out")
     src = _open_model(model)
     out.print(f"[bold]1/4 analyse[/] {src.name} ({src.arch}, {src.n_params / 1e6:.0f}M params)")
     an = run(src, out_dir, AnalysisConfig(n_general=12, n_task=12, n_target=8, max_tokens=160, sizes=(8,)))
@@ -330,29 +343,11 @@ _register_bench()
 
 
 def main() -> None:
-    """Console-script entry: user errors print one line and exit non-zero, never a traceback."""
-    try:
-        app(standalone_mode=False)
-    except TasaError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
+    """Console-script entry: user errors print one line and exit 2, usage errors print the usage
+    and exit 2, Ctrl-C / SIGTERM print "interrupted" and exit 130 / 143; never a traceback."""
+    from .cli_errors import run_app
 
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        if isinstance(exc, click.ClickException):
-            err.print(f"error: {exc.format_message()}", highlight=False, soft_wrap=True)
-            sys.exit(exc.exit_code)
-        if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, OSError)):
-            err.print(f"error: {exc}", highlight=False, soft_wrap=True)
-            sys.exit(1)
-        raise
+    run_app(app, err)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import numpy as np
 
 from .errors import TasaError
 from .fsutil import atomic_path
+from .formats.quantguard import check_importance
 
 
 @dataclass
@@ -70,13 +71,22 @@ class ImatrixStats:
 
 
 def load_imatrix(path: str | Path) -> ImatrixStats:
-    """Read a llama.cpp imatrix (GGUF or legacy .dat)."""
+    """Read a llama.cpp imatrix (GGUF or legacy .dat), validated: every entry has finite,
+    non-negative sums and a positive token count (what llama.cpp's own loader requires)."""
     p = Path(path)
     if not p.exists():
         raise TasaError(f"imatrix not found: {p}")
+    if not p.is_file():
+        raise TasaError(f"imatrix {p} is not a file")
     with open(p, "rb") as fh:
         magic = fh.read(4)
     st = _load_gguf(p) if magic == b"GGUF" else _load_dat(p)
+    if not st.sums:
+        raise TasaError(f"{p}: imatrix has no entries")
+    for name, sums in st.sums.items():
+        if st.counts[name] <= 0:
+            raise TasaError(f"{p}: imatrix entry {name} has token count {st.counts[name]} (must be > 0)")
+        check_importance(sums / st.counts[name], f"{p}: imatrix entry {name}")
     st.source = str(p)
     return st
 
@@ -84,18 +94,29 @@ def load_imatrix(path: str | Path) -> ImatrixStats:
 def _load_gguf(p: Path) -> ImatrixStats:
     from gguf import GGUFReader
 
-    r = GGUFReader(p, "r")
-    typ = r.fields.get("general.type")
-    if typ is None or typ.contents() != "imatrix":
+    from .gguf_check import check_gguf
+
+    hdr = check_gguf(p, "imatrix GGUF")
+    if hdr.kv.get("general.type") != "imatrix":
         raise TasaError(f"{p}: GGUF is not an imatrix (general.type != imatrix)")
+    for key in ("imatrix.chunk_count", "imatrix.chunk_size"):
+        v = hdr.kv.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise TasaError(f"{p}: {key} must be a non-negative integer, got {v!r}")
+    for tname, (dims, typ, _off, _n) in hdr.tensors.items():
+        if tname.endswith((".in_sum2", ".counts")) and typ != "F32":
+            raise TasaError(f"{p}: imatrix tensor {tname} is {typ}, expected F32")
+    r = GGUFReader(p, "r")
     st = ImatrixStats()
     f = r.fields.get("imatrix.datasets")
     if f is not None:
-        st.datasets = list(f.contents())
+        ds = f.contents()
+        if not isinstance(ds, list) or not all(isinstance(x, str) for x in ds):
+            raise TasaError(f"{p}: imatrix.datasets must be an array of strings")
+        st.datasets = list(ds)
     for key, attr in (("imatrix.chunk_count", "chunk_count"), ("imatrix.chunk_size", "chunk_size")):
-        f = r.fields.get(key)
-        if f is not None:
-            setattr(st, attr, int(f.contents()))
+        if hdr.kv.get(key) is not None:
+            setattr(st, attr, int(hdr.kv[key]))
     tensors = {t.name: t for t in r.tensors}
     for tname, t in tensors.items():
         if not tname.endswith(".in_sum2"):
@@ -106,6 +127,10 @@ def _load_gguf(p: Path) -> ImatrixStats:
             raise TasaError(f"{p}: {tname} has no matching .counts tensor")
         sums = np.asarray(t.data, dtype=np.float64)
         counts = np.asarray(c.data, dtype=np.float64).reshape(-1)
+        if not np.all(np.isfinite(counts)) or np.any(counts < 0):
+            raise TasaError(f"{p}: {name}.counts has negative or non-finite values")
+        if counts.size == 0 or sums.size % counts.size:
+            raise TasaError(f"{p}: {tname} has {sums.size} values, not a multiple of {counts.size} counts")
         if counts.size > 1:  # MoE: one row per expert; fold to one importance vector
             sums = sums.reshape(counts.size, -1).sum(axis=0)
         st.sums[name] = sums.reshape(-1)
@@ -126,28 +151,45 @@ def _load_dat(p: Path) -> ImatrixStats:
         off += size
         return vals
 
+    def text(ln: int, what: str) -> str:
+        nonlocal off
+        if ln < 0 or off + ln > len(data):
+            raise TasaError(f"{p}: truncated legacy imatrix file ({what})")
+        try:
+            s = data[off: off + ln].decode("utf-8")
+        except UnicodeDecodeError:
+            raise TasaError(f"{p}: legacy imatrix {what} is not UTF-8") from None
+        off += ln
+        return s
+
     st = ImatrixStats()
     (n_entries,) = take("<i")
-    if n_entries <= 0 or n_entries > 1_000_000:
+    if n_entries <= 0 or n_entries > 1_000_000 or n_entries * 16 > len(data):
         raise TasaError(f"{p}: not an imatrix file (GGUF or legacy .dat)")
     for _ in range(n_entries):
         (ln,) = take("<i")
         if ln <= 0 or ln > 4096:
             raise TasaError(f"{p}: corrupt legacy imatrix entry")
-        name = data[off: off + ln].decode("utf-8", "replace")
-        off += ln
+        name = text(ln, "entry name")
+        if name in st.sums:
+            raise TasaError(f"{p}: duplicate legacy imatrix entry {name}")
         ncall, nval = take("<ii")
+        if nval <= 0 or off + 4 * nval > len(data):
+            raise TasaError(f"{p}: legacy imatrix entry {name}: {nval} values do not fit in the file")
+        if ncall <= 0:
+            raise TasaError(f"{p}: legacy imatrix entry {name} has ncall {ncall} (must be > 0)")
         vals = np.frombuffer(data, dtype="<f4", count=nval, offset=off).astype(np.float64)
         off += 4 * nval
         # legacy stores mean * ncall; keep the same mean with ncall as the count
-        ncall = max(1, ncall)
         st.sums[name] = vals.copy()
         st.counts[name] = ncall
     if off + 4 <= len(data):
         (st.chunk_count,) = take("<i")
+        if st.chunk_count < 0:
+            raise TasaError(f"{p}: legacy imatrix chunk count {st.chunk_count}")
         if off + 4 <= len(data):
             (ln,) = take("<i")
-            st.datasets = [data[off: off + ln].decode("utf-8", "replace")]
+            st.datasets = [text(ln, "dataset name")]
     return st
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .errors import TasaError
+from .gguf_check import check_gguf
+from .jsonio import load_json
 from .plan import BitPlan
 
 
@@ -33,6 +34,7 @@ def _summarise(path: str, rows: list[dict], extra: dict | None = None) -> dict:
 def inspect_gguf(path: Path) -> dict:
     from gguf import GGUFReader
 
+    check_gguf(path)
     try:
         r = GGUFReader(path, "r")
     except Exception as exc:
@@ -72,8 +74,6 @@ def inspect_path(path: Path, model: str | None = None) -> dict:
         magic = fh.read(4)
     if magic == b"GGUF":
         return inspect_gguf(path)
-    try:
-        json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise TasaError(f"{path} is neither a GGUF file nor a bit plan JSON") from None
+
+    load_json(path, "bit plan JSON")  # one-line TasaError for anything that is not JSON
     return inspect_plan(path, model)

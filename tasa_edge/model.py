@@ -22,6 +22,8 @@ import numpy as np
 
 from . import hf_layout
 from .errors import TasaError
+from .gguf_check import check_gguf
+from .jsonio import load_hf_config
 from .names import is_quantizable, sort_key
 
 #: Architectures (GGUF ``general.architecture`` names) whose HF checkpoints we map.
@@ -86,6 +88,7 @@ class ModelSource:
     def _open_gguf(cls, p: Path) -> "ModelSource":
         from gguf import GGUFReader
 
+        check_gguf(p)
         try:
             reader = GGUFReader(p, "r")
         except Exception as exc:
@@ -107,7 +110,7 @@ class ModelSource:
         cfg_path = p / "config.json"
         if not cfg_path.exists():
             raise TasaError(f"{p}: no config.json (not a Hugging Face model directory)")
-        cfg = json.loads(cfg_path.read_text())
+        cfg = load_hf_config(cfg_path)
         archs = cfg.get("architectures") or []
         arch = next((HF_ARCHS[a] for a in archs if a in HF_ARCHS), None)
         if arch is None:

@@ -34,6 +34,7 @@ from pathlib import Path
 from . import __version__, formats
 from .errors import TasaError
 from .fsutil import atomic_write_text
+from .jsonio import check_plan, load_json, read_text_file, safe_regex
 from .model import ModelSource, TensorInfo
 
 PLAN_FORMAT = "tasa-edge/bitplan"
@@ -84,11 +85,7 @@ class BitPlan:
         p = Path(path)
         if not p.exists():
             raise TasaError(f"plan not found: {p}")
-        try:
-            d = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise TasaError(f"{p}: not valid JSON ({exc})") from exc
-        return cls.from_dict(d, where=str(p))
+        return cls.from_dict(load_json(p, "plan"), where=str(p))
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "plan") -> "BitPlan":
@@ -96,19 +93,8 @@ class BitPlan:
             raise TasaError(f"{where}: not a tasa-edge bit plan (missing format '{PLAN_FORMAT}')")
         if d.get("version") != PLAN_VERSION:
             raise TasaError(f"{where}: unsupported plan version {d.get('version')} (this tool reads {PLAN_VERSION})")
-        target = d.get("target")
-        if target not in formats.TARGETS:
-            raise TasaError(f"{where}: target must be one of {tuple(formats.TARGETS)}, got {target!r}")
-        tensors = d.get("tensors")
-        if not isinstance(tensors, dict) or not all(isinstance(v, str) for v in tensors.values()):
-            raise TasaError(f"{where}: 'tensors' must map tensor names to format strings")
-        model = d.get("model") or {}
-        if not isinstance(model, dict) or "fingerprint" not in model:
-            raise TasaError(f"{where}: 'model.fingerprint' is required")
-        imatrix = d.get("imatrix")
-        if imatrix is not None and not (isinstance(imatrix, dict) and isinstance(imatrix.get("sha256"), str)
-                                        and isinstance(imatrix.get("path"), str)):
-            raise TasaError(f"{where}: 'imatrix' must be null or an object with path and sha256")
+        check_plan(d, where)     # schema bitplan.v1: every field below has its type and range
+        target, model, tensors, imatrix = d["target"], d["model"], d["tensors"], d.get("imatrix")
         return cls(target, model, dict(tensors), d.get("budget"), d.get("predicted") or {}, d.get("provenance") or {},
                    imatrix=imatrix, imatrix_recorded="imatrix" in d)
 
@@ -244,14 +230,14 @@ def read_tensor_type_file(path: str | Path, src: ModelSource, *, default: str | 
     if not p.exists():
         raise TasaError(f"tensor-type file not found: {p}")
     rules: list[tuple[re.Pattern, str]] = []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
+    for i, line in enumerate(read_text_file(p, "tensor-type file").splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         m = _TT_LINE.match(line)
         if not m:
             raise TasaError(f"{p}:{i}: expected 'pattern=type', got {line.strip()!r}")
         try:
-            pat = re.compile(m.group(1))
+            pat = safe_regex(m.group(1), f"{p}:{i}")
         except re.error as exc:
             raise TasaError(f"{p}:{i}: bad regex {m.group(1)!r}: {exc}") from exc
         rules.append((pat, formats.get("gguf").parse(m.group(2))))

@@ -20,6 +20,7 @@ from pathlib import Path
 from . import __version__, formats
 from .errors import TasaError
 from .fsutil import atomic_write_text
+from .jsonio import check_analysis_file
 
 ANALYSIS_FORMAT = "tasa-edge/analysis"
 ANALYSIS_VERSION = 1
@@ -59,11 +60,11 @@ class Candidate:
 
     task_ratio: float
     size: int
-    n_task: int
     alignment: float
     diversity: float
     score: float
     members: list[str]
+    n_task: int | None = None     # task samples among the members
 
     def summary(self) -> dict:
         """The fields a plan records of its calibration (everything but the member scores)."""
@@ -175,12 +176,7 @@ class Analysis:
         p = Path(path)
         if not p.is_file():
             raise TasaError(f"analysis not found: {p}")
-        try:
-            d = json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise TasaError(f"{p}: not valid JSON ({exc})") from exc
-        if not isinstance(d, dict) or d.get("format") != ANALYSIS_FORMAT:
-            raise TasaError(f"{p}: not a tasa-edge analysis file")
+        d = check_analysis_file(p)       # bounded load, schema analysis.v1, a consistent table
         try:
             imatrix = d.get("imatrix")
             if imatrix is None and d.get("imatrix_path"):   # written before the sha256 was recorded

@@ -473,7 +473,7 @@ def _mixed_plan(src, path):
 
 def _synthetic_analysis(src, path):
     """A small analysis.json with the layout `illusion_report` reads (ppl vs task sensitivities)."""
-    from tasa_edge.analysis import Analysis
+    from tasa_edge.results import Analysis
 
     rng = np.random.default_rng(1)
     table = {"ppl": {}, "task": {}, "bytes": {}}

@@ -19,6 +19,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as _gguf_dequantize
 
 from ..errors import TasaError
+from .quantguard import check_quant_inputs
 
 QT = GGMLQuantizationType
 
@@ -151,6 +152,7 @@ def quantize(
     """
     t = qtype(name)
     src = np.ascontiguousarray(data, dtype=np.float32)
+    check_quant_inputs(src, t.name, imatrix)
     if t.name == "F32":
         return src
     if t.name == "F16":
