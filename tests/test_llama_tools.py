@@ -213,11 +213,13 @@ def test_llama_perplexity_kld_agrees_with_the_bench_kld_on_the_same_positions(tm
     ``-c`` windows, puts BOS first in each and scores the second half; the bench's pipeline
     (reference log-prob store, per-model scoring child, aggregate) is fed exactly those windows.
 
-    What still differs, and why the tolerance is 2 % relative: llama-perplexity stores the base
-    log-probs as uint16 steps of (max-min)/65535 over a 16-nat range and drops every base
-    probability below e^-16 from the sum; the bench stores float16 log-probs and sums the whole
-    vocabulary. Both models also run in different builds of the same llama.cpp commit (the tools vs
-    llama-cpp-python's library). Measured difference on this test: see the assertion message."""
+    What still differs, hence tolerances rather than equality: llama-perplexity stores the base
+    log-probs as uint16 steps of (max-min)/65535 over at most 16 nats and drops every base
+    probability below e^-16 from the KLD sum; the bench stores float16 log-probs and sums the whole
+    vocabulary; the models run in two builds of the same llama.cpp commit (the tools, without AMX,
+    vs llama-cpp-python's library), so logits differ in the last bits. Measured on this test:
+    KLD 0.29640 vs 0.29602 (0.13 %), top-1 0.695 vs 0.687 (its argmax of the uint16 base breaks
+    near-ties differently). Tolerances: KLD 2 % relative, PPL 1 %, top-1 0.02 absolute."""
     from devices import harness
     from devices.remote import parse_perplexity
     from exporters.gguf_export import export_gguf
@@ -262,11 +264,12 @@ def test_llama_perplexity_kld_agrees_with_the_bench_kld_on_the_same_positions(tm
     assert res["ok"], res
     ours = harness.aggregate(scores)
     assert ours["n"] == n_chunk * (n_ctx - 1 - n_ctx // 2)
-    msg = f"bench KLD {ours['kld']:.6f} vs llama-perplexity {theirs['kld']:.6f} ± {theirs.get('kld_se', 0):.6f}"
+    msg = (f"{ours['n']} positions: bench KLD {ours['kld']:.6f} vs llama-perplexity {theirs['kld']:.6f} "
+           f"± {theirs.get('kld_se', 0):.6f}")
     print("\n" + msg, f"top-1 {ours['top1']:.4f} vs {theirs.get('top1', float('nan')):.4f}")
     assert theirs["kld"] > 0.005  # a real difference to compare, not two zeros
     assert ours["kld"] == pytest.approx(theirs["kld"], rel=0.02), msg
-    assert ours["top1"] == pytest.approx(theirs["top1"], abs=0.01), msg
+    assert ours["top1"] == pytest.approx(theirs["top1"], abs=0.02), msg
     assert ours["ppl"] == pytest.approx(theirs["ppl"], rel=0.01), msg
 
 
