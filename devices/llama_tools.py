@@ -62,8 +62,9 @@ def _runs_here(path: str, mtime: float) -> bool:
         p = subprocess.run([path, "--version"], capture_output=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return False
-    return p.returncode == 0 or bool(_VERSION_RE.search(p.stdout.decode(errors="replace") +
-                                                         p.stderr.decode(errors="replace")))
+    text = p.stdout.decode(errors="replace") + p.stderr.decode(errors="replace")
+    # llama-quantize has no --version: it prints its build info and usage, and exits 1
+    return p.returncode == 0 or bool(_VERSION_RE.search(text)) or "usage:" in text
 
 
 def find_tool(name: str) -> Path | None:
@@ -73,9 +74,8 @@ def find_tool(name: str) -> Path | None:
     if w:
         cands.append(Path(w))
     for c in cands:
-        if c.is_file() and os.access(c, os.X_OK):
-            if name == "llama-quantize" or _runs_here(str(c), c.stat().st_mtime):
-                return c.resolve()  # (llama-quantize has no --version: it is checked through its siblings)
+        if c.is_file() and os.access(c, os.X_OK) and _runs_here(str(c), c.stat().st_mtime):
+            return c.resolve()
     return None
 
 
