@@ -133,6 +133,7 @@ def test_make_tools_again_is_a_cache_hit():
 
 
 # ---------------------------------------------------------------------------------- llama-quantize
+@pytest.mark.slow
 @needs_tools
 def test_llama_quantize_with_our_tensor_type_file_writes_our_bytes(tmp_path, f32_src, smollm_f32):
     from exporters.gguf_export import export_gguf
@@ -148,6 +149,7 @@ def test_llama_quantize_with_our_tensor_type_file_writes_our_bytes(tmp_path, f32
     assert {a[n][0] for n in plan.tensors} == set(plan.tensors.values())
 
 
+@pytest.mark.slow
 @needs_tools
 def test_llama_quantize_reads_our_imatrix_and_writes_our_bytes(tmp_path, f32_src, smollm_f32):
     from exporters.gguf_export import export_gguf
@@ -174,6 +176,7 @@ def test_llama_quantize_reads_our_imatrix_and_writes_our_bytes(tmp_path, f32_src
     assert len(changed) > len(st.sums) // 2
 
 
+@pytest.mark.slow
 @needs_tools
 def test_llama_imatrix_output_is_read_and_exported_with(tmp_path, f32_src, smollm_f32, smollm_path):
     from typer.testing import CliRunner
@@ -207,6 +210,7 @@ def test_llama_imatrix_output_is_read_and_exported_with(tmp_path, f32_src, smoll
 
 
 # ---------------------------------------------------------------------------------- llama-perplexity
+@pytest.mark.slow
 @needs_tools
 def test_llama_perplexity_kld_agrees_with_the_bench_kld_on_the_same_positions(tmp_path, f32_src, smollm_f32):
     """Same file, same text, same scored positions: llama-perplexity chunks the tokenised text into
@@ -274,6 +278,7 @@ def test_llama_perplexity_kld_agrees_with_the_bench_kld_on_the_same_positions(tm
 
 
 # ---------------------------------------------------------------------------------- llama-bench
+@pytest.mark.slow
 @needs_tools
 def test_local_bench_measures_gguf_speed_with_llama_bench(tmp_path, f32_src, monkeypatch):
     from devices import harness
