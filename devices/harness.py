@@ -409,13 +409,19 @@ def bench(
     host_threads: int | None = None,
     ref_budget_bytes: int = DEFAULT_REF_BUDGET,
     show_progress: bool = True,
+    n_prompt: int | None = None,
+    n_gen: int | None = None,
+    speed_backend: str = "auto",
 ) -> dict:
     """Benchmark ``files`` (GGUF files / ONNX model directories) on ``target`` and write
     ``bench.json``, ``bench.md`` and PNG plots into ``out_dir``. Returns the report dict.
 
     ``reference``: model spec or path whose F32 GGUF is the KL-divergence base (None: no KLD).
     ``target``: ``local`` | ``adb`` | ``ssh`` (default: the profile's, else ``local``).
-    ``size``: ``small`` | ``medium`` | ``full`` or a :class:`Size`. ``reps`` overrides its repetitions.
+    ``size``: ``small`` | ``medium`` | ``full`` or a :class:`Size`. ``reps`` overrides its repetitions,
+    ``n_prompt`` / ``n_gen`` its pp / tg sizes (llama-bench's ``-r``, ``-p``, ``-n``).
+    ``speed_backend`` (local GGUF speed): ``auto`` (llama.cpp's ``llama-bench`` when
+    :mod:`devices.llama_tools` finds it, else llama-cpp-python), ``llama-bench`` or ``llama-cpp-python``.
     ``threads``: default the profile's, else every usable core (local) / the device's cores.
     ``memory_limit`` (bytes; default the profile's ``limit_gib``): RLIMIT_AS of each local child;
     on devices it marks models whose peak RSS does not fit.
@@ -437,6 +443,10 @@ def bench(
         if reps < 1:
             raise TasaError(f"--reps must be >= 1, got {reps}")
         size = replace(size, reps=reps)
+    from .llama_tools import apply_test_sizes, choose_speed_backend
+
+    size = apply_test_sizes(size, n_prompt, n_gen)
+    speed = choose_speed_backend(speed_backend, target)
     if threads is not None and threads < 1:
         raise TasaError(f"--threads must be >= 1, got {threads}")
     if memory_limit is not None and memory_limit <= 0:
@@ -476,6 +486,7 @@ def bench(
         if target == "local":
             th = threads or (prof.threads if prof else None) or usable_cores()
             runner = _LocalRun(models, ref_path, size, th, limit, work, out, ref_budget_bytes, show_progress)
+            runner.speed_backend = speed
         else:
             runner = _RemoteRun(models, ref_path, size, threads or (prof.threads if prof else None), limit, work, out,
                                 ref_budget_bytes, show_progress, kind=target, host=host or tr.get("host"),
@@ -683,9 +694,17 @@ class _LocalRun(_Run):
         machine = local_machine(self.threads)
         band = bw.probe_local(self.threads)
         sz = self.size
-        self.quality(lambda m: {"pp": sz.pp, "tg": sz.tg, "reps": sz.reps}, self.threads, "target", self.limit)
+        from .llama_tools import local_llama_bench
+
+        # llama-bench measures GGUF speed first (alone on the machine); the worker then only loads and
+        # runs one pp and one tg pass (reps 0) for load time and peak RSS, as before
+        lb, speed_info = local_llama_bench(self)
+        self.quality(lambda m: {"pp": sz.pp, "tg": sz.tg, "reps": 0 if m.name in lb else sz.reps},
+                     self.threads, "target", self.limit)
+        for name, sp in lb.items():
+            self.results[name]["speed"] = sp
         return {"machine": machine, "bandwidth": band, "models": self.model_entries(band),
-                "reference_extra": self.ref_info}
+                "reference_extra": self.ref_info, "target_extra": speed_info}
 
 
 class _RemoteRun(_Run):

@@ -3,7 +3,8 @@
 JSON layout (stable; new keys may be added, existing ones keep their meaning)::
 
     {"schema": "tasa-edge/bench-report", "version": 1, "tool", "created",
-     "target":   {"kind": "local"|"adb"|"ssh", "profile": {...}|null, "memory_limit_bytes", "transport"?},
+     "target":   {"kind": "local"|"adb"|"ssh", "profile": {...}|null, "memory_limit_bytes", "transport"?,
+                  "speed_backend"?: {"gguf": "llama-bench"|"llama-cpp-python", "reason", "build"?}},
      "machine":  {"cpu", "cores", "usable_cores", "threads", "ram_bytes", "arch", "os", "host", "features", "software"},
      "settings": {"name": "small", "pp", "tg", "reps", "general_docs", "general_tokens", "task_examples",
                   "gsm8k_examples", "shots", "max_gen_tokens", "threads", ...},
@@ -114,6 +115,11 @@ def markdown(report: dict) -> str:
                  f"{s['threads']} threads; general text {s['general_docs'] or 'all'} docs x {s['general_tokens']} tokens, "
                  f"task KLD on {s['task_examples'] or 'all'} GSM8K answers, GSM8K {s['gsm8k_examples'] or 'all'} "
                  f"questions ({s['shots']}-shot, greedy, <= {s['max_gen_tokens']} tokens), held-out split")
+    sb = t.get("speed_backend")
+    if sb:
+        b = sb.get("build") or {}
+        lines.append(f"- GGUF speed measured by {sb['gguf']}" + (f" (llama.cpp {b['commit']})" if b.get("commit") else "")
+                     + (f" ({sb['reason']})" if sb["gguf"] != "llama-bench" else ""))
     ref = report.get("reference")
     if ref:
         lines.append(f"- reference: `{Path(ref['path']).name}` ({ref['bytes'] / MIB:.1f} MiB), "

@@ -519,7 +519,7 @@ def test_local_bench_cli_gguf_and_onnx(tmp_path, quants, onnx_int4, smollm, smol
     _synthetic_analysis(smollm, an)
     files = [str(quants["Q8_0"]), str(quants["Q4_0"])] + ([str(onnx_int4)] if onnx_int4 else [])
     res = CliRunner().invoke(_cli(), ["bench", *files, "--reference", str(smollm_f32), "--size", "small",
-                                      "--threads", "1", "--out", str(out), "--plan", str(plan),
+                                      "-t", "1", "--out-dir", str(out), "--plan", str(plan),
                                       "--analysis", str(an), "--profile", "local-cpu"])
     assert res.exit_code == 0, f"{res.output}\n{res.exception!r}"
     assert "wrote" in res.output and "bench.json" in res.output
@@ -639,8 +639,8 @@ def test_ssh_flow_with_standin_host(tmp_path, quants, standins):
                     .replace('remote_dir = "/tmp/tasa-edge"', 'remote_dir = "/opt/tasa-edge"'))
     out = tmp_path / "out"
     res = CliRunner().invoke(_cli(), ["bench", str(q8), "--profile", str(prof), "--host", "pi@standin-pi:2222",
-                                      "--bin-dir", str(standins["bin"]), "--threads", "1", "--reps", "1",
-                                      "--out", str(out), "--json"], catch_exceptions=True)
+                                      "--bin-dir", str(standins["bin"]), "--threads", "1", "-r", "1",
+                                      "--out-dir", str(out), "--json"], catch_exceptions=True)
     assert res.exit_code == 0, f"{res.output}\n{res.exception!r}"
     rep = json.loads((out / "bench.json").read_text())
     assert rep["target"]["kind"] == "ssh" and rep["target"]["transport"]["label"] == "ssh:pi@standin-pi"
