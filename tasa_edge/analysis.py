@@ -38,7 +38,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -421,11 +421,13 @@ def build_pools(cfg: AnalysisConfig, task: list[TextSample] | None = None,
 def analyze(src: ModelSource, out_dir: Path, cfg: AnalysisConfig, *, device: str | None = None,
             lam: float | None = None, task: list[TextSample] | None = None,
             general: list[TextSample] | None = None, show_progress: bool = True) -> Analysis:
-    from .torch_model import gguf_params, load_torch_model, reference_weights
+    from .torch_model import gguf_params, load_torch_model, pick_device, pick_dtype, reference_weights
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    # the dtype the gradients are taken in is part of the statistics' identity (cache key, report)
+    cfg = replace(cfg, dtype=str(pick_dtype(pick_device(device), cfg.dtype)).removeprefix("torch."))
     model, tok = load_torch_model(src, device=device, dtype=cfg.dtype)
     t_load = time.perf_counter() - t0
     pools = build_pools(cfg, task, general)

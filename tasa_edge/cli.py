@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -183,6 +184,9 @@ def analyze(
     dtype: str = typer.Option("auto", "--dtype", help="Weights during the gradient pass: auto (bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else float32), float32 or bfloat16. Quantization errors are always taken on the exact weights."),
     sensitivity_rows: float = typer.Option(1.0, "--sensitivity-rows", help="Fraction of each large tensor's rows the sensitivity pass scores (a systematic sample; 1 = all)."),
     seed: int = typer.Option(0),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Read only shapes (GGUF header or config.json) and print the predicted peak memory and time per sample; run nothing."),
+    device_memory: Optional[str] = typer.Option(None, "--device-memory", help="--dry-run: memory of the device, e.g. 24GB (default: this machine's RAM on cpu)."),
+    device_tflops: Optional[float] = typer.Option(None, "--device-tflops", help="--dry-run: sustained TFLOP/s of the device in the chosen dtype (default: measured on this CPU; cuda: assumed 100)."),
 ):
     """Gradient traces -> calibration mixture -> perplexity & reasoning sensitivity per tensor and format."""
     from . import formats as registry
@@ -191,6 +195,10 @@ def analyze(
     from .results import AnalysisConfig
 
     spec = registry.get(target)
+    if dry_run:
+        _dry_run(model, device, dtype, fisher, fisher_dtype, max_tokens, n_general + n_task + n_target,
+                 device_memory, device_tflops)
+        return
     if formats and profile:
         raise TasaError("give --formats or --profile, not both")
     if not 0 <= beta <= 1:
@@ -229,6 +237,54 @@ def analyze(
     cached = f", {tm['n_cached']} from the cache" if tm.get("n_cached") else ""
     out.print(f"wrote {out_dir / 'analysis.json'} and {an.imatrix_path} ({tm['total_s']:.1f} s, "
               f"{tm['n_backward']} backward passes{cached})")
+
+
+def _dry_run(model: str, device: str, dtype: str, fisher: str, fisher_dtype: str, tokens: int, samples: int,
+             device_memory: Optional[str], device_tflops: Optional[float]) -> None:
+    from . import footprint
+    from .units import parse_bytes
+    from .zoo import resolve_model
+
+    p = resolve_model(model)
+    if p.is_dir() and not list(p.glob("*.safetensors")):
+        shapes = footprint.shapes_from_config(p)       # a config.json alone is enough
+    else:
+        from .model import ModelSource
+
+        shapes = footprint.shapes_from_source(ModelSource.open(p))
+    dev = "cuda" if device == "cuda" else "cpu"
+    if device == "auto":
+        import torch
+
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        from .torch_model import cpu_computes_bf16
+
+        dtype = "bfloat16" if dev == "cuda" or cpu_computes_bf16() else "float32"
+    if device_tflops is not None:
+        thr, how = device_tflops * 1e12, "given"
+    elif dev == "cuda":
+        thr, how = 100e12, "assumed (pass --device-tflops)"
+    else:
+        thr, how = footprint.measure_throughput(shapes.d_model, shapes.d_ff, tokens, dtype), "measured on this CPU"
+    mem = parse_bytes(device_memory) if device_memory else None
+    if mem is None and dev == "cpu":
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    pr = footprint.predict(shapes, tokens=tokens, samples=samples, device=dev, dtype=dtype, fisher=fisher,
+                           fisher_dtype=fisher_dtype, throughput_flops=thr, device_memory=mem)
+    out.print(f"dry run: {p.name} ({shapes.arch}, {shapes.n_params / 1e9:.2f}B params) on {dev}, {dtype}, "
+              f"{samples} samples x {tokens} tokens, Fisher {fisher}")
+    t = Table()
+    t.add_column("part")
+    t.add_column("GiB", justify="right")
+    for k, v in pr.parts.items():
+        t.add_row(k, f"{v / 2**30:.2f}")
+    t.add_row("[bold]peak[/]", f"[bold]{pr.peak_bytes / 2**30:.2f}[/]")
+    out.print(t)
+    fit = "" if pr.fits is None else (f"; fits in {mem / 2**30:.1f} GiB" if pr.fits else f"; does NOT fit in {mem / 2**30:.1f} GiB")
+    out.print(f"{pr.bytes_per_param:.2f} bytes/parameter{fit}")
+    out.print(f"time per sample {pr.seconds_per_sample:.1f} s ({pr.flops_per_sample / 1e12:.2f} TFLOP at "
+              f"{thr / 1e12:.2f} TFLOP/s {how}); gradient pass ~{pr.seconds_per_sample * samples / 60:.1f} min")
 
 
 @app.command("plan")

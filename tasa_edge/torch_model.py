@@ -88,7 +88,7 @@ def pick_dtype(dev: torch.device, dtype: str | torch.dtype | None = "auto") -> t
     return getattr(torch, dtype)
 
 
-def load_torch_model(src: ModelSource, device: str | None = None, dtype: str | torch.dtype | None = "auto"):
+def load_torch_model(src: ModelSource, device: str | None = None, dtype: str | torch.dtype | None = "float32"):
     """(model, tokenizer) for analysis: weights in :func:`pick_dtype`'s dtype, on CUDA with
     device_map="auto" (layers spread over the GPUs, then the host)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -22,7 +22,7 @@ def run_cli(*args, cwd=None):
 
 USAGE_CASES = {
     "unknown command": (["bogus"], "No such command"),
-    "unknown option": (["analyze", "X", "--dry-run"], "No such option: --dry-run"),
+    "unknown option": (["analyze", "X", "--no-such-option"], "No such option: --no-such-option"),
     "unknown root option": (["--frobnicate"], "No such option"),
     "missing argument": (["export"], "Missing argument"),
     "missing option value": (["export", "m", "-o"], "requires an argument"),

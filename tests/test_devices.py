@@ -473,17 +473,18 @@ def _mixed_plan(src, path):
 
 def _synthetic_analysis(src, path):
     """A small analysis.json with the layout `illusion_report` reads (ppl vs task sensitivities)."""
-    from tasa_edge.results import Analysis
+    from tasa_edge.results import Analysis, Candidate, Mixture, SensitivityTable
 
     rng = np.random.default_rng(1)
-    table = {"ppl": {}, "task": {}, "bytes": {}}
+    table = SensitivityTable()
     for t in src.quantizable:
         base = rng.gamma(2.0, 1.0)
-        table["ppl"][t.name] = {"Q4_0": base, "Q8_0": base / 16}
-        table["task"][t.name] = {"Q4_0": base * rng.lognormal(0, 0.8), "Q8_0": base / 16}
-        table["bytes"][t.name] = {"Q4_0": t.n_elements * 9 // 16, "Q8_0": t.n_elements * 17 // 16}
+        task = base * rng.lognormal(0, 0.8)
+        table.add(t.name, "Q4_0", ppl=base, task=task, nbytes=t.n_elements * 9 // 16, rel_err=0.1)
+        table.add(t.name, "Q8_0", ppl=base / 16, task=base / 16, nbytes=t.n_elements * 17 // 16, rel_err=0.01)
+    chosen = Candidate(0.5, 8, 0.3, 0.9, 0.6, [])
     Analysis(model={"name": src.name, "fingerprint": src.fingerprint}, config={"target": "gguf"},
-             mixture={}, table=table, lam=0.5, imatrix_path=None).save(path)
+             mixture=Mixture(0.5, [chosen], chosen), table=table, lam=0.5, imatrix=None).save(path)
 
 
 def _cli():
@@ -651,6 +652,6 @@ def test_ssh_flow_with_standin_host(tmp_path, quants, standins):
     assert e["quality"]["general"]["ppl"] > 1 and "kld" not in e["quality"]["general"]  # no reference
     assert e["gsm8k"]["measured_on"] == "host" and e["gsm8k"]["n"] == 4
     log = standins["log"].read_text()
-    assert "ssh -o BatchMode=yes -o ConnectTimeout=15 -p 2222 pi@standin-pi" in log
-    assert f"scp -q -o BatchMode=yes -o ConnectTimeout=15 -P 2222 {q8} pi@standin-pi:/opt/tasa-edge/models/{q8.name}" in log
+    assert "ssh -o BatchMode=yes -o ConnectTimeout=15 -p 2222 -- pi@standin-pi" in log
+    assert f"scp -q -o BatchMode=yes -o ConnectTimeout=15 -P 2222 -- {q8} pi@standin-pi:/opt/tasa-edge/models/{q8.name}" in log
     assert (standins["root"] / "opt/tasa-edge/models" / q8.name).exists()

@@ -150,7 +150,7 @@ def test_source_gguf_direct_export_keeps_tokenizer_and_metadata(tmp_path, smollm
     export_gguf(smollm, BitPlan.uniform(smollm, "Q8_0"), out, show_progress=False)
     from gguf import GGUFReader
 
-    a, b = GGUFReader(out).fields, smollm._reader.fields
+    a, b = GGUFReader(out).fields, smollm.reader.fields
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "llama.context_length", "llama.rope.freq_base"):
         assert a[key].contents() == b[key].contents()
     assert a["general.file_type"].contents() == 7  # LLAMA_FTYPE_MOSTLY_Q8_0

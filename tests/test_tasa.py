@@ -150,7 +150,8 @@ def test_tasa_beats_perplexity_only_and_uniform_at_equal_size(analysis, smollm, 
 
 
 def test_onnx_target_plan_beats_uniform_int4(analysis, smollm, tmp_path):
-    """B solves a plan for the ONNX menu (bits x block); C exports it; onnxruntime measures it."""
+    """A plan solved on the ONNX menu (bits x block), exported with MatMulNBits and measured by
+    onnxruntime beats uniform int4 of the same size."""
     from dataclasses import replace
 
     from exporters.onnx_export import export_onnx
@@ -159,7 +160,8 @@ def test_onnx_target_plan_beats_uniform_int4(analysis, smollm, tmp_path):
 
     _, d = analysis
     an = analyze(smollm, d, replace(CFG, target="onnx", formats=None), device="cpu", show_progress=False)
-    assert an.timings["n_backward"] == CFG.n_general + CFG.n_task + CFG.n_target  # reused the cached traces
+    # the gradient statistics do not depend on the format menu: all reused from the cache
+    assert an.timings["n_backward"] == 0 and an.timings["n_cached"] == CFG.n_general + CFG.n_task + CFG.n_target
     uni = BitPlan.uniform(smollm, "int4_b128", target="onnx")
     tasa = make_plan(an, smollm, nbytes=uni.predicted["bytes"])
     assert tasa.target == "onnx" and len(set(tasa.tensors.values())) >= 2

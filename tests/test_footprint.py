@@ -1,0 +1,75 @@
+"""The dry-run memory and time model: shapes from a config alone, and predictions that match a
+real analysis' measured peak."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tasa_edge import footprint
+
+LLAMA3_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
+
+
+def test_llama3_8b_shapes_from_config_alone(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
+    sh = footprint.shapes_from_config(tmp_path)
+    assert sh.n_params == 8_030_261_248          # LLaMA-3-8B's published parameter count
+    assert sh.tensors["blk.0.attn_k.weight"] == (1024, 4096) and "output.weight" in sh.tensors
+    assert len(sh.quantizable()) == 32 * 7 + 2
+
+
+def test_llama3_8b_prediction_parts(tmp_path):
+    """Compact statistics take tens of MB where the exact ones take 60 GB; the weights are bf16;
+    the embedding's backward is the largest part of the working set."""
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
+    sh = footprint.shapes_from_config(tmp_path)
+    kw = dict(tokens=192, samples=60, device="cuda", dtype="bfloat16", throughput_flops=100e12, device_memory=24 * 10**9)
+    compact = footprint.predict(sh, fisher="factored", **kw)
+    assert compact.parts["fisher"] < 50 * 2**20
+    assert compact.parts["weights"] == 2 * sh.n_params
+    assert compact.parts["working_set"] > footprint.GRAD_BYTES_PER_ELEMENT * 128256 * 4096
+    exact = footprint.predict(sh, fisher="exact", **kw)
+    assert not exact.fits and exact.parts["fisher"] == 2 * 4 * sum(r * c for r, c in sh.quantizable().values())
+    assert compact.peak_bytes < exact.peak_bytes - 50 * 2**30
+
+
+def test_dry_run_cli_needs_no_weights(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
+    r = subprocess.run([sys.executable, "-m", "tasa_edge.cli", "analyze", str(tmp_path), "--dry-run", "--device", "cuda",
+                        "--device-memory", "24GB", "--device-tflops", "80"], capture_output=True, text=True,
+                       env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    assert "8.03B params" in r.stdout and "fit in 22.4 GiB" in r.stdout and "80.00 TFLOP/s given" in r.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]     # wrote nothing
+
+
+@pytest.mark.slow
+def test_smollm2_analysis_peak_matches_the_prediction_and_stays_small(tmp_path):
+    """A real small analysis in its own process: measured peak RSS within 20% of the dry-run
+    prediction, the gradient cache under 54 MB, and (bf16 weights) the peak under 1.5 GB."""
+    from tasa_edge.model import ModelSource
+    from tasa_edge.zoo import resolve_model
+
+    out = tmp_path / "an"
+    args = ["--n-general", "4", "--n-task", "4", "--n-target", "2", "--max-tokens", "128"]
+    r = subprocess.run([sys.executable, "-m", "tasa_edge.cli", "analyze", "smollm2-135m", "-o", str(out), *args],
+                       capture_output=True, text=True, env={**os.environ, "TASA_NO_PROGRESS": "1"})
+    assert r.returncode == 0, r.stderr
+    an = json.loads((out / "analysis.json").read_text())
+    measured = an["timings"]["peak_rss_mb"] * 2**20
+    dtype = an["config"]["dtype"]
+    shapes = footprint.shapes_from_source(ModelSource.open(resolve_model("smollm2-135m")))
+    pred = footprint.predict(shapes, tokens=128, samples=10, dtype=dtype, throughput_flops=1e11)
+    print(f"smollm2 analysis ({dtype}): measured peak {measured / 2**20:.0f} MiB, predicted {pred.peak_bytes / 2**20:.0f} MiB")
+    assert abs(pred.peak_bytes / measured - 1) < 0.20
+    cache = sum(f.stat().st_size for f in out.glob("gradstats-*"))
+    assert 0 < cache < 54e6
+    if dtype == "bfloat16":
+        assert measured < 1.5e9
