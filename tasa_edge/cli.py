@@ -132,12 +132,12 @@ def _reference_gguf(model: str) -> Path:
 # ---------------------------------------------------------------------------- inspect
 @app.command()
 def inspect(
-    path: str = typer.Argument(..., help="A GGUF file or a bit plan JSON (with --model for plan sizes)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model the plan is for (needed to size a plan)."),
+    path: str = typer.Argument(..., help="A GGUF file, a bit plan JSON (with --model for plan sizes), or an ONNX export directory."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model the plan is for (needed to size a plan, or an ONNX export older than its tensor_shapes)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     per_tensor: bool = typer.Option(True, "--tensors/--summary", help="Show the per-tensor table."),
 ):
-    """Per-tensor type table, total bytes and bits/weight of a GGUF or a plan."""
+    """Per-tensor type table, total bytes and bits/weight of a GGUF, a plan or an ONNX export directory."""
     from .inspect import inspect_path
 
     report = inspect_path(Path(path), model=model)
