@@ -104,14 +104,16 @@ def export(
 # ---------------------------------------------------------------------------- baseline
 @app.command()
 def baseline(
-    model: str = typer.Argument(..., help=MODEL_HELP + " (GGUF; an HF directory is first exported to F32 GGUF)."),
+    model: str = typer.Argument(..., help=MODEL_HELP + " (GGUF; a quantized GGUF or an HF directory is first exported to its F32 reference GGUF, which is what llama.cpp quantizes)."),
     output: Path = typer.Option(..., "--output", "-o", help="Output .gguf."),
     ftype: str = typer.Option("Q4_K_M", "--ftype", help="llama.cpp mix: Q4_K_M, Q4_K_S, Q3_K_M, Q3_K_S, Q5_K_M, Q6_K, Q8_0, IQ4_XS ..."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix passed to llama_model_quantize."),
     pure: bool = typer.Option(False, "--pure", help="No k-quant mixture: every tensor in the ftype's base type."),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ):
-    """llama.cpp's own quantization mix via llama_model_quantize (the baseline to beat)."""
+    """llama.cpp's own quantization mix via llama_model_quantize (the baseline to beat).
+
+    The input is always the model's F32 reference: a quantized GGUF (or an HF directory) is first dequantized to F32 (cached), so a quantized input is re-quantized from its dequantized weights, the same reference the KL-divergence numbers use."""
     from exporters.baseline import quantize_baseline
 
     guards.output_file(output, "--output")
@@ -120,6 +122,10 @@ def baseline(
 
     res = quantize_baseline(src_path, output, ftype, imatrix=load_imatrix(imatrix) if imatrix else None,
                             pure=pure, nthreads=threads)
+    from .zoo import resolve_model
+
+    if Path(resolve_model(model)).resolve() != Path(src_path).resolve():
+        out.print(f"quantized from the F32 reference {src_path} (the input dequantized)", highlight=False, soft_wrap=True)
     out.print(f"wrote {res.path} ({res.nbytes / 2**20:.1f} MiB, {res.bpw:.3f} bits/weight, {res.seconds:.1f} s) ftype {ftype}")
 
 
@@ -253,9 +259,7 @@ def plan_cmd(
 ):
     """Solve the exact allocation of formats under a budget and write the bit plan.
 
-    Pins (--tensor-type, --output-tensor-type, --token-embedding-type) fix those tensors' formats
-    and the rest is allocated exactly around them; a pinned format the analysis did not score
-    counts as loss 0 and is listed as unscored in the plan's provenance."""
+    Pins (--tensor-type, --output-tensor-type, --token-embedding-type) fix those tensors' formats and the rest is allocated exactly around them; a pinned format the analysis did not score counts as loss 0 and is listed as unscored in the plan's provenance."""
     from .plan import write_tensor_type_file
     from .planner import Pins, make_plan, sweep
     from .results import Analysis
