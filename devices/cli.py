@@ -125,7 +125,8 @@ def print_summary(report: dict) -> None:
     t = Table(show_edge=False)
     for col in ("model", "MiB", "bpw", "load s", "RSS MiB", f"pp{s['pp']} t/s", f"tg{s['tg']} t/s",
                 "KLD gen", "KLD task", "top-1 task", "GSM8K"):
-        t.add_column(col, justify="left" if col == "model" else "right")
+        # on a narrow terminal cells fold onto more lines: file names are never cut to "…"
+        t.add_column(col, justify="left" if col == "model" else "right", overflow="fold")
     for e in report["models"]:
         if e.get("error"):
             t.add_row(e["name"], f"{e['file_bytes'] / 2**20:.1f}", "", "", "", "", "", "", "", "", "[red]error[/]")
