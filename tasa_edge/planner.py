@@ -70,9 +70,13 @@ class Pins:
             pairs.append((pat.lower(), typ.strip()))
         return cls(tuple(pairs), output, token_embd)
 
-    def to_dict(self) -> dict:
-        return {"tensor_type": [list(p) for p in self.tensor_types], "output_tensor_type": self.output,
-                "token_embedding_type": self.token_embd}
+    def to_dict(self, spec: formats.Target) -> dict:
+        """The pins as given, type names canonical (``q8_0`` -> ``Q8_0``)."""
+        def canon(t):
+            return None if t is None else spec.parse(t)
+
+        return {"tensor_type": [[p, canon(t)] for p, t in self.tensor_types], "output_tensor_type": canon(self.output),
+                "token_embedding_type": canon(self.token_embd)}
 
 
 def resolve_pins(pins: Pins, src: ModelSource, spec: formats.Target) -> dict[str, str]:
@@ -224,7 +228,7 @@ def make_plan(an: Analysis, src: ModelSource, *, bpw: float | None = None, nbyte
     alloc = solve(opts, budget)
     plan = plan_from_allocation(an, src, alloc, scores, mode, lam_used, {"bpw": bpw} if bpw is not None else {"bytes": int(nbytes)})
     if pins:
-        plan.provenance["pins"] = {**pins.to_dict(), "tensors": pinned, "unscored": unscored,
+        plan.provenance["pins"] = {**pins.to_dict(an.target), "tensors": pinned, "unscored": unscored,
                                    **({"note": "unscored: pinned to a format the analysis did not score; their loss is "
                                                "not predicted (counted as 0 in predicted.loss)"} if unscored else {})}
     return plan

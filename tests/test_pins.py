@@ -149,7 +149,7 @@ def test_malformed_tensor_type_argument(arg, needle):
 # ---------------------------------------------------------------------------- plans (smollm2, synthetic analysis)
 def test_plan_honours_pins_records_them_and_stays_optimal(src, tmp_path):
     an = Analysis.load(synthetic_analysis(src, tmp_path / "analysis.json"))
-    pins = Pins.from_cli([r"blk\.(0|1)\.ffn_down=Q6_K", "attn_v=Q8_0"], token_embd="Q5_1")
+    pins = Pins.from_cli([r"blk\.(0|1)\.ffn_down=Q6_K", "attn_v=q8_0"], token_embd="Q5_1")
     plan = make_plan(an, src, bpw=6.0, pins=pins)
     assert plan.tensors["blk.0.ffn_down.weight"] == "Q6_K" and plan.tensors["blk.1.ffn_down.weight"] == "Q6_K"
     assert all(f == "Q8_0" for n, f in plan.tensors.items() if "attn_v" in n)
