@@ -3,6 +3,10 @@
 Inter-layer (which blocks get more bits) and intra-layer (which tensors of a block get more
 bits) allocation are the same problem here: one multiple-choice knapsack over every quantizable
 tensor, solved exactly (``tasa_edge.allocate``), minimising the summed predicted loss.
+
+Pins (``plan --tensor-type PATTERN=TYPE``, ``--output-tensor-type``, ``--token-embedding-type``)
+are constraints of that same problem: a pinned tensor's option set is reduced to its one pinned
+format, so the solver stays exact over the remaining tensors (see :class:`Pins`, :func:`apply_pins`).
 """
 
 from __future__ import annotations
