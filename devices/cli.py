@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from tasa_edge.errors import TasaError
@@ -122,13 +123,31 @@ def print_summary(report: dict) -> None:
         b = sb.get("build") or {}
         console.print(f"GGUF speed: {sb['gguf']}" + (f" (llama.cpp {b['commit']})" if b.get("commit") else "")
                       + (f" -- {sb['reason']}" if sb["gguf"] != "llama-bench" else ""), highlight=False)
+    names = [e["name"] for e in report["models"]]
+    t = _summary_table(report, names)
+    if Measurement.get(console, console.options.update_width(10**5), t).maximum > console.width:
+        # too narrow for the whole names: number the rows and list the names, whole, below the table
+        t = _summary_table(report, [f"#{i}" for i in range(1, len(names) + 1)])
+        console.print(t)
+        for i, n in enumerate(names, 1):
+            console.print(f"#{i} {n}", highlight=False, soft_wrap=True)
+    else:
+        console.print(t)
+    for e in report["models"]:
+        if e.get("error"):
+            console.print(f"[red]{e['name']}[/]: {e['error']}", highlight=False, soft_wrap=True)
+
+
+def _summary_table(report: dict, labels: list[str]) -> Table:
+    """The per-model table, ``labels`` in the model column; cells fold rather than being cut to "…"."""
+    s = report["settings"]
     t = Table(show_edge=False)
     for col in ("model", "MiB", "bpw", "load s", "RSS MiB", f"pp{s['pp']} t/s", f"tg{s['tg']} t/s",
                 "KLD gen", "KLD task", "top-1 task", "GSM8K"):
-        t.add_column(col, justify="left" if col == "model" else "right")
-    for e in report["models"]:
+        t.add_column(col, justify="left" if col == "model" else "right", overflow="fold")
+    for label, e in zip(labels, report["models"]):
         if e.get("error"):
-            t.add_row(e["name"], f"{e['file_bytes'] / 2**20:.1f}", "", "", "", "", "", "", "", "", "[red]error[/]")
+            t.add_row(label, f"{e['file_bytes'] / 2**20:.1f}", "", "", "", "", "", "", "", "", "[red]error[/]")
             continue
         sp = e.get("speed") or {}
         q = e.get("quality") or {}
@@ -138,13 +157,10 @@ def print_summary(report: dict) -> None:
             return fmt.format(x) if x is not None else "–"
 
         t.add_row(
-            e["name"], f"{e['file_bytes'] / 2**20:.1f}", f(e.get("bpw"), "{:.2f}"), f(e.get("load_s"), "{:.2f}"),
+            label, f"{e['file_bytes'] / 2**20:.1f}", f(e.get("bpw"), "{:.2f}"), f(e.get("load_s"), "{:.2f}"),
             f(e.get("peak_rss_bytes") and e["peak_rss_bytes"] / 2**20, "{:.0f}"),
             f((sp.get("pp") or {}).get("ts_mean"), "{:.1f}"), f((sp.get("tg") or {}).get("ts_mean"), "{:.1f}"),
             f((q.get("general") or {}).get("kld"), "{:.4f}"), f((q.get("task") or {}).get("kld"), "{:.4f}"),
             f((q.get("task") or {}).get("top1"), "{:.3f}"), f(g.get("flexible_extract"), "{:.3f}"),
         )
-    console.print(t)
-    for e in report["models"]:
-        if e.get("error"):
-            console.print(f"[red]{e['name']}[/]: {e['error']}", highlight=False)
+    return t

@@ -549,6 +549,8 @@ def export_onnx(
             },
             "bytes": {"tensors": tensor_bytes, "predicted_tensors": predicted["total"]},
             "bpw": 8.0 * tensor_bytes / max(1, src.n_params),
+            # numpy shapes (input dimension last) of every model tensor, for `tasa-edge inspect DIR`
+            "tensor_shapes": {t.name: [int(x) for x in t.shape] for t in src.tensors.values()},
         }
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
         _install(tmp, out)

@@ -29,8 +29,11 @@ bytes and loss are recomputed from the options, never taken from a solver object
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
+import os
+import sys
 import time
 from dataclasses import dataclass
 from fractions import Fraction
@@ -228,6 +231,23 @@ def _infeasible(budget: int, min_bytes: int) -> TasaError:
 # --------------------------------------------------------------------------- solvers
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Send whatever native code writes to file descriptor 1 to descriptor 2 meanwhile."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):
+        yield  # no usable descriptor 1 (embedded interpreter): nothing to redirect
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _solve_dp(items: list[_Item], budget: int) -> list[int]:
     """Exact DP over (excess) bytes / gcd.  Returns the chosen option index per item."""
     base = sum(it.nbytes[0] for it in items)
@@ -306,7 +326,7 @@ def _milp_round(items: list[_Item], first: list[int], budget: int, time_limit) -
         ),
         shape=(m + 1, n),
     )
-    opts = {"mip_rel_gap": 0.0, "presolve": True}
+    opts = {"mip_rel_gap": 0.0, "presolve": True, "disp": False}
     if time_limit is not None:
         opts["time_limit"] = float(time_limit)
     starts = np.searchsorted(col_item_a, np.arange(m))
@@ -317,13 +337,14 @@ def _milp_round(items: list[_Item], first: list[int], budget: int, time_limit) -
     for _ in range(_MILP_MAX_RETRIES):
         if cap < 0:
             break
-        res = milp(
-            c,
-            integrality=np.ones(n),
-            bounds=Bounds(0, 1),
-            constraints=LinearConstraint(a, np.append(np.ones(m), -np.inf), np.append(np.ones(m), float(cap))),
-            options=opts,
-        )
+        with _stdout_to_stderr():  # HiGHS' C++ code may print past disp=False; stdout is for results
+            res = milp(
+                c,
+                integrality=np.ones(n),
+                bounds=Bounds(0, 1),
+                constraints=LinearConstraint(a, np.append(np.ones(m), -np.inf), np.append(np.ones(m), float(cap))),
+                options=opts,
+            )
         if res.x is None:
             if res.status == 1:
                 raise TasaError(f"highs-milp found no solution within the time limit ({time_limit} s)")

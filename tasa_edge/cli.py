@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -36,10 +36,13 @@ def _open_model(spec: str):
 
 @app.callback(invoke_without_command=True)
 def _root(ctx: typer.Context, version: bool = typer.Option(False, "--version", help="Print the version and exit."),
-          verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's own log lines.")):
+          verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's own log lines."),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars (same as TASA_NO_PROGRESS=1).")):
     from . import llamalog
 
     llamalog.set_verbose(verbose)
+    if quiet:
+        os.environ["TASA_NO_PROGRESS"] = "1"  # read by tasa_edge.progress and by child processes
     if ctx.invoked_subcommand == "demo":  # runs llama.cpp in this process (baseline does in its worker)
         llamalog.install()
     if version:
@@ -101,14 +104,16 @@ def export(
 # ---------------------------------------------------------------------------- baseline
 @app.command()
 def baseline(
-    model: str = typer.Argument(..., help=MODEL_HELP + " (GGUF; an HF directory is first exported to F32 GGUF)."),
+    model: str = typer.Argument(..., help=MODEL_HELP + " (GGUF; a quantized GGUF or an HF directory is first exported to its F32 reference GGUF, which is what llama.cpp quantizes)."),
     output: Path = typer.Option(..., "--output", "-o", help="Output .gguf."),
     ftype: str = typer.Option("Q4_K_M", "--ftype", help="llama.cpp mix: Q4_K_M, Q4_K_S, Q3_K_M, Q3_K_S, Q5_K_M, Q6_K, Q8_0, IQ4_XS ..."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix passed to llama_model_quantize."),
     pure: bool = typer.Option(False, "--pure", help="No k-quant mixture: every tensor in the ftype's base type."),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ):
-    """llama.cpp's own quantization mix via llama_model_quantize (the baseline to beat)."""
+    """llama.cpp's own quantization mix via llama_model_quantize (the baseline to beat).
+
+    The input is always the model's F32 reference: a quantized GGUF (or an HF directory) is first dequantized to F32 (cached), so a quantized input is re-quantized from its dequantized weights, the same reference the KL-divergence numbers use."""
     from exporters.baseline import quantize_baseline
 
     guards.output_file(output, "--output")
@@ -117,6 +122,10 @@ def baseline(
 
     res = quantize_baseline(src_path, output, ftype, imatrix=load_imatrix(imatrix) if imatrix else None,
                             pure=pure, nthreads=threads)
+    from .zoo import resolve_model
+
+    if Path(resolve_model(model)).resolve() != Path(src_path).resolve():
+        out.print(f"quantized from the F32 reference {src_path} (the input dequantized)", highlight=False, soft_wrap=True)
     out.print(f"wrote {res.path} ({res.nbytes / 2**20:.1f} MiB, {res.bpw:.3f} bits/weight, {res.seconds:.1f} s) ftype {ftype}")
 
 
@@ -129,12 +138,12 @@ def _reference_gguf(model: str) -> Path:
 # ---------------------------------------------------------------------------- inspect
 @app.command()
 def inspect(
-    path: str = typer.Argument(..., help="A GGUF file or a bit plan JSON (with --model for plan sizes)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model the plan is for (needed to size a plan)."),
+    path: str = typer.Argument(..., help="A GGUF file, a bit plan JSON (with --model for plan sizes), or an ONNX export directory."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model the plan is for (needed to size a plan, or an ONNX export older than its tensor_shapes)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     per_tensor: bool = typer.Option(True, "--tensors/--summary", help="Show the per-tensor table."),
 ):
-    """Per-tensor type table, total bytes and bits/weight of a GGUF or a plan."""
+    """Per-tensor type table, total bytes and bits/weight of a GGUF, a plan or an ONNX export directory."""
     from .inspect import inspect_path
 
     report = inspect_path(Path(path), model=model)
@@ -297,32 +306,44 @@ def plan_cmd(
     mode: str = typer.Option("tasa", "--mode", help="tasa (aggregate), ppl (perplexity only) or task (reasoning only)."),
     lam: Optional[float] = typer.Option(None, "--lambda", help="Override the TASA weight of reasoning sensitivity."),
     tensor_type_file: Optional[Path] = typer.Option(None, "--tensor-type-file", help="Also write llama-quantize's --tensor-type-file."),
-    do_sweep: bool = typer.Option(False, "--sweep", help="Print the Pareto curve size -> predicted loss (and write sweep.json)."),
+    do_sweep: bool = typer.Option(False, "--sweep", help="Print the Pareto curve size -> predicted loss (with --bpw/--bytes, also write the plan)."),
+    sweep_json: Optional[Path] = typer.Option(None, "--sweep-json", help="With --sweep: also write the curve as JSON to this file (default: not written)."),
+    tensor_type: Optional[List[str]] = typer.Option(None, "--tensor-type", help="Pin: PATTERN=TYPE, llama-quantize's semantics (regex searched in the tensor name, first match wins); repeatable."),
+    output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type", help="Pin output.weight to this type (tied embeddings: token_embd.weight, as llama-quantize)."),
+    token_embedding_type: Optional[str] = typer.Option(None, "--token-embedding-type", help="Pin token_embd.weight to this type."),
 ):
-    """Solve the exact allocation of formats under a budget and write the bit plan."""
+    """Solve the exact allocation of formats under a budget and write the bit plan.
+
+    Pins (--tensor-type, --output-tensor-type, --token-embedding-type) fix those tensors' formats and the rest is allocated exactly around them; a pinned format the analysis did not score counts as loss 0 and is listed as unscored in the plan's provenance."""
     from .plan import write_tensor_type_file
-    from .planner import make_plan, sweep
+    from .planner import Pins, make_plan, sweep
     from .results import Analysis
     from .units import parse_bytes
 
     guards.output_file(output, "--output"), guards.output_file(tensor_type_file, "--tensor-type-file")
+    if sweep_json is not None and not do_sweep:
+        raise TasaError("--sweep-json needs --sweep")
+    guards.output_file(sweep_json, "--sweep-json")
+    pins = Pins.from_cli(tensor_type or (), output_tensor_type, token_embedding_type)
     an = Analysis.load(analysis)
     src = _open_model(model)
     guards.budget(src, bpw, parse_bytes(nbytes) if nbytes else None)
     if do_sweep:
-        pts = sweep(an, src, mode=mode, lam=lam)
+        pts = sweep(an, src, mode=mode, lam=lam, pins=pins)
         t = Table(title=f"Pareto sweep ({mode})")
         for c in ("bytes", "bits/weight", "predicted loss", "types"):
             t.add_column(c)
         for p in pts:
             t.add_row(f"{p['bytes']:,}", f"{p['bpw']:.3f}", f"{p['loss']:.5f}", ", ".join(f"{k}×{v}" for k, v in p["types"].items()))
         out.print(t)
-        from .fsutil import atomic_write_text
+        if sweep_json is not None:
+            from .fsutil import atomic_write_text
 
-        atomic_write_text(output.with_name("sweep.json"), json.dumps(pts, indent=1))
+            atomic_write_text(sweep_json, json.dumps(pts, indent=1) + "\n")
+            out.print(f"wrote {sweep_json}")
         if bpw is None and nbytes is None:
             return
-    plan = make_plan(an, src, bpw=bpw, nbytes=parse_bytes(nbytes) if nbytes else None, mode=mode, lam=lam)
+    plan = make_plan(an, src, bpw=bpw, nbytes=parse_bytes(nbytes) if nbytes else None, mode=mode, lam=lam, pins=pins)
     plan.save(output)
     if tensor_type_file:
         write_tensor_type_file(plan, tensor_type_file)

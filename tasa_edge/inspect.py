@@ -67,9 +67,53 @@ def inspect_plan(path: Path, model: str | None) -> dict:
     return _summarise(str(path), rows, {"target": plan.target, "budget": plan.budget, "predicted": plan.predicted})
 
 
+def inspect_onnx_dir(path: Path, model: str | None = None) -> dict:
+    """An ONNX export directory of ``tasa-edge export --format onnx``: per-tensor formats from its
+    ``tasa_export.json`` and bytes from the format registry (tensors outside the plan stay float).
+    Shapes come from the file (``tensor_shapes``) or, for exports written before it was recorded,
+    from ``--model``."""
+    from .formats import get as get_target
+
+    info_path = path / "tasa_export.json"
+    if not info_path.is_file():
+        raise TasaError(f"{path} is a directory but not a tasa-edge ONNX export (no tasa_export.json)")
+    info = load_json(info_path, "ONNX export info")
+    plan = info.get("plan") if isinstance(info, dict) else None
+    if not (isinstance(info, dict) and info.get("format") == "tasa-edge/onnx-export" and isinstance(plan, dict)
+            and isinstance(plan.get("tensors"), dict)):
+        raise TasaError(f"{info_path}: not a tasa-edge ONNX export description")
+    spec = get_target(plan.get("target") or "onnx")
+    shapes = info.get("tensor_shapes")
+    if not isinstance(shapes, dict):
+        if model is None:
+            raise TasaError(f"{info_path} records no tensor shapes (an older export): pass --model to size it")
+        from .model import ModelSource
+        from .zoo import resolve_model
+
+        src = ModelSource.open(resolve_model(model))
+        if src.fingerprint != (info.get("model") or {}).get("fingerprint"):
+            raise TasaError(f"{path} was exported from another model than {src.name}")
+        shapes = {t.name: list(t.shape) for t in src.tensors.values()}
+    rows = []
+    for name, shape in shapes.items():
+        if not (isinstance(shape, list) and shape and all(isinstance(x, int) and x > 0 for x in shape)):
+            raise TasaError(f"{info_path}: bad shape for tensor {name!r}")
+        fmt = plan["tensors"].get(name, spec.float_format)
+        if not isinstance(fmt, str):
+            raise TasaError(f"{info_path}: bad format for tensor {name!r}")
+        fmt = spec.parse(fmt)
+        rows.append(_row(name, shape, fmt, spec.nbytes(fmt, tuple(shape))))
+    files = [f for f in path.iterdir() if f.is_file() and f.name.startswith("model.onnx")]
+    extra = {"target": "onnx", "file_bytes": sum(f.stat().st_size for f in files),
+             "exported_tensor_bytes": (info.get("bytes") or {}).get("tensors"), "budget": plan.get("budget")}
+    return _summarise(str(path), rows, extra)
+
+
 def inspect_path(path: Path, model: str | None = None) -> dict:
     if not path.exists():
         raise TasaError(f"not found: {path}")
+    if path.is_dir():
+        return inspect_onnx_dir(path, model)
     with open(path, "rb") as fh:
         magic = fh.read(4)
     if magic == b"GGUF":

@@ -3,18 +3,189 @@
 Inter-layer (which blocks get more bits) and intra-layer (which tensors of a block get more
 bits) allocation are the same problem here: one multiple-choice knapsack over every quantizable
 tensor, solved exactly (``tasa_edge.allocate``), minimising the summed predicted loss.
+
+Pins (``plan --tensor-type PATTERN=TYPE``, ``--output-tensor-type``, ``--token-embedding-type``)
+are constraints of that same problem: a pinned tensor's option set is reduced to its one pinned
+format, so the solver stays exact over the remaining tensors (see :class:`Pins`, :func:`apply_pins`).
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
+from . import formats
 from .allocate import Allocation, Option, budget_from_bpw, bytes_range, pareto, solve
 from .errors import TasaError
 from .imatrix import imatrix_ref
+from .jsonio import safe_regex
 from .model import ModelSource
 from .plan import BitPlan, count_formats, model_block, plan_nbytes
 from .results import Analysis
 
 MODES = ("tasa", "ppl", "task")
+
+
+# ---------------------------------------------------------------------------- pins
+TOKEN_EMBD = ("token_embd.weight", "per_layer_token_embd.weight")   # llama.cpp's TOKEN_EMBD category
+OUTPUT = "output.weight"                                             # llama.cpp's OUTPUT category
+
+
+@dataclass(frozen=True)
+class Pins:
+    """Formats fixed by the user, with llama-quantize's semantics (``tools/quantize/quantize.cpp``
+    and ``src/llama-quant.cpp`` of the vendored llama.cpp):
+
+    * ``tensor_types``: ``(pattern, type)`` pairs of ``--tensor-type PATTERN=TYPE``, in the order
+      given. A pattern is lower-cased (as quantize.cpp does) and *searched* in the tensor name
+      (``std::regex_search``: ``attn_v`` pins every ``blk.N.attn_v.weight``); the **first**
+      matching pattern wins.
+    * ``token_embd``: ``--token-embedding-type``: ``token_embd.weight`` (and
+      ``per_layer_token_embd.weight`` unless a ``--tensor-type`` pattern names it); it wins over
+      ``--tensor-type``, as in llama.cpp.
+    * ``output``: ``--output-tensor-type``: ``output.weight``, winning over ``--tensor-type``. On a
+      model with tied embeddings (no ``output.weight``: the LM head is ``token_embd.weight``)
+      llama.cpp gives ``token_embd.weight`` the output type unless ``--token-embedding-type`` or a
+      ``--tensor-type`` pattern already names it; so does the planner.
+
+    Unlike llama-quantize, a pin never falls back silently: a type that does not fit the tensor's
+    shape, a pattern or flag that pins no tensor, is a one-line error.
+    """
+
+    tensor_types: tuple[tuple[str, str], ...] = ()
+    output: str | None = None
+    token_embd: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.tensor_types) or self.output is not None or self.token_embd is not None
+
+    @classmethod
+    def from_cli(cls, tensor_types=(), output: str | None = None, token_embd: str | None = None) -> "Pins":
+        """``PATTERN=TYPE`` strings (split at the first ``=``, as quantize.cpp) and the two flags."""
+        pairs = []
+        for arg in tensor_types or ():
+            pat, sep, typ = arg.partition("=")
+            if not sep:
+                raise TasaError(f"--tensor-type {arg!r}: expected PATTERN=TYPE")
+            if not pat:
+                raise TasaError(f"--tensor-type {arg!r}: missing tensor name pattern")
+            if not typ.strip():
+                raise TasaError(f"--tensor-type {arg!r}: missing quantization type")
+            pairs.append((pat.lower(), typ.strip()))
+        return cls(tuple(pairs), output, token_embd)
+
+    def to_dict(self, spec: formats.Target) -> dict:
+        """The pins as given, type names canonical (``q8_0`` -> ``Q8_0``)."""
+        def canon(t):
+            return None if t is None else spec.parse(t)
+
+        return {"tensor_type": [[p, canon(t)] for p, t in self.tensor_types], "output_tensor_type": canon(self.output),
+                "token_embedding_type": canon(self.token_embd)}
+
+
+def resolve_pins(pins: Pins, src: ModelSource, spec: formats.Target) -> dict[str, str]:
+    """Tensor name -> pinned format (canonical name) for ``src``'s quantizable tensors.
+
+    One-line TasaError for an unknown type, a bad regex, a type that does not fit a pinned
+    tensor's shape, a pattern or flag that pins no tensor."""
+    names = [t.name for t in src.quantizable]
+    rules = []
+    for pat, typ in pins.tensor_types:
+        try:
+            rx = safe_regex(pat, f"--tensor-type {pat}={typ}")
+        except re.error as exc:
+            raise TasaError(f"--tensor-type {pat}={typ}: bad regex {pat!r}: {exc}") from None
+        rules.append((pat, rx, spec.parse(typ)))
+    out: dict[str, str] = {}
+    why: dict[str, str] = {}
+    took = [0] * len(rules)
+    for name in names:
+        for i, (pat, rx, fmt) in enumerate(rules):
+            if rx.search(name):
+                out[name], why[name] = fmt, f"--tensor-type {pat}={fmt}"
+                took[i] += 1
+                break
+    for i, (pat, rx, fmt) in enumerate(rules):
+        if not took[i]:
+            if any(rx.search(n) for n in names):
+                raise TasaError(f"--tensor-type {pat}={fmt} pins no tensor: every tensor it matches is "
+                                "taken by an earlier --tensor-type (the first match wins)")
+            raise TasaError(f"--tensor-type {pat}={fmt}: the pattern matches no quantizable tensor of {src.name} "
+                            f"(e.g. {names[1 if len(names) > 1 else 0]})")
+    if pins.token_embd is not None:
+        fmt = spec.parse(pins.token_embd)
+        hit = [n for n in TOKEN_EMBD if n in src.tensors and src.tensors[n].quantizable]
+        if not hit:
+            raise TasaError(f"--token-embedding-type: {src.name} has no quantizable token_embd.weight")
+        for n in hit:
+            if n == "per_layer_token_embd.weight" and n in out:
+                continue      # llama.cpp: an explicit --tensor-type names this large table
+            out[n], why[n] = fmt, f"--token-embedding-type {fmt}"
+    if pins.output is not None:
+        fmt = spec.parse(pins.output)
+        if OUTPUT in src.tensors and src.tensors[OUTPUT].quantizable:
+            out[OUTPUT], why[OUTPUT] = fmt, f"--output-tensor-type {fmt}"
+        elif "token_embd.weight" in src.tensors and "token_embd.weight" not in out:
+            # tied embeddings: the LM head is token_embd.weight (llama.cpp's has_tied_embeddings rule)
+            out["token_embd.weight"] = fmt
+            why["token_embd.weight"] = f"--output-tensor-type {fmt} (tied embeddings: the output layer is token_embd.weight)"
+        elif "token_embd.weight" in src.tensors:
+            raise TasaError(f"--output-tensor-type {fmt} pins no tensor: {src.name} ties its output layer to "
+                            f"token_embd.weight, already pinned by {why['token_embd.weight']}")
+        else:
+            raise TasaError(f"--output-tensor-type: {src.name} has no output.weight")
+    for n, fmt in out.items():
+        bad = spec.misfit(fmt, src.tensors[n].shape)
+        if bad is not None:
+            raise TasaError(f"{why[n]}: tensor {n}: {bad}")
+    return out
+
+
+def apply_pins(opts: dict[str, list[Option]], pinned: dict[str, str], src: ModelSource,
+               spec: formats.Target) -> list[str]:
+    """Reduce each pinned tensor's options to its pinned format, in place; return the pinned
+    tensors whose format the analysis did not score.
+
+    Decision: a pinned format outside the analysed menu is **allowed**. Its bytes are exact (from
+    the format registry), and its loss enters the objective as 0: a pinned tensor has a single
+    option, so its loss is a constant of the objective and the allocation of every other tensor
+    is the same whatever value it takes -- the solve stays exact. Only the reported total is then
+    incomplete: the plan lists such tensors as ``provenance.pins.unscored`` (their loss not
+    predicted, not included in ``predicted.loss``). Refusing instead would forbid the common
+    case of pinning the output layer to a type (F16, Q8_0) the menu left out."""
+    unscored = []
+    for n, fmt in pinned.items():
+        keep = [o for o in opts[n] if o.fmt == fmt]
+        if not keep:
+            keep = [Option(fmt, int(spec.nbytes(fmt, src.tensors[n].shape)), 0.0)]
+            unscored.append(n)
+        opts[n] = keep
+    return unscored
+
+
+def _pinned_options(an: Analysis, src: ModelSource, scores: dict, pins: Pins | None):
+    opts = options_for(an, scores)
+    if not pins:
+        return opts, {}, []
+    spec = an.target
+    pinned = resolve_pins(pins, src, spec)
+    if spec.uses_imatrix and an.imatrix is None:
+        need = [n for n, f in pinned.items() if spec.requires_imatrix(f)]
+        if need:
+            raise TasaError(f"pinned type {pinned[need[0]]} of {need[0]} requires an importance matrix, "
+                            "and the analysis was scored without one")
+    return opts, pinned, apply_pins(opts, pinned, src, spec)
+
+
+def _check_pinned_budget(opts, budget: int, src: ModelSource, pinned: dict) -> None:
+    if not pinned:
+        return
+    lo, _ = bytes_range(opts)
+    if lo > budget:
+        fixed = fixed_bytes(src)
+        raise TasaError(f"budget infeasible with the pins: the smallest plan with {len(pinned)} pinned tensor(s) "
+                        f"is {lo + fixed:,} bytes ({8.0 * (lo + fixed) / src.n_params:.3f} bits/weight), "
+                        f"the budget {budget + fixed:,} bytes")
 
 
 def scores_for(an: Analysis, mode: str, lam: float | None = None) -> tuple[dict, float]:
@@ -51,14 +222,20 @@ def budget_bytes(src: ModelSource, *, bpw: float | None = None, nbytes: int | No
 
 
 def make_plan(an: Analysis, src: ModelSource, *, bpw: float | None = None, nbytes: int | None = None,
-              mode: str = "tasa", lam: float | None = None) -> BitPlan:
+              mode: str = "tasa", lam: float | None = None, pins: Pins | None = None) -> BitPlan:
     if an.model["fingerprint"] != src.fingerprint:
         raise TasaError(f"analysis is for {an.model.get('name')} ({an.model['fingerprint']}), not {src.name} ({src.fingerprint})")
     scores, lam_used = scores_for(an, mode, lam)
-    opts = options_for(an, scores)
+    opts, pinned, unscored = _pinned_options(an, src, scores, pins)
     budget = budget_bytes(src, bpw=bpw, nbytes=nbytes)
+    _check_pinned_budget(opts, budget, src, pinned)
     alloc = solve(opts, budget)
-    return plan_from_allocation(an, src, alloc, scores, mode, lam_used, {"bpw": bpw} if bpw is not None else {"bytes": int(nbytes)})
+    plan = plan_from_allocation(an, src, alloc, scores, mode, lam_used, {"bpw": bpw} if bpw is not None else {"bytes": int(nbytes)})
+    if pins:
+        plan.provenance["pins"] = {**pins.to_dict(an.target), "tensors": pinned, "unscored": unscored,
+                                   **({"note": "unscored: pinned to a format the analysis did not score; their loss is "
+                                               "not predicted (counted as 0 in predicted.loss)"} if unscored else {})}
+    return plan
 
 
 def plan_from_allocation(an: Analysis, src: ModelSource, alloc: Allocation, scores: dict, mode: str,
@@ -77,7 +254,7 @@ def plan_from_allocation(an: Analysis, src: ModelSource, alloc: Allocation, scor
             "imatrix": an.imatrix_path if spec.uses_imatrix else None,
             "solver": alloc.solver,
             "optimal": alloc.optimal,
-            "scores": {n: scores[n][f] for n, f in alloc.choice.items()},
+            "scores": {n: scores[n][f] for n, f in alloc.choice.items() if f in scores[n]},
         },
     )
     plan.imatrix = _scored_imatrix(an) if spec.uses_imatrix else None
@@ -90,10 +267,12 @@ def plan_from_allocation(an: Analysis, src: ModelSource, alloc: Allocation, scor
     return plan
 
 
-def sweep(an: Analysis, src: ModelSource, *, mode: str = "tasa", lam: float | None = None, points: int = 12) -> list[dict]:
-    """Pareto curve: file bytes -> minimal predicted loss, over the feasible budget range."""
+def sweep(an: Analysis, src: ModelSource, *, mode: str = "tasa", lam: float | None = None, points: int = 12,
+          pins: Pins | None = None) -> list[dict]:
+    """Pareto curve: file bytes -> minimal predicted loss, over the feasible budget range (with
+    the pins, if any, as constraints)."""
     scores, lam_used = scores_for(an, mode, lam)
-    opts = options_for(an, scores)
+    opts, _, _ = _pinned_options(an, src, scores, pins)
     lo, hi = bytes_range(opts)
     budgets = sorted({int(lo + (hi - lo) * i / max(1, points - 1)) for i in range(points)})
     fixed = fixed_bytes(src)

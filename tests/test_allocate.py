@@ -285,3 +285,20 @@ def test_large_instance_fast_and_agrees_with_dp():
     assert_same(milp.loss, dp.loss)
     assert t_milp < 10 and t_dp < 10, (t_milp, t_dp)
     print(f"300x6: milp {t_milp:.3f}s dp {t_dp:.3f}s")
+
+
+def test_milp_writes_nothing_to_stdout(capfd):
+    """HiGHS runs with its console log off and anything native code writes to descriptor 1
+    meanwhile goes to descriptor 2: stdout is for the command's results (plan --sweep)."""
+    rng = random.Random(3)
+    opts = {f"t{i}": [Option(f, b, l) for f, b, l in
+                      zip("abc", sorted(rng.randint(10, 100) for _ in range(3)),
+                          sorted((rng.random() for _ in range(3)), reverse=True))]
+            for i in range(8)}
+    lo = sum(o[0].nbytes for o in opts.values())
+    hi = sum(o[-1].nbytes for o in opts.values())
+    alloc = solve(opts, (lo + hi) // 2, method="highs-milp")
+    assert alloc.solver == "highs-milp"
+    assert capfd.readouterr().out == ""
+    print("after")                                  # descriptor 1 is restored
+    assert capfd.readouterr().out == "after\n"
