@@ -320,7 +320,8 @@ def plan_cmd(
     from .results import Analysis
     from .units import parse_bytes
 
-    guards.output_file(output, "--output"), guards.output_file(tensor_type_file, "--tensor-type-file")
+    guards.output_file(output, "--output")
+    guards.output_file(tensor_type_file, "--tensor-type-file")
     if sweep_json is not None and not do_sweep:
         raise TasaError("--sweep-json needs --sweep")
     guards.output_file(sweep_json, "--sweep-json")

@@ -55,6 +55,11 @@ class FisherAccumulator:
     def add_rows(self, name: str, r0: int, g2: torch.Tensor, shape: tuple[int, int]) -> None:
         """Add squared gradients ``g2`` of rows ``r0 : r0 + len(g2)`` of a tensor of ``shape``
         (callers stream a gradient in row slices, so no full-size float32 copy is needed)."""
+        self.add_rows_at(name, slice(r0, r0 + g2.shape[0]), g2, shape)
+
+    def add_rows_at(self, name: str, rows, g2: torch.Tensor, shape: tuple[int, int]) -> None:
+        """Add squared gradients ``g2`` [len(rows), c] of the rows ``rows`` (a slice, or a tensor of
+        distinct row indices: the non-zero rows of a sparse embedding gradient)."""
         parts = self.parts.get(name)
         r, c = shape
         if parts is None:
@@ -63,15 +68,17 @@ class FisherAccumulator:
                 {"full": torch.zeros(r, c, dtype=self.dtype, **z)} if self.form == "exact" else
                 {"rows": torch.zeros(r, **z), "cols": torch.zeros(c, **z)} if self.form == "factored" else
                 {"blocks": torch.zeros(r, -(-c // BLOCK), **z)})
-        r1 = r0 + g2.shape[0]
         if self.form == "exact":
-            parts["full"][r0:r1] += g2.to(self.dtype)
+            key, v = "full", g2.to(self.dtype)
         elif self.form == "factored":
-            parts["rows"][r0:r1] += g2.sum(1)
             parts["cols"] += g2.sum(0)
+            key, v = "rows", g2.sum(1)
         else:
-            pad = (-c) % BLOCK
-            parts["blocks"][r0:r1] += torch.nn.functional.pad(g2, (0, pad)).reshape(g2.shape[0], -1, BLOCK).sum(-1)
+            key, v = "blocks", torch.nn.functional.pad(g2, (0, (-c) % BLOCK)).reshape(g2.shape[0], -1, BLOCK).sum(-1)
+        if isinstance(rows, slice):
+            parts[key][rows] += v
+        else:
+            parts[key].index_add_(0, rows, v)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for p in self.parts.values() for t in p.values())

@@ -13,16 +13,19 @@ needed: LLaMA-3-8B's config alone is enough), and predicts for the chosen device
 * working set of one forward+backward: the activations autograd keeps, per token and layer
   :data:`ACT_PER_TOKEN_D` x d_model + :data:`ACT_PER_TOKEN_FF` x d_ff values plus the attention
   scores (heads x tokens); the logits chain (:data:`LOGIT_COPIES` float32 copies of tokens x vocab);
-  the backward pass of the largest tensor (the token embedding), :data:`GRAD_BYTES_PER_ELEMENT`
-  bytes per element of it; and one float32 slice per statistic (``GRAD_CHUNK``).
+  the backward pass of the largest matrix (vocab x d): with untied embeddings the embedding's
+  gradient is sparse (the sample's rows) and only the LM head's dense gradient remains,
+  :data:`GRAD_BYTES_UNTIED` bytes per element; a tied embedding takes both gradients and the dense
+  embedding backward, :data:`GRAD_BYTES_TIED`; plus one float32 slice per statistic (``GRAD_CHUNK``).
 
-The coefficients were measured on SmolLM2 (one sample of 64 and of 256 tokens, bf16 and fp32,
-CPU): the working set grew 0.85 MB per token -- the logits chain, 4 float32 copies of
-tokens x vocab -- on top of ~520 MB independent of the length: ~18 bytes per element of the
-49152 x 576 embedding, whose dense backward (float32 accumulation, plus the tied LM head's
-gradient) dominates. That term is the next thing to remove (row-sparse embedding statistics from
-the embedding output's gradient); until then it is what a run costs, and the prediction says so.
-``tests/test_footprint.py`` runs a real analysis and compares.
+The coefficients were measured on this CPU with bf16 weights (one sample, ``collect``):
+SmolLM2 (tied, 49152 x 576 embedding) grew 0.85 MB per token -- the logits chain, 4 float32
+copies of tokens x vocab -- on top of ~520 MB independent of the length (~16 bytes per embedding
+element once activations are taken out); a random untied 2-layer llama with a 64000 x 1024
+vocabulary needed ~2.6 bytes per LM-head element; a 16-layer one with a small vocabulary 207 MB
+for 205 M parameters (per-tensor gradients are freed as they come). Not measured on CUDA (no GPU
+here): the device may allocate differently. ``tests/test_footprint.py`` runs a real analysis and
+compares.
 On CUDA the weights, statistics and working set live on the GPU; the host keeps the runtime.
 
 Time per sample = (6 x tokens x matmul parameters + 12 x layers x tokens^2 x heads x head_dim)
@@ -46,7 +49,8 @@ GGUF_BYTES_PER_TOKEN = 3300
 ACT_PER_TOKEN_D = 16
 ACT_PER_TOKEN_FF = 4
 LOGIT_COPIES = 4
-GRAD_BYTES_PER_ELEMENT = 18
+GRAD_BYTES_TIED = 16
+GRAD_BYTES_UNTIED = 3
 GRAD_CHUNK = 1 << 22
 #: FLOPs a matmul benchmark reaches vs a whole forward+backward of a transformer block
 MODEL_EFFICIENCY = 0.5
@@ -189,7 +193,7 @@ def predict(shapes: Shapes, *, tokens: int, samples: int, device: str = "cpu", d
                                      + shapes.n_head * tokens) * wb
     logits = LOGIT_COPIES * tokens * shapes.vocab * 4
     largest = max(_prod(s) for s in q.values())
-    grads = largest * GRAD_BYTES_PER_ELEMENT + 2 * GRAD_CHUNK * 4
+    grads = largest * (GRAD_BYTES_TIED if shapes.tied else GRAD_BYTES_UNTIED) + 2 * GRAD_CHUNK * 4
     parts["working_set"] = act + logits + grads
     if device == "cuda":
         host = parts.pop("runtime")

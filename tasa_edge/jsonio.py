@@ -65,16 +65,7 @@ def load_json(path: str | os.PathLike, what: str = "JSON file", max_depth: int =
         raise TasaError(f"{what} not found: {p}")
     if not p.is_file():
         raise TasaError(f"{what} {p} is not a file")
-    try:
-        if p.stat().st_size > MAX_BYTES:
-            raise TasaError(f"{p}: {what} larger than {MAX_BYTES >> 20} MiB")
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise TasaError(f"cannot read {what} {p}: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise TasaError(f"{p}: {what} is not UTF-8 (byte {exc.start})") from None
+    text = read_text_file(p, what, MAX_BYTES)
     return loads(text, str(p), max_depth)
 
 

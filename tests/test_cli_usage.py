@@ -100,23 +100,10 @@ def test_impossible_budget_is_refused(tmp_path, flag, value, needle):
 
 def _tiny_analysis(tmp_path: Path) -> Path:
     """A schema-valid analysis.json for smollm2 (every quantizable tensor, one format)."""
-    import json
-
+    from synthetic import write_analysis
     from tasa_edge.model import ModelSource
     from tasa_edge.zoo import resolve_model
 
     src = ModelSource.open(resolve_model("smollm2-135m"))
-    names = [t.name for t in src.quantizable]
-    d = {
-        "format": "tasa-edge/analysis", "version": 1, "tool": "test",
-        "model": {"fingerprint": src.fingerprint, "name": src.name},
-        "config": {"target": "gguf"},
-        "mixture": {"beta": 0.5, "candidates": [], "chosen": {"task_ratio": 0.5, "size": 1, "alignment": 0.0,
-                                                               "diversity": 0.0, "score": 0.0, "members": []}},
-        "table": {k: {n: {"Q8_0": 1.0} for n in names} for k in ("ppl", "task")}
-        | {"bytes": {n: {"Q8_0": 100} for n in names}},
-        "lam": 0.5, "imatrix_path": None, "timings": {},
-    }
-    p = tmp_path / "analysis.json"
-    p.write_text(json.dumps(d))
-    return p
+    one = {t.name: {"Q8_0": 1.0} for t in src.quantizable}
+    return write_analysis(src, tmp_path / "analysis.json", one, one, {n: {"Q8_0": 100} for n in one})

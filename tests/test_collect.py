@@ -142,6 +142,42 @@ def test_row_sampled_sensitivity_is_unbiased_and_close():
     assert len({tuple(sample_rows(rows, 2730, 0.25, s)) for s in "abcdefgh"}) > 1
 
 
+def _tiny_analyze_args(tiny_llama, tmp_path):
+    import json
+    import sys
+
+    task, general = tmp_path / "task.jsonl", tmp_path / "general.txt"
+    task.write_text("".join(json.dumps({"question": f"{a} plus {b}?", "answer": f"{a + b}"}) + "\n"
+                            for a in range(8) for b in range(6)))
+    general.write_text("\n\n".join(f"The {w} sat on the mat number {i}." for i in range(12) for w in ("cat", "dog", "fox")))
+    return [sys.executable, "-m", "tasa_edge.cli", "analyze", str(tiny_llama), "-o", str(tmp_path / "out"),
+            "--task-data", str(task), "--general-data", str(general),
+            "--n-general", "8", "--n-task", "8", "--n-target", "2", "--max-tokens", "64"]
+
+
+def test_a_pickle_at_the_gradient_cache_path_is_never_run(tiny_llama, tmp_path):  # noqa: F811
+    """The cache is safetensors + JSON: a pickle put in its place is refused in one line, and the
+    code it carries does not run."""
+    import os
+    import pickle
+    import subprocess
+
+    args = _tiny_analyze_args(tiny_llama, tmp_path)
+    env = {**os.environ, "TASA_NO_PROGRESS": "1"}
+    assert subprocess.run(args, capture_output=True, text=True, env=env).returncode == 0
+    (cache,) = (tmp_path / "out").glob("gradstats-*")
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    cache.write_bytes(pickle.dumps(Payload()))
+    r = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "unreadable gradient cache" in r.stderr and "Traceback" not in r.stderr
+    assert not marker.exists()
+
+
 def test_analyze_with_a_device_profile_scores_the_profiles_fast_formats(tiny_llama, tmp_path):  # noqa: F811
     """``analyze --profile`` takes the device profile's formats for the target as the menu (those
     that fit each tensor), and its gradient cache is data only (safetensors, no pickle)."""

@@ -473,18 +473,16 @@ def _mixed_plan(src, path):
 
 def _synthetic_analysis(src, path):
     """A small analysis.json with the layout `illusion_report` reads (ppl vs task sensitivities)."""
-    from tasa_edge.results import Analysis, Candidate, Mixture, SensitivityTable
+    from synthetic import write_analysis
 
     rng = np.random.default_rng(1)
-    table = SensitivityTable()
+    ppl, task, nbytes = {}, {}, {}
     for t in src.quantizable:
         base = rng.gamma(2.0, 1.0)
-        task = base * rng.lognormal(0, 0.8)
-        table.add(t.name, "Q4_0", ppl=base, task=task, nbytes=t.n_elements * 9 // 16, rel_err=0.1)
-        table.add(t.name, "Q8_0", ppl=base / 16, task=base / 16, nbytes=t.n_elements * 17 // 16, rel_err=0.01)
-    chosen = Candidate(0.5, 8, 0.3, 0.9, 0.6, [])
-    Analysis(model={"name": src.name, "fingerprint": src.fingerprint}, config={"target": "gguf"},
-             mixture=Mixture(0.5, [chosen], chosen), table=table, lam=0.5, imatrix=None).save(path)
+        ppl[t.name] = {"Q4_0": base, "Q8_0": base / 16}
+        task[t.name] = {"Q4_0": base * rng.lognormal(0, 0.8), "Q8_0": base / 16}
+        nbytes[t.name] = {"Q4_0": t.n_elements * 9 // 16, "Q8_0": t.n_elements * 17 // 16}
+    write_analysis(src, path, ppl, task, nbytes)
 
 
 def _cli():

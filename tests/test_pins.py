@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from synthetic import write_analysis
 
 from tasa_edge import formats
 from tasa_edge.allocate import Option, solve
@@ -45,16 +46,7 @@ def synthetic_analysis(src, path: Path, seed: int = 0) -> Path:
         for k in ("ppl", "task"):
             table[k][t.name] = {f: float(base * rng.lognormal(0, 0.3) * 2.0 ** (-GGUF.bits(f, t.shape))) for f in fm}
         table["bytes"][t.name] = {f: GGUF.nbytes(f, t.shape) for f in fm}
-    d = {
-        "format": "tasa-edge/analysis", "version": 1, "tool": "test",
-        "model": {"fingerprint": src.fingerprint, "name": src.name},
-        "config": {"target": "gguf"},
-        "mixture": {"beta": 0.5, "candidates": [], "chosen": {"task_ratio": 0.5, "size": 1, "alignment": 0.0,
-                                                               "diversity": 0.0, "score": 0.0, "members": []}},
-        "table": table, "lam": 0.5, "imatrix_path": None, "imatrix": None, "timings": {},
-    }
-    path.write_text(json.dumps(d))
-    return path
+    return write_analysis(src, path, table["ppl"], table["task"], table["bytes"])
 
 
 # ---------------------------------------------------------------------------- exactness (synthetic)
