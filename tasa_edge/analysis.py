@@ -179,12 +179,11 @@ def collect(model, tok, params: dict[str, torch.nn.Parameter], pools: dict[str, 
 
     for n in names:
         hooks.append(params[n].register_post_accumulate_grad_hook(lambda p, n=n: grad_hook(p, n)))
-    # An untied token embedding gets a sparse gradient (the rows of the sample's tokens) instead of
-    # a dense vocab x d one: for LLaMA-3-8B that is 0.5 G elements of backward working set saved.
+    # The token embedding's backward is made sparse (the rows of the sample's tokens) instead of a
+    # dense vocab x d buffer with float32 accumulation: an untied embedding's statistics come from
+    # those rows alone; a tied one still gets the LM head's dense gradient, the rows added into it.
     emb = model.get_input_embeddings()
-    out_emb = model.get_output_embeddings()
-    sparse_emb = (isinstance(emb, torch.nn.Embedding) and id(emb.weight) in by_param
-                  and (out_emb is None or out_emb.weight is not emb.weight))
+    sparse_emb = isinstance(emb, torch.nn.Embedding) and id(emb.weight) in by_param
     if sparse_emb:
         emb.sparse = True
 

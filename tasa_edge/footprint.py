@@ -15,17 +15,17 @@ needed: LLaMA-3-8B's config alone is enough), and predicts for the chosen device
   scores (heads x tokens); the logits chain (:data:`LOGIT_COPIES` float32 copies of tokens x vocab);
   the backward pass of the largest matrix (vocab x d): with untied embeddings the embedding's
   gradient is sparse (the sample's rows) and only the LM head's dense gradient remains,
-  :data:`GRAD_BYTES_UNTIED` bytes per element; a tied embedding takes both gradients and the dense
-  embedding backward, :data:`GRAD_BYTES_TIED`; plus one float32 slice per statistic (``GRAD_CHUNK``).
+  :data:`GRAD_BYTES_UNTIED` bytes per element; a tied embedding also adds its rows into that
+  gradient, :data:`GRAD_BYTES_TIED`; plus one float32 slice per statistic (``GRAD_CHUNK``).
 
-The coefficients were measured on this CPU with bf16 weights (one sample, ``collect``):
-SmolLM2 (tied, 49152 x 576 embedding) grew 0.85 MB per token -- the logits chain, 4 float32
-copies of tokens x vocab -- on top of ~520 MB independent of the length (~16 bytes per embedding
-element once activations are taken out); a random untied 2-layer llama with a 64000 x 1024
-vocabulary needed ~2.6 bytes per LM-head element; a 16-layer one with a small vocabulary 207 MB
-for 205 M parameters (per-tensor gradients are freed as they come). Not measured on CUDA (no GPU
-here): the device may allocate differently. ``tests/test_footprint.py`` runs a real analysis and
-compares.
+The coefficients were measured on this CPU with bf16 weights (one sample through ``collect``,
+VmHWM over the resident set before it): SmolLM2 (tied, 49152 x 576 embedding) needed 253 MB at
+64 tokens and 655 MB at 256 -- ~2.1 MB per token, about 8 float32 copies of a logits row over
+the 30 layers' activations -- and ~5 bytes per embedding element beside; a random tied 2-layer
+llama with a 64000 x 1024 vocabulary ~4.4 bytes per element, an untied one ~2.6; a 16-layer one
+with a small vocabulary 207 MB for 205 M parameters (per-tensor gradients are freed as they come).
+Not measured on CUDA (no GPU here): the device may allocate differently.
+``tests/test_footprint.py`` runs a real analysis and compares.
 On CUDA the weights, statistics and working set live on the GPU; the host keeps the runtime.
 
 Time per sample = (6 x tokens x matmul parameters + 12 x layers x tokens^2 x heads x head_dim)
@@ -48,8 +48,8 @@ RUNTIME_BYTES = int(0.40 * GIB)
 GGUF_BYTES_PER_TOKEN = 3300
 ACT_PER_TOKEN_D = 16
 ACT_PER_TOKEN_FF = 4
-LOGIT_COPIES = 4
-GRAD_BYTES_TIED = 16
+LOGIT_COPIES = 8
+GRAD_BYTES_TIED = 5
 GRAD_BYTES_UNTIED = 3
 GRAD_CHUNK = 1 << 22
 #: FLOPs a matmul benchmark reaches vs a whole forward+backward of a transformer block
