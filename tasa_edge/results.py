@@ -131,7 +131,10 @@ class SensitivityTable:
                 for n, row in self.ppl.items()}
 
     def to_dict(self) -> dict:
-        return {"ppl": self.ppl, "task": self.task, "bytes": self.bytes, "rel_err": self.rel_err}
+        out = {"ppl": self.ppl, "task": self.task, "bytes": self.bytes}
+        if self.rel_err:
+            out["rel_err"] = self.rel_err
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "SensitivityTable":
