@@ -35,12 +35,13 @@ the model's own width on this machine (``measure_throughput``), or given (``--de
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import TasaError
+from .formats.base import n_elements
+from .jsonio import load_hf_config
 from .names import is_quantizable
 
 GIB = 1 << 30
@@ -72,17 +73,10 @@ class Shapes:
 
     @property
     def n_params(self) -> int:
-        return sum(_prod(s) for s in self.tensors.values())
+        return sum(n_elements(s) for s in self.tensors.values())
 
     def quantizable(self) -> dict[str, tuple[int, ...]]:
         return {n: s for n, s in self.tensors.items() if is_quantizable(n, s)}
-
-
-def _prod(shape) -> int:
-    out = 1
-    for s in shape:
-        out *= int(s)
-    return out
 
 
 def shapes_from_config(path: str | Path) -> Shapes:
@@ -92,10 +86,7 @@ def shapes_from_config(path: str | Path) -> Shapes:
     p = p / "config.json" if p.is_dir() else p
     if not p.is_file():
         raise TasaError(f"no config.json at {path}")
-    try:
-        cfg = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TasaError(f"{p}: not valid JSON ({exc})") from exc
+    cfg = load_hf_config(p)           # bounded read, checked structure
     cfg = cfg.get("text_config", cfg)
     try:
         d, ff, layers = int(cfg["hidden_size"]), int(cfg["intermediate_size"]), int(cfg["num_hidden_layers"])
@@ -151,7 +142,7 @@ def fisher_bytes(shapes: Shapes, form: str, fisher_dtype: str = "float32") -> in
     elif form == "block":
         per = sum(s[0] * -(-s[-1] // 32) for s in q.values()) * 4
     else:
-        per = sum(_prod(s) for s in q.values()) * (2 if fisher_dtype == "bfloat16" else 4)
+        per = sum(n_elements(s) for s in q.values()) * (2 if fisher_dtype == "bfloat16" else 4)
     return 2 * per
 
 
@@ -192,7 +183,7 @@ def predict(shapes: Shapes, *, tokens: int, samples: int, device: str = "cpu", d
     act = tokens * shapes.n_layer * (ACT_PER_TOKEN_D * shapes.d_model + ACT_PER_TOKEN_FF * shapes.d_ff
                                      + shapes.n_head * tokens) * wb
     logits = LOGIT_COPIES * tokens * shapes.vocab * 4
-    largest = max(_prod(s) for s in q.values())
+    largest = max(n_elements(s) for s in q.values())
     grads = largest * (GRAD_BYTES_TIED if shapes.tied else GRAD_BYTES_UNTIED) + 2 * GRAD_CHUNK * 4
     parts["working_set"] = act + logits + grads
     if device == "cuda":
@@ -201,7 +192,7 @@ def predict(shapes: Shapes, *, tokens: int, samples: int, device: str = "cpu", d
         parts["host_runtime"] = host
     else:
         peak = sum(parts.values())
-    matmul = sum(_prod(s) for s in q.values())
+    matmul = sum(n_elements(s) for s in q.values())
     flops = 6.0 * tokens * matmul + 12.0 * shapes.n_layer * tokens ** 2 * shapes.n_head * shapes.head_dim
     sec = flops / max(1.0, throughput_flops * MODEL_EFFICIENCY)
     fits = None if device_memory is None else peak <= device_memory

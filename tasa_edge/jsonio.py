@@ -120,22 +120,23 @@ def _finite(obj) -> bool:
     return True
 
 
-def check_plan(d, where: str = "plan") -> None:
-    """A bit plan dict: schema ``bitplan.v1`` and finite numbers."""
+def _check_document(d, schema: str, where: str) -> None:
+    """Bounded depth, the JSON schema ``schema``, and finite numbers."""
     if depth(d) > MAX_DEPTH:
         raise TasaError(f"{where}: nested deeper than {MAX_DEPTH} levels")
-    check_schema(d, "bitplan.v1", where)
+    check_schema(d, schema, where)
     if not _finite(d):
         raise TasaError(f"{where}: contains a non-finite number")
+
+
+def check_plan(d, where: str = "plan") -> None:
+    """A bit plan dict: schema ``bitplan.v1`` and finite numbers."""
+    _check_document(d, "bitplan.v1", where)
 
 
 def check_analysis(d, where: str = "analysis") -> None:
     """An analysis dict: schema ``analysis.v1`` and a consistent sensitivity table."""
-    if depth(d) > MAX_DEPTH:
-        raise TasaError(f"{where}: nested deeper than {MAX_DEPTH} levels")
-    check_schema(d, "analysis.v1", where)
-    if not _finite(d):
-        raise TasaError(f"{where}: contains a non-finite number")
+    _check_document(d, "analysis.v1", where)
     table = d["table"]
     ppl = table["ppl"]
     for src in ("task", "bytes"):
