@@ -13,7 +13,9 @@ plain forward+backward, and the error of the row-sampled sensitivity pass -- on 
 5. The sensitivity pass on a 25% row sample vs all rows: per (tensor, format) relative error and
    the plan it gives.
 
-Results: ``<out>/<model>.json`` and ``<out>/<model>.md``; printed as they come.
+Results: ``<out>/<model>.json`` and ``<out>/<model>.md``; printed as they come. Resumable: the
+analysis result and every measured plan are saved in ``<out>/work-<model>/progress.json`` as they
+come, and a re-run skips what is there.
 """
 
 from __future__ import annotations
@@ -133,18 +135,32 @@ def main(argv=None) -> int:
     cfg = AnalysisConfig(n_general=args.n_calib, n_task=args.n_calib, n_target=args.n_target,
                          max_tokens=args.max_tokens, sizes=(args.n_calib,), fisher="exact")
     res = {"model": args.model, "config": {**vars(args), "out": str(args.out)}}
-    res["analysis"] = _child(_analyse, args.model, str(work), cfg)
+    progress_path = work / "progress.json"
+    progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {"rows": []}
+
+    def save_progress():
+        tmp = progress_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(progress, indent=1))
+        os.replace(tmp, progress_path)
+
+    if "analysis" not in progress:
+        progress["analysis"] = _child(_analyse, args.model, str(work), cfg)
+        save_progress()
+    res["analysis"] = progress["analysis"]
     print(json.dumps(res["analysis"], indent=1), flush=True)
 
     src = ModelSource.open(resolve_model(args.model))
     ref = reference_gguf(src)
     eval_set = load_gsm8k("eval")[: args.n_eval]
     held = reference_logprobs(ref, eval_set)
-    rows = []
+    rows = progress["rows"]
+    done = {(r["form"], r["bpw"]) for r in rows}
     for form, name in (("exact", "analysis.json"), ("factored", "analysis-factored.json"), ("block", "analysis-block.json"),
                        ("factored, 25% rows", "analysis-factored-rows25.json")):
         an = Analysis.load(work / name)
         for bpw in args.budgets:
+            if (form, bpw) in done:
+                continue
             plan = make_plan(an, src, bpw=bpw)
             out = work / f"{form.split(',')[0]}-{'r25-' if 'rows' in form else ''}{bpw:g}.gguf"
             export_gguf(src, plan, out, imatrix=plan.export_imatrix(None), show_progress=False)
@@ -153,6 +169,7 @@ def main(argv=None) -> int:
                          "task_kld_se": m["kld_se"], "types": plan.types_used()})
             print(f"{form:>20} {bpw:4.2f} bpw: task KLD {m['kld']:.5f} ± {m['kld_se']:.5f}", flush=True)
             out.unlink()
+            save_progress()
     res["plans"] = rows
     exact = {r["bpw"]: r["task_kld"] for r in rows if r["form"] == "exact"}
     for r in rows:
