@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import formats
+from . import distributed, formats
 from .data import TextSample, build_mixture, load_general, load_gsm8k
 from .errors import TasaError
 from .fisher import FisherAccumulator
@@ -108,9 +108,10 @@ GRAD_CHUNK = 1 << 22
 
 def collect(model, tok, params: dict[str, torch.nn.Parameter], pools: dict[str, list[TextSample]],
             cfg: AnalysisConfig, cache: Path | None = None, show_progress: bool = True,
-            key: str = "") -> GradStats:
+            key: str = "", ranks: distributed.Ranks | None = None) -> GradStats:
     """Per-sample forward+backward over all pools (``params``: GGUF name -> the model's parameter);
-    resumable through ``cache`` (valid only for the same ``key``: model fingerprint + config)."""
+    resumable through ``cache`` (valid only for the same ``key``: model fingerprint + config).
+    With ``ranks``, only this rank's share of the samples (:meth:`~tasa_edge.distributed.Ranks.mine`)."""
     names = list(params)
     dev = next(model.parameters()).device
     st = load_cache(cache, names, key, cfg) if cache is not None else None
@@ -187,7 +188,8 @@ def collect(model, tok, params: dict[str, torch.nn.Parameter], pools: dict[str, 
     if sparse_emb:
         emb.sparse = True
 
-    todo = [(role, s) for role, samples in pools.items() for s in samples if s.id not in st.roles]
+    work = [(role, s) for role, samples in pools.items() for s in samples]
+    todo = [(role, s) for role, s in (ranks.mine(work) if ranks else work) if s.id not in st.roles]
     prefix = special_prefix(tok)
     t0 = time.perf_counter()
     try:
@@ -293,6 +295,30 @@ def load_cache(cache: Path, names: list[str], key: str, cfg: AnalysisConfig) -> 
         raise TasaError(f"{cache}: unreadable gradient cache ({type(exc).__name__}); delete it to recompute") from exc
 
 
+def reduce_stats(st: GradStats, ranks: distributed.Ranks, shapes: dict[str, tuple[int, int]],
+                 device=None) -> GradStats:
+    """The statistics of the whole pool from every rank's share: Fisher sums and sample counts
+    summed over the ranks, per-sample records gathered (every rank gets the result)."""
+    for src_key in sorted(st.fisher):
+        acc = st.fisher[src_key]
+        for name in st.names:                      # same tensors, same order, on every rank
+            parts = acc.ensure(name, shapes[name], device)
+            for part in sorted(parts):
+                distributed.all_sum_(parts[part], f"{src_key} Fisher statistics")
+    counts = torch.tensor([st.n["general"], st.n["task"], st.computed], dtype=torch.float64)
+    distributed.all_sum_(counts, "sample counts")
+    mine = {sid: (st.traces[sid], st.acts[sid], st.tokens[sid], st.roles[sid]) for sid in st.roles}
+    merged: dict = {}
+    for part in distributed.all_gather(mine, "per-sample statistics"):
+        merged.update(part)
+    seconds = max(distributed.all_gather(st.seconds, "timings"))
+    out = GradStats(st.names, st.fisher, {"general": int(counts[0]), "task": int(counts[1])}, {}, {}, {}, {},
+                    seconds, int(counts[2]))
+    for sid in sorted(merged):
+        out.traces[sid], out.acts[sid], out.tokens[sid], out.roles[sid] = merged[sid]
+    return out
+
+
 # ---------------------------------------------------------------------------- level 1: mixture
 def _unit(v: np.ndarray) -> np.ndarray:
     n = np.linalg.norm(v, axis=-1, keepdims=True)
@@ -352,7 +378,8 @@ SENSITIVITY_CHUNK = 1 << 22
 
 
 def sensitivities(src: ModelSource, weights, st: GradStats, menu: dict[str, list[str]],
-                  cfg: AnalysisConfig, imatrix: ImatrixStats | None, show_progress: bool = True) -> SensitivityTable:
+                  cfg: AnalysisConfig, imatrix: ImatrixStats | None, show_progress: bool = True,
+                  ranks: distributed.Ranks | None = None) -> SensitivityTable:
     """S_ppl and S_task for every (tensor, format), plus the true bytes of each.
 
     ``weights(name, r0, r1)`` returns rows ``r0:r1`` of the exact reference tensor (float32, in the
@@ -360,12 +387,15 @@ def sensitivities(src: ModelSource, weights, st: GradStats, menu: dict[str, list
     not of a lower-precision copy used for the gradients. With ``cfg.sensitivity_rows < 1``, each
     tensor larger than :data:`SAMPLED_MIN_ROWS` rows is estimated from a systematic sample of
     row stripes (every ggml / MatMulNBits block lies within one row, so rows quantize
-    independently and the scaled sample sum is unbiased)."""
+    independently and the scaled sample sum is unbiased). With ``ranks``, each rank scores its
+    share of the tensors and every rank returns the whole table."""
     spec = formats.get(cfg.target)
     imat = imatrix.means() if imatrix is not None and spec.uses_imatrix else {}
     table = SensitivityTable()
-    with progress_bar("quantization error x Fisher", total=len(menu), enabled=show_progress) as advance:
-        for name, fmts in menu.items():
+    mine = ranks.mine(list(menu)) if ranks else list(menu)
+    with progress_bar("quantization error x Fisher", total=len(mine), enabled=show_progress) as advance:
+        for name in mine:
+            fmts = menu[name]
             rows, cols = src.tensors[name].shape
             # row slices: the temporaries (float copies, one roundtrip, squared errors) of e.g.
             # a 150k-row embedding stay at a few MB instead of several copies of the tensor
@@ -390,21 +420,35 @@ def sensitivities(src: ModelSource, weights, st: GradStats, menu: dict[str, list
                           nbytes=spec.nbytes(f, src.tensors[name].shape), rel_err=math.sqrt(sums[f][2]) / wn)
             release_freed_memory()
             advance(1)
-    return table
+    if ranks is None:
+        return table
+    rows: dict[str, tuple] = {}
+    for part in distributed.all_gather({n: (table.ppl[n], table.task[n], table.bytes[n], table.rel_err[n])
+                                        for n in table.names()}, "sensitivities"):
+        rows.update(part)
+    whole = SensitivityTable()
+    for name in menu:                                   # the one-process order
+        whole.ppl[name], whole.task[name], whole.bytes[name], whole.rel_err[name] = rows[name]
+    return whole
 
 
 #: tensors with fewer rows are always scored whole
 SAMPLED_MIN_ROWS = 1024
+#: a sampled tensor is scored on about this many stripes of rows, each at least MIN_STRIPE rows
+SAMPLED_STRIPES = 32
+MIN_STRIPE = 64
 
 
 def sample_rows(rows: int, step: int, fraction: float, salt: str) -> list[tuple[int, int]]:
     """Row stripes ``[(r0, r1), ...]`` to score: all rows, or about ``fraction`` of them as every
-    k-th stripe of ``stripe`` rows from a seeded offset (systematic sampling)."""
+    k-th stripe of equal rows from a seeded offset (systematic sampling)."""
     if not 0 < fraction <= 1:
         raise TasaError(f"sensitivity row fraction must be in (0, 1], got {fraction}")
     if fraction >= 1 or rows < SAMPLED_MIN_ROWS:
         return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
-    stripe = min(64, step)
+    # stripes as wide as keeps SAMPLED_STRIPES of them spread over the tensor (each quantize call
+    # costs a fixed overhead: 64-row stripes of a 150k-row embedding were slower than all rows)
+    stripe = max(MIN_STRIPE, min(step, int(rows * fraction) // SAMPLED_STRIPES))
     n = -(-rows // stripe)
     every = max(1, round(1 / fraction))
     off = int.from_bytes(hashlib.sha256(salt.encode()).digest()[:4], "little") % every
@@ -437,44 +481,82 @@ def build_pools(cfg: AnalysisConfig, task: list[TextSample] | None = None,
 
 def analyze(src: ModelSource, out_dir: Path, cfg: AnalysisConfig, *, device: str | None = None,
             lam: float | None = None, task: list[TextSample] | None = None,
-            general: list[TextSample] | None = None, show_progress: bool = True) -> Analysis:
+            general: list[TextSample] | None = None, show_progress: bool = True,
+            ranks: distributed.Ranks | None = None) -> Analysis:
+    """The whole analysis; with ``ranks`` (:func:`tasa_edge.distributed.init`) data-parallel over
+    the job's ranks, rank 0 writing the outputs (the others return the same result, unwritten)."""
     from .torch_model import gguf_params, load_torch_model, pick_device, pick_dtype, reference_weights
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    device = distributed.device_of(ranks, device or "auto")
     # the dtype the gradients are taken in is part of the statistics' identity (cache key, report)
     cfg = replace(cfg, dtype=str(pick_dtype(pick_device(device), cfg.dtype)).removeprefix("torch."))
+    pools = build_pools(cfg, task, general)
+    key = f"{src.fingerprint}/{cfg.key()}"
+    if ranks:
+        ids = "\0".join(f"{role}:{s.id}" for role, ss in pools.items() for s in ss)
+        distributed.agree(ranks, "model, configuration or sample pools", f"{key}\0{ids}")
     model, tok = load_torch_model(src, device=device, dtype=cfg.dtype)
     t_load = time.perf_counter() - t0
-    pools = build_pools(cfg, task, general)
     params = gguf_params(model, src)
-    key = f"{src.fingerprint}/{cfg.key()}"
-    cache = out_dir / f"gradstats-{src.fingerprint.split(':')[1][:12]}-{cfg.key()}.safetensors"
+    stem = f"gradstats-{src.fingerprint.split(':')[1][:12]}-{cfg.key()}"
+    cache = out_dir / f"{stem}.safetensors"
     menu = format_menu(src, cfg)   # bad --formats fail before the gradient pass
-    st = collect(model, tok, params, pools, cfg, cache=cache, show_progress=show_progress, key=key)
+    if ranks is None:
+        st = collect(model, tok, params, pools, cfg, cache=cache, show_progress=show_progress, key=key)
+    else:
+        st = _collect_distributed(model, tok, params, pools, cfg, ranks, cache,
+                                  out_dir / f"{stem}.rank{ranks.rank}of{ranks.world}.safetensors", key, show_progress)
     weights = reference_weights(model, src, params)
     t1 = time.perf_counter()
     mixture = mixture_search(st, pools, cfg)
     imatrix = mixture_imatrix(st, mixture.chosen.members)
     imatrix.chunk_size = cfg.max_tokens
     im_path = (out_dir / "imatrix.gguf").resolve()
-    imatrix.save(im_path)
-    table = sensitivities(src, weights, st, menu, cfg, imatrix, show_progress)
+    if ranks is None or ranks.main:
+        imatrix.save(im_path)
+    table = sensitivities(src, weights, st, menu, cfg, imatrix, show_progress, ranks)
     t2 = time.perf_counter()
     lam_used = float(mixture.chosen.task_ratio if lam is None else lam)
+    peak = _peak_rss_mb() if ranks is None else max(distributed.all_gather(_peak_rss_mb(), "peak memory"))
     res = Analysis(
         model={"fingerprint": src.fingerprint, "arch": src.arch, "name": src.name, "n_params": src.n_params, "source": str(src.path)},
         config={**asdict(cfg), "formats": {k: v for k, v in menu.items()}},
         mixture=mixture,
         table=table,
         lam=lam_used,
-        imatrix=imatrix_ref(im_path),
+        imatrix=imatrix_ref(im_path) if ranks is None or ranks.main else None,
         timings={"load_s": t_load, "gradients_s": st.seconds, "sensitivity_s": t2 - t1, "total_s": t2 - t0,
-                 "n_backward": st.computed, "n_cached": len(st.roles) - st.computed, "peak_rss_mb": _peak_rss_mb()},
+                 "n_backward": st.computed, "n_cached": len(st.roles) - st.computed, "peak_rss_mb": peak,
+                 **({"ranks": ranks.world} if ranks else {})},
     )
-    res.save(out_dir / "analysis.json")
+    if ranks is None or ranks.main:
+        res.save(out_dir / "analysis.json")
     return res
+
+
+def _collect_distributed(model, tok, params, pools, cfg: AnalysisConfig, ranks: distributed.Ranks,
+                         cache: Path, shard_cache: Path, key: str, show_progress: bool) -> GradStats:
+    """The whole pool's statistics: from the merged cache of an earlier job when every rank has it,
+    else each rank's share (resumable through its own shard cache), reduced over the ranks; rank 0
+    then writes the merged cache (which a later job of any size, or one process, reuses)."""
+    names = list(params)
+    wanted = {s.id for ss in pools.values() for s in ss}
+    done = load_cache(cache, names, key, cfg)
+    complete = done is not None and wanted <= set(done.roles)
+    if all(distributed.all_gather(complete, "cache state")):
+        done.computed = 0
+        return done
+    dev = next(model.parameters()).device
+    mine = collect(model, tok, params, pools, cfg, cache=shard_cache, show_progress=show_progress, key=key,
+                   ranks=ranks)
+    st = reduce_stats(mine, ranks, {n: tuple(p.shape) for n, p in params.items()}, dev)
+    if ranks.main:
+        save_cache(st, cache, key)
+    distributed.barrier("while the merged gradient cache was written")
+    return st
 
 
 def _peak_rss_mb() -> float:

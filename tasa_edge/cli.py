@@ -196,8 +196,13 @@ def analyze(
     dry_run: bool = typer.Option(False, "--dry-run", help="Read only shapes (GGUF header or config.json) and print the predicted peak memory and time per sample; run nothing."),
     device_memory: Optional[str] = typer.Option(None, "--device-memory", help="--dry-run: memory of the device, e.g. 24GB (default: this machine's RAM on cpu)."),
     device_tflops: Optional[float] = typer.Option(None, "--device-tflops", help="--dry-run: sustained TFLOP/s of the device in the chosen dtype (default: measured on this CPU; cuda: assumed 100)."),
+    dist_timeout: float = typer.Option(600, "--dist-timeout", help="Under torchrun / accelerate launch: seconds a rank waits for the others (to join, or in a collective) before the job fails."),
 ):
-    """Gradient traces -> calibration mixture -> perplexity & reasoning sensitivity per tensor and format."""
+    """Gradient traces -> calibration mixture -> perplexity & reasoning sensitivity per tensor and format.
+
+    Started by torchrun (or accelerate launch) with several processes, the samples and tensors are
+    dealt over the ranks (gloo on CPU, NCCL on GPUs) and rank 0 writes the outputs."""
+    from . import distributed
     from . import formats as registry
     from .analysis import analyze as run
     from .data import load_user_file, split_samples
@@ -232,7 +237,15 @@ def analyze(
     cfg = AnalysisConfig(n_general=n_general, n_task=n_task, n_target=n_target, max_tokens=max_tokens,
                          beta=beta, target=target, formats=fm, seed=seed, fisher=fisher, fisher_dtype=fisher_dtype,
                          dtype=dtype, sensitivity_rows=sensitivity_rows)
-    an = run(src, out_dir, cfg, device=device, lam=lam, task=task, general=general)
+    if dist_timeout <= 0:
+        raise TasaError(f"--dist-timeout must be positive, got {dist_timeout:g}")
+    ranks = distributed.init(device, dist_timeout)
+    try:
+        an = run(src, out_dir, cfg, device=device, lam=lam, task=task, general=general, ranks=ranks)
+    finally:
+        distributed.finish(ranks)
+    if ranks is not None and not ranks.main:
+        return
     t = Table(title="calibration mixtures (gradient-trace alignment vs diversity)")
     for c in ("task ratio", "size", "alignment", "diversity", "score"):
         t.add_column(c, justify="right")

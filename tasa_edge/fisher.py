@@ -60,25 +60,30 @@ class FisherAccumulator:
     def add_rows_at(self, name: str, rows, g2: torch.Tensor, shape: tuple[int, int]) -> None:
         """Add squared gradients ``g2`` [len(rows), c] of the rows ``rows`` (a slice, or a tensor of
         distinct row indices: the non-zero rows of a sparse embedding gradient)."""
-        parts = self.parts.get(name)
-        r, c = shape
-        if parts is None:
-            z = dict(device=g2.device)
-            parts = self.parts[name] = (
-                {"full": torch.zeros(r, c, dtype=self.dtype, **z)} if self.form == "exact" else
-                {"rows": torch.zeros(r, **z), "cols": torch.zeros(c, **z)} if self.form == "factored" else
-                {"blocks": torch.zeros(r, -(-c // BLOCK), **z)})
+        parts = self.ensure(name, shape, g2.device)
         if self.form == "exact":
             key, v = "full", g2.to(self.dtype)
         elif self.form == "factored":
             parts["cols"] += g2.sum(0)
             key, v = "rows", g2.sum(1)
         else:
-            key, v = "blocks", torch.nn.functional.pad(g2, (0, (-c) % BLOCK)).reshape(g2.shape[0], -1, BLOCK).sum(-1)
+            key, v = "blocks", torch.nn.functional.pad(g2, (0, (-shape[1]) % BLOCK)).reshape(g2.shape[0], -1, BLOCK).sum(-1)
         if isinstance(rows, slice):
             parts[key][rows] += v
         else:
             parts[key].index_add_(0, rows, v)
+
+    def ensure(self, name: str, shape: tuple[int, int], device=None) -> dict[str, torch.Tensor]:
+        """The sums of tensor ``name`` (zeros until a gradient arrives)."""
+        parts = self.parts.get(name)
+        if parts is None:
+            r, c = shape
+            z = dict(device=device)
+            parts = self.parts[name] = (
+                {"full": torch.zeros(r, c, dtype=self.dtype, **z)} if self.form == "exact" else
+                {"rows": torch.zeros(r, **z), "cols": torch.zeros(c, **z)} if self.form == "factored" else
+                {"blocks": torch.zeros(r, -(-c // BLOCK), **z)})
+        return parts
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for p in self.parts.values() for t in p.values())
