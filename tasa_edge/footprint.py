@@ -5,9 +5,8 @@ needed: LLaMA-3-8B's config alone is enough), and predicts for the chosen device
 
     peak = runtime + weights + Fisher statistics + one sample's working set
 
-* runtime: the interpreter with torch and transformers (:data:`RUNTIME_BYTES`), plus, for a GGUF
-  source, gguf-py's parsed metadata (:data:`GGUF_BYTES_PER_TOKEN` per vocabulary entry: the token
-  and merge lists become numpy objects);
+* runtime: the interpreter with torch and transformers (:data:`RUNTIME_BYTES`; a GGUF source's
+  header is read without gguf-py's reader, whose parsed vocabulary would cost ~3.3 kB per token);
 * weights: every distinct parameter once (tied embeddings once) in the gradient-pass dtype;
 * Fisher statistics of both sources in the chosen form (:mod:`tasa_edge.fisher`);
 * working set of one forward+backward: the activations autograd keeps, per token and layer
@@ -46,7 +45,6 @@ from .names import is_quantizable
 
 GIB = 1 << 30
 RUNTIME_BYTES = int(0.40 * GIB)
-GGUF_BYTES_PER_TOKEN = 3300
 ACT_PER_TOKEN_D = 16
 ACT_PER_TOKEN_FF = 4
 LOGIT_COPIES = 8
@@ -176,7 +174,7 @@ def predict(shapes: Shapes, *, tokens: int, samples: int, device: str = "cpu", d
     wb = 2 if dtype == "bfloat16" else 4
     q = shapes.quantizable()
     parts = {
-        "runtime": RUNTIME_BYTES + (GGUF_BYTES_PER_TOKEN * shapes.vocab if shapes.gguf else 0),
+        "runtime": RUNTIME_BYTES,
         "weights": shapes.n_params * wb,
         "fisher": fisher_bytes(shapes, fisher, fisher_dtype),
     }

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import hf_layout
 from .errors import TasaError
-from .gguf_check import check_gguf
+from .gguf_check import GGUFSummary, check_gguf
 from .jsonio import load_hf_config
 from .names import is_quantizable, sort_key
 
@@ -65,9 +65,23 @@ class ModelSource:
     arch: str
     n_layers: int
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
-    reader: object | None = None               # gguf.GGUFReader of a GGUF source
     hf_config: dict | None = None              # config.json of an HF source
     hf_files: dict[str, Path] | None = None    # HF tensor name -> safetensors file
+    header: GGUFSummary | None = None          # the checked GGUF header (scalars, tensor table)
+    _reader: object | None = field(default=None, repr=False)
+
+    @property
+    def reader(self):
+        """gguf-py's ``GGUFReader`` of a GGUF source, opened on first use: it parses every metadata
+        array (a 49k-token vocabulary costs ~160 MB), which the analysis never needs."""
+        if self._reader is None and self.kind == "gguf":
+            from gguf import GGUFReader
+
+            try:
+                self._reader = GGUFReader(self.path, "r")
+            except Exception as exc:
+                raise TasaError(f"cannot read GGUF {self.path}: {exc}") from exc
+        return self._reader
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -86,24 +100,21 @@ class ModelSource:
 
     @classmethod
     def _open_gguf(cls, p: Path) -> "ModelSource":
-        from gguf import GGUFReader
-
-        check_gguf(p)
-        try:
-            reader = GGUFReader(p, "r")
-        except Exception as exc:
-            raise TasaError(f"cannot read GGUF {p}: {exc}") from exc
-        arch = _field(reader, "general.architecture")
-        if arch is None:
+        head = check_gguf(p)
+        arch = _scalar(head, "general.architecture")
+        if not isinstance(arch, str):
             raise TasaError(f"{p}: GGUF has no general.architecture")
-        if _field(reader, "general.type") == "imatrix":
+        if _scalar(head, "general.type") == "imatrix":
             raise TasaError(f"{p} is an importance-matrix file, not a model")
-        n_layers = int(_field(reader, f"{arch}.block_count") or 0)
+        try:
+            n_layers = int(_scalar(head, f"{arch}.block_count") or 0)
+        except (TypeError, ValueError):
+            raise TasaError(f"{p}: {arch}.block_count is not a number") from None
         tensors = {}
-        for t in reader.tensors:
-            shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-            tensors[t.name] = TensorInfo(t.name, shape, t.tensor_type.name)
-        return cls(p, "gguf", arch, n_layers, tensors, reader=reader)
+        for name, (dims, type_name, _off, _nbytes) in head.tensors.items():
+            shape = tuple(int(x) for x in reversed(dims))
+            tensors[name] = TensorInfo(name, shape, type_name)
+        return cls(p, "gguf", arch, n_layers, tensors, header=head)
 
     @classmethod
     def _open_hf(cls, p: Path) -> "ModelSource":
@@ -187,7 +198,10 @@ class ModelSource:
         return {t.name: i for i, t in enumerate(self.reader.tensors)}
 
     def raw_gguf_field(self, key: str):
-        return _field(self.reader, key) if self.kind == "gguf" else None
+        if self.kind != "gguf":
+            return None
+        v = _scalar(self.header, key) if self.header is not None else None
+        return v if v is not None else _field(self.reader, key)
 
     @cached_property
     def hparams(self) -> "hf_layout.HParams":
@@ -227,6 +241,12 @@ class ModelSource:
             "n_params": self.n_params,
             "fingerprint": self.fingerprint,
         }
+
+
+def _scalar(head: GGUFSummary, key: str):
+    """A scalar or string metadata value from the checked header (None for arrays and absent keys)."""
+    v = head.kv.get(key)
+    return v if isinstance(v, (str, int, float, bool)) else None
 
 
 def _field(reader, key: str):
