@@ -388,25 +388,30 @@ class DeviceTools:
             raise DeviceError(f"{self.t.label}: {tool} is missing on the device: {last}")
         if _NOSPACE_RE.search(r.stderr + r.stdout):
             raise DeviceError(f"{self.t.label}: device storage full while running {what}: {last}")
-        oom = r.rc == 137 or bool(_OOM_RE.search(r.stderr + r.stdout)) or self._memory_short(model)
-        if oom:
+        short = None if r.rc == 137 or _OOM_RE.search(r.stderr + r.stdout) else self._memory_short(model)
+        if r.rc == 137 or _OOM_RE.search(r.stderr + r.stdout) or short:
             why = "killed (SIGKILL, the kernel's OOM killer)" if r.rc == 137 else last
-            raise DeviceError(f"{self.t.label}: out of memory on the device: {what} failed (exit {r.rc}): {why}")
+            raise DeviceError(f"{self.t.label}: out of memory on the device: {what} failed (exit {r.rc})"
+                              + (f" -- {short}" if short else "") + f": {why}")
         raise TasaError(f"{self.t.label}: {tool} exited with {r.rc}: {last}")
 
-    def _memory_short(self, model: str | None) -> bool:
+    def _memory_short(self, model: str | None) -> str | None:
         """After a failed run: does the device's address-space limit (``ulimit -v``) or its available
-        memory fall short of the model file? (llama.cpp prints only "failed to load model" then.)"""
+        memory fall short of the model file? (llama.cpp prints only "failed to load model" then.)
+        Returns what falls short, or None."""
         if not model:
-            return False
+            return None
         need = self.remote_size(model)
         rc, out, _ = self.t.shell("ulimit -v 2>/dev/null; sed -n 's/^MemAvailable:[^0-9]*\\([0-9]*\\).*/\\1/p' /proc/meminfo")
         vals = out.split()
         if rc != 0 or need is None or not vals:
-            return False
+            return None
         limit = int(vals[0]) * 1024 if vals[0].isdigit() else None
         avail = int(vals[1]) * 1024 if len(vals) > 1 and vals[1].isdigit() else None
-        return any(v is not None and v < need + 64 * 2**20 for v in (limit, avail))
+        for what, v in (("address-space limit (ulimit -v)", limit), ("available memory", avail)):
+            if v is not None and v < need + 64 * 2**20:
+                return f"{what} {v / 2**20:.0f} MiB, model file {need / 2**20:.1f} MiB"
+        return None
 
     def bench(self, model: str, pp: int, tg: int, reps: int, threads: int, tag: str) -> dict:
         args = ["-m", model, "-p", str(pp), "-n", str(tg), "-r", str(reps), "-t", str(threads), "-o", "json"]

@@ -176,7 +176,7 @@ def test_out_of_memory_on_the_device(tmp_path, host_bin, smollm_gguf):
         r = cli(["bench", str(smollm_gguf), "--target", "ssh", "--host", srv.host, "--bin-dir", str(host_bin),
                  "--remote-dir", str(tmp_path / "board"), "--out-dir", str(out), "-t", "1", "-p", "8", "-n", "2",
                  "-r", "1"], srv.env)
-    assert_one_line_failure(r, out, r"out of memory on the device: llama-bench on .*\.gguf failed")
+    assert_one_line_failure(r, out, r"out of memory on the device: llama-bench on .*\.gguf failed \(exit 1\) -- address-space limit \(ulimit -v\) 64 MiB, model file 93\.8 MiB: ")
     assert (tmp_path / "board/models").is_dir()   # it got as far as running llama-bench
 
 
@@ -196,3 +196,42 @@ def test_storage_full_on_the_device(tmp_path, host_bin, smollm_gguf):
                                           r"\S+\.gguf needs 93\.8 MiB")
     assert "tasa-tiny-disk" not in msg
     assert not (board / "bin").exists()   # the tmpfs was the server's alone: nothing landed on this disk
+
+
+def test_device_failures_are_classified():
+    """The classification behind the one-line errors, on llama.cpp's own failure outputs."""
+    from devices import remote
+
+    class Shell(remote.Transport):  # answers the two follow-up queries of a failed run
+        kind, label = "ssh", "ssh:board"
+
+        def __init__(self, ulimit: str):
+            super().__init__("/tmp/tasa-edge")
+            self.ulimit = ulimit
+
+        def shell(self, cmd, timeout=None):
+            if cmd.startswith("wc -c"):
+                return 0, "98362432\n", ""
+            return 0, f"{self.ulimit}\n8000000\n", ""   # ulimit -v (KiB); MemAvailable 7.6 GiB
+
+    tools = remote.DeviceTools(Shell("unlimited"))
+    run = lambda rc, err: remote.ToolRun(rc, "", err, None, 1.0)  # noqa: E731
+    cases = [
+        (run(137, ""), "out of memory on the device: llama-bench on m.gguf failed (exit 137): killed (SIGKILL"),
+        (run(134, "ggml.c:1644: GGML_ASSERT(ctx->mem_buffer != NULL) failed\nerror creating backtrace: mmap: 12"),
+         "out of memory on the device"),
+        (run(1, "terminate called after throwing an instance of 'std::bad_alloc'"), "out of memory on the device"),
+        (run(1, "llama-perplexity: failed to write base: No space left on device"), "device storage full while running"),
+        (run(127, "sh: 1: /tmp/tasa-edge/bin/llama-bench: not found"), "llama-bench is missing on the device"),
+    ]
+    for r, msg in cases:
+        with pytest.raises(remote.DeviceError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+            tools._check(r, "llama-bench", "/tmp/tasa-edge/models/m.gguf")
+    # a plain failure with memory to spare is the model's own error, not the device's
+    with pytest.raises(remote.TasaError) as exc:
+        tools._check(run(1, "llama_bench: error: failed to load model 'm.gguf'"), "llama-bench", "/tmp/tasa-edge/models/m.gguf")
+    assert not isinstance(exc.value, remote.DeviceError)
+    # the same failure under a 64 MiB address-space limit is out of memory, and says why
+    with pytest.raises(remote.DeviceError, match=r"address-space limit \(ulimit -v\) 64 MiB, model file 93\.8 MiB"):
+        remote.DeviceTools(Shell("65536"))._check(run(1, "llama_bench: error: failed to load model 'm.gguf'"),
+                                                  "llama-bench", "/tmp/tasa-edge/models/m.gguf")
