@@ -286,7 +286,7 @@ class DeviceTools:
         except TasaError as exc:  # a read-only or full device directory ends the run
             raise DeviceError(str(exc)) from None
         local_wrapper = _write_temp("tasa-run.sh", WRAPPER)
-        self.push_file(local_wrapper, f"{self.rd}/tasa-run.sh")
+        self.push_file(local_wrapper, f"{self.rd}/tasa-run.sh", force=True)  # small; always this version
         if self.bin_dir is not None:
             if not self.bin_dir.is_dir():
                 raise TasaError(f"--bin-dir {self.bin_dir} is not a directory")
@@ -312,15 +312,16 @@ class DeviceTools:
         out = out.strip()
         return int(out) if rc == 0 and out.isdigit() else None
 
-    def push_file(self, local: Path, remote: str | None = None) -> str:
-        """Push ``local`` (a file) unless a file of the same size is already there; returns the remote path.
+    def push_file(self, local: Path, remote: str | None = None, force: bool = False) -> str:
+        """Push ``local`` (a file) unless a file of the same size is already there (or ``force``);
+        returns the remote path.
 
         A push that fails or leaves a file of the wrong size removes the partial file; when the
         device directory has less free space than the file needs (``df``) that is a :class:`DeviceError`."""
         local = Path(local)
         remote = remote or f"{self.rd}/models/{local.name}"
         size = local.stat().st_size
-        if self.remote_size(remote) == size:
+        if not force and self.remote_size(remote) == size:
             return remote
         err = None
         try:
