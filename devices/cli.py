@@ -63,6 +63,7 @@ def bench(
     host: Optional[str] = typer.Option(None, "--host", help="ssh target: HOST, USER@HOST or USER@HOST:PORT (default: the profile's transport.host)."),
     serial: Optional[str] = typer.Option(None, "--serial", help="adb target: device serial (adb -s), needed when several are attached."),
     bin_dir: Optional[Path] = typer.Option(None, "--bin-dir", help="adb/ssh: local directory with llama-bench and llama-perplexity built for the device (see devices/README.md); default: $TASA_LLAMA_BIN_DIR, else the device's PATH."),
+    remote_dir: Optional[str] = typer.Option(None, "--remote-dir", help="adb/ssh: absolute scratch directory on the device for the tools, models and outputs (default: the profile's, else /data/local/tmp/tasa-edge on adb, /tmp/tasa-edge over ssh)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report JSON instead of the table."),
 ):
     """Benchmark GGUF / ONNX models on this machine or an edge device: size, load time, peak RSS,
@@ -80,7 +81,7 @@ def bench(
         files, reference=reference, target=target, size=size, threads=threads, reps=reps, out_dir=out,
         profile=profile, plans=plan or [], analysis=analysis,
         memory_limit=parse_bytes(memory_limit) if memory_limit else None,
-        host=h, user=u, port=p, serial=serial, bin_dir=bin_dir,
+        host=h, user=u, port=p, serial=serial, bin_dir=bin_dir, remote_dir=remote_dir,
         n_prompt=n_prompt, n_gen=n_gen, speed_backend=speed_backend,
     )
     if output_format is not None:  # stdout holds the rows only, as with llama-bench -o
@@ -118,6 +119,8 @@ def print_summary(report: dict) -> None:
     m, s = report["machine"], report["settings"]
     console.print(f"[bold]{report['target']['kind']}[/]: {m.get('cpu') or '?'}, {m.get('threads')} threads"
               + (f", bandwidth {report['bandwidth']['read_bytes_per_s'] / 1e9:.1f} GB/s" if report.get("bandwidth") else ""))
+    if report["target"].get("emulation"):
+        console.print(f"[yellow]emulated[/]: {report['target']['emulation']['note']}", highlight=False)
     sb = report["target"].get("speed_backend")
     if sb:
         b = sb.get("build") or {}

@@ -707,6 +707,21 @@ class _LocalRun(_Run):
                 "reference_extra": self.ref_info, "target_extra": speed_info}
 
 
+_ARCH_ALIASES = {"arm64": "aarch64", "armv8l": "aarch64", "amd64": "x86_64", "x64": "x86_64"}
+
+
+def _emulation(binary_arch: str | None, device_arch: str | None) -> dict | None:
+    """When the llama.cpp binaries are built for another CPU than the device reports (``uname -m``),
+    the device runs them under an emulator (qemu-user, binfmt_misc): the speeds are then the
+    emulator's, not the device's figures. Returns that note, or None."""
+    norm = lambda a: _ARCH_ALIASES.get((a or "").lower(), (a or "").lower())  # noqa: E731
+    if not binary_arch or not device_arch or norm(binary_arch) == norm(device_arch):
+        return None
+    return {"binary_arch": norm(binary_arch), "device_arch": norm(device_arch),
+            "note": f"{norm(binary_arch)} binaries ran under emulation on a {norm(device_arch)} CPU: "
+                    "speeds, load times and RSS are the emulator's, not device figures"}
+
+
 class _RemoteRun(_Run):
     def __init__(self, *a, kind, host, user, port, serial, bin_dir, remote_dir, host_threads):
         super().__init__(*a)
@@ -721,7 +736,7 @@ class _RemoteRun(_Run):
         self.bin_dir = bin_dir
 
     def run(self) -> dict:
-        from .remote import DeviceTools
+        from .remote import DeviceTools, DeviceError
 
         t = self.transport
         t.check()
@@ -731,6 +746,7 @@ class _RemoteRun(_Run):
         self.threads = self.threads or machine["cores"] or 4
         machine["threads"] = self.threads
         tools.setup()
+        emulation = _emulation(tools.binary_arch(), machine.get("arch"))
         sz = self.size
         remote = {}
         with progress_bar(f"push to {t.label}", len(self.models), enabled=self.show) as advance:
@@ -753,6 +769,10 @@ class _RemoteRun(_Run):
                             r["peak_rss_bytes"] = max(r["peak_rss_bytes"] or 0, k["peak_rss_bytes"])
                         k.pop("peak_rss_bytes", None)
                         r["device_quality"] = {"general": k, "ctx": dev_ref["ctx"], "text_tokens": dev_ref["tokens"]}
+                    if emulation:
+                        r["speed"]["emulated"] = True
+                except DeviceError:
+                    raise  # unreachable / out of memory / storage full: no report at all
                 except TasaError as exc:
                     self.errors[m.name] = str(exc)
                 advance(1)
@@ -764,7 +784,7 @@ class _RemoteRun(_Run):
                 "reference_extra": {**self.ref_info, "device": {k: v for k, v in (dev_ref or {}).items() if k != "base"}}
                 if self.ref else {},
                 "target_extra": {"transport": t.describe(), "bin_dir": str(self.bin_dir) if self.bin_dir else None,
-                                 "host_threads": self.host_threads}}
+                                 "host_threads": self.host_threads, "emulation": emulation}}
 
     def _device_reference(self, tools) -> dict | None:
         """Push the reference and a general-text file; write llama-perplexity's KLD base once."""

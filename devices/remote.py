@@ -14,6 +14,10 @@ resident set; works with Android's toybox and busybox), and parse their output.
 
 Executables come from ``$TASA_ADB``, ``$TASA_SSH`` and ``$TASA_SCP`` (default ``adb``, ``ssh``,
 ``scp`` on ``PATH``). Files already on the device with the same size are not pushed again.
+
+A bad state of the device -- unreachable, a tool missing, out of memory, storage full, a command
+that hangs -- raises :class:`DeviceError` (a one-line :class:`TasaError`) that ends the whole run:
+the harness writes no report then.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from tasa_edge.errors import TasaError
 
 ENV_VARS = {"adb": "TASA_ADB", "ssh": "TASA_SSH", "scp": "TASA_SCP"}
 TOOLS = ("llama-bench", "llama-perplexity")
+#: ELF e_machine -> ``uname -m`` name
+ELF_MACHINES = {3: "i686", 40: "arm", 62: "x86_64", 183: "aarch64", 243: "riscv64"}
 DEFAULT_REMOTE_DIR = {"adb": "/data/local/tmp/tasa-edge", "ssh": "/tmp/tasa-edge"}
 
 #: Runs ``CMD...`` with stdout/stderr to OUT/ERR and writes its peak RSS (VmHWM, kB) to OUT.hwm.
@@ -54,6 +60,23 @@ rc=$?
 echo "$peak" >"$out.hwm"
 exit $rc
 """
+
+
+class DeviceError(TasaError):
+    """The device (not one model) is in a state that ends the run: unreachable, a llama.cpp tool
+    missing, out of memory, storage full, a command timed out."""
+
+
+#: ssh / scp / adb failing to reach the device (not a command failing on it)
+_UNREACHABLE_RE = re.compile(
+    r"Connection refused|Connection timed out|Connection reset|Connection closed|No route to host|"
+    r"Could not resolve hostname|Network is unreachable|lost connection|Permission denied \(|"
+    r"Host key verification failed|kex_exchange_identification|device offline|device unauthorized|"
+    r"no devices/emulators found|device '[^']*' not found|error: closed", re.I)
+#: a tool's output when it ran out of memory (RLIMIT_AS, cgroup limit, the kernel OOM killer)
+_OOM_RE = re.compile(r"bad_alloc|Cannot allocate memory|out of memory|failed to allocate|unable to allocate|"
+                     r"mmap: 12\b|ENOMEM|mem_buffer != NULL", re.I)
+_NOSPACE_RE = re.compile(r"No space left on device|ENOSPC|Disk quota exceeded|EDQUOT", re.I)
 
 
 def tool_path(name: str) -> str:
@@ -80,7 +103,11 @@ class Transport:
     kind = ""
 
     def __init__(self, remote_dir: str | None = None, timeout: float = 3600.0):
-        self.remote_dir = (remote_dir or DEFAULT_REMOTE_DIR[self.kind]).rstrip("/")
+        rd = remote_dir or DEFAULT_REMOTE_DIR[self.kind]
+        if not rd.startswith("/") or not _SAFE_REMOTE_PATH.fullmatch(rd) or rd.rstrip("/") == "":
+            raise TasaError(f"remote directory {rd!r}: give an absolute path of letters, digits and ._/+=@%,- "
+                            "(not / itself)")
+        self.remote_dir = rd.rstrip("/")
         self.timeout = timeout
 
     label = ""
@@ -90,7 +117,7 @@ class Transport:
             return subprocess.run(argv, capture_output=True, text=True, errors="replace",
                                   timeout=timeout or self.timeout, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
-            raise TasaError(f"{self.label}: '{' '.join(argv[:3])} ...' timed out after {timeout or self.timeout:.0f} s") from None
+            raise DeviceError(f"{self.label}: '{' '.join(argv[:3])} ...' timed out after {timeout or self.timeout:.0f} s") from None
         except OSError as exc:
             raise TasaError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
 
@@ -150,12 +177,17 @@ class AdbTransport(Transport):
 
     def shell(self, cmd: str, timeout: float | None = None) -> tuple[int, str, str]:
         r = self._run(self._base() + ["shell", cmd], timeout)
+        if r.returncode != 0 and _UNREACHABLE_RE.search(_last_line(r.stderr)):
+            raise DeviceError(f"lost the Android device {self.serial or ''}: {_last_line(r.stderr)}".replace("  ", " "))
         return r.returncode, r.stdout, r.stderr
 
     def push(self, local: Path, remote: str) -> None:
         r = self._run(self._base() + ["push", str(local), remote])
         if r.returncode != 0:
-            raise TasaError(f"adb push {local} -> {remote} failed: {_last_line(r.stderr, r.stdout)}")
+            msg = _last_line(r.stderr, r.stdout)
+            if _UNREACHABLE_RE.search(msg):
+                raise DeviceError(f"lost the Android device {self.serial or ''}: {msg}".replace("  ", " "))
+            raise TasaError(f"adb push {local} -> {remote} failed: {msg}")
 
 
 _HOST_RE = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252}[A-Za-z0-9_])?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*)$")
@@ -196,12 +228,14 @@ class SshTransport(Transport):
     def shell(self, cmd: str, timeout: float | None = None) -> tuple[int, str, str]:
         port = ["-p", str(self.port)] if self.port and self.port != 22 else []
         r = self._run([self.ssh] + self.OPTIONS + port + ["--", self.dest, cmd], timeout)
+        if r.returncode == 255:  # ssh's own failure (connect, authentication, lost connection)
+            raise DeviceError(f"cannot reach {self.dest} over ssh: {_last_line(r.stderr) or 'exit 255'}")
         return r.returncode, r.stdout, r.stderr
 
     def check(self) -> None:
         rc, out, err = self.shell("echo tasa-edge-ok", timeout=60)
         if rc != 0 or "tasa-edge-ok" not in out:
-            raise TasaError(f"cannot reach {self.dest} over ssh: {_last_line(err, out) or f'exit {rc}'}")
+            raise DeviceError(f"cannot reach {self.dest} over ssh: {_last_line(err, out) or f'exit {rc}'}")
 
     def push(self, local: Path, remote: str) -> None:
         port = ["-P", str(self.port)] if self.port and self.port != 22 else []
@@ -211,7 +245,10 @@ class SshTransport(Transport):
             raise TasaError(f"remote path {remote!r} has characters scp may expand; rename the file")
         r = self._run([self.scp, "-q"] + self.OPTIONS + port + ["--", str(local), f"{self.dest}:{remote}"])
         if r.returncode != 0:
-            raise TasaError(f"scp {local} -> {self.dest}:{remote} failed: {_last_line(r.stderr, r.stdout)}")
+            msg = _last_line(r.stderr, r.stdout)
+            if _UNREACHABLE_RE.search(msg):
+                raise DeviceError(f"cannot reach {self.dest} over ssh: {msg}")
+            raise TasaError(f"scp {local} -> {self.dest}:{remote} failed: {msg}")
 
 
 # ============================================================================ llama.cpp tools on the device
@@ -242,9 +279,14 @@ class DeviceTools:
 
     def setup(self) -> None:
         q = shlex.quote
-        self.sh(f"mkdir -p {q(self.rd)}/bin {q(self.rd)}/models {q(self.rd)}/run", what="mkdir")
+        try:
+            self.sh(f"mkdir -p {q(self.rd)}/bin {q(self.rd)}/models {q(self.rd)}/run", what="mkdir")
+        except DeviceError:
+            raise
+        except TasaError as exc:  # a read-only or full device directory ends the run
+            raise DeviceError(str(exc)) from None
         local_wrapper = _write_temp("tasa-run.sh", WRAPPER)
-        self.t.push(local_wrapper, f"{self.rd}/tasa-run.sh")
+        self.push_file(local_wrapper, f"{self.rd}/tasa-run.sh", force=True)  # small; always this version
         if self.bin_dir is not None:
             if not self.bin_dir.is_dir():
                 raise TasaError(f"--bin-dir {self.bin_dir} is not a directory")
@@ -261,7 +303,7 @@ class DeviceTools:
             rc, out, _ = self.t.shell("for t in " + " ".join(TOOLS) + "; do command -v $t || echo MISSING:$t; done")
             missing = [ln.split(":", 1)[1] for ln in out.split() if ln.startswith("MISSING:")]
             if rc != 0 or missing:
-                raise TasaError(f"{self.t.label}: no llama.cpp binaries ({', '.join(missing) or 'llama-bench'} not on the "
+                raise DeviceError(f"{self.t.label}: no llama.cpp binaries ({', '.join(missing) or 'llama-bench'} not on the "
                                 "device's PATH): build them for the device (devices/README.md) and pass --bin-dir")
             self.exe = dict(zip(TOOLS, out.split()))
 
@@ -270,15 +312,51 @@ class DeviceTools:
         out = out.strip()
         return int(out) if rc == 0 and out.isdigit() else None
 
-    def push_file(self, local: Path, remote: str | None = None) -> str:
-        """Push ``local`` (a file) unless a file of the same size is already there; returns the remote path."""
+    def push_file(self, local: Path, remote: str | None = None, force: bool = False) -> str:
+        """Push ``local`` (a file) unless a file of the same size is already there (or ``force``);
+        returns the remote path.
+
+        A push that fails or leaves a file of the wrong size removes the partial file; when the
+        device directory has less free space than the file needs (``df``) that is a :class:`DeviceError`."""
         local = Path(local)
         remote = remote or f"{self.rd}/models/{local.name}"
-        if self.remote_size(remote) != local.stat().st_size:
+        size = local.stat().st_size
+        if not force and self.remote_size(remote) == size:
+            return remote
+        err = None
+        try:
             self.t.push(local, remote)
-            if self.remote_size(remote) != local.stat().st_size:
-                raise TasaError(f"{self.t.label}: {remote} has the wrong size after the push (device storage full?)")
-        return remote
+        except DeviceError:
+            raise
+        except TasaError as exc:
+            err = str(exc)
+        if err is None and self.remote_size(remote) == size:
+            return remote
+        self.t.shell(f"rm -f {shlex.quote(remote)}")
+        free = self.free_bytes(remote.rsplit("/", 1)[0] or "/")
+        if (free is not None and free < size) or (err and _NOSPACE_RE.search(err)):
+            room = f"{free / 2**20:.1f} MiB free" if free is not None else "no space left"
+            raise DeviceError(f"{self.t.label}: device storage full: {room} in {remote.rsplit('/', 1)[0]}, "
+                              f"{local.name} needs {size / 2**20:.1f} MiB")
+        raise TasaError(err or f"{self.t.label}: {remote} has the wrong size after the push")
+
+    def free_bytes(self, remote_dir: str) -> int | None:
+        """Free bytes in ``remote_dir``'s file system (``df -Pk``; toybox and busybox too), or None."""
+        q = shlex.quote(remote_dir)
+        rc, out, _ = self.t.shell(f"df -Pk {q} 2>/dev/null || df -k {q}")
+        rows = [ln.split() for ln in out.splitlines() if ln.strip()]
+        if rc != 0 or len(rows) < 2 or len(rows[-1]) < 4 or not rows[-1][3].isdigit():
+            return None
+        return int(rows[-1][3]) * 1024
+
+    def binary_arch(self, tool: str = "llama-bench") -> str | None:
+        """The CPU architecture ``tool`` is built for (its ELF header, read on the device), or None."""
+        rc, out, _ = self.t.shell(f"od -A n -t u1 -N 20 {shlex.quote(self.exe[tool])}")
+        b = [int(x) for x in out.split() if x.isdigit()]
+        if rc != 0 or len(b) < 20 or b[:4] != [0x7F, ord("E"), ord("L"), ord("F")]:
+            return None
+        machine = b[18] | (b[19] << 8) if b[5] == 1 else (b[18] << 8) | b[19]
+        return ELF_MACHINES.get(machine, f"elf-machine-{machine}")
 
     def push_dir_model(self, local: Path) -> str:
         raise TasaError("ONNX models are benchmarked on the local target only (onnxruntime is not on the device)")
@@ -302,14 +380,44 @@ class DeviceTools:
         hwm = hwm.strip()
         return ToolRun(int(m.group(1)), stdout, stderr, int(hwm) * 1024 if hwm.isdigit() and int(hwm) > 0 else None, secs)
 
-    def _check(self, r: ToolRun, tool: str) -> None:
-        if r.rc != 0:
-            raise TasaError(f"{self.t.label}: {tool} exited with {r.rc}: {_last_line(r.stderr, r.stdout)}")
+    def _check(self, r: ToolRun, tool: str, model: str | None = None) -> None:
+        if r.rc == 0:
+            return
+        last = _last_line(r.stderr, r.stdout)
+        what = f"{tool} on {model.rsplit('/', 1)[-1]}" if model else tool
+        if r.rc == 127 and re.search(r"not found|No such file", r.stderr + r.stdout):
+            raise DeviceError(f"{self.t.label}: {tool} is missing on the device: {last}")
+        if _NOSPACE_RE.search(r.stderr + r.stdout):
+            raise DeviceError(f"{self.t.label}: device storage full while running {what}: {last}")
+        short = None if r.rc == 137 or _OOM_RE.search(r.stderr + r.stdout) else self._memory_short(model)
+        if r.rc == 137 or _OOM_RE.search(r.stderr + r.stdout) or short:
+            why = "killed (SIGKILL, the kernel's OOM killer)" if r.rc == 137 else last
+            raise DeviceError(f"{self.t.label}: out of memory on the device: {what} failed (exit {r.rc})"
+                              + (f" -- {short}" if short else "") + f": {why}")
+        raise TasaError(f"{self.t.label}: {tool} exited with {r.rc}: {last}")
+
+    def _memory_short(self, model: str | None) -> str | None:
+        """After a failed run: does the device's address-space limit (``ulimit -v``) or its available
+        memory fall short of the model file? (llama.cpp prints only "failed to load model" then.)
+        Returns what falls short, or None."""
+        if not model:
+            return None
+        need = self.remote_size(model)
+        rc, out, _ = self.t.shell("ulimit -v 2>/dev/null; sed -n 's/^MemAvailable:[^0-9]*\\([0-9]*\\).*/\\1/p' /proc/meminfo")
+        vals = out.split()
+        if rc != 0 or need is None or not vals:
+            return None
+        limit = int(vals[0]) * 1024 if vals[0].isdigit() else None
+        avail = int(vals[1]) * 1024 if len(vals) > 1 and vals[1].isdigit() else None
+        for what, v in (("address-space limit (ulimit -v)", limit), ("available memory", avail)):
+            if v is not None and v < need + 64 * 2**20:
+                return f"{what} {v / 2**20:.0f} MiB, model file {need / 2**20:.1f} MiB"
+        return None
 
     def bench(self, model: str, pp: int, tg: int, reps: int, threads: int, tag: str) -> dict:
         args = ["-m", model, "-p", str(pp), "-n", str(tg), "-r", str(reps), "-t", str(threads), "-o", "json"]
         r = self.run("llama-bench", args, tag)
-        self._check(r, "llama-bench")
+        self._check(r, "llama-bench", model)
         res = parse_llama_bench(r.stdout)
         res["peak_rss_bytes"] = r.peak_rss_bytes
         res["wall_s"] = r.seconds
@@ -318,14 +426,14 @@ class DeviceTools:
     def kld_base(self, ref: str, text: str, base: str, ctx: int, threads: int) -> dict:
         args = ["-m", ref, "-f", text, "-c", str(ctx), "-b", str(ctx), "-t", str(threads), "--kl-divergence-base", base]
         r = self.run("llama-perplexity", args, "kld-base")
-        self._check(r, "llama-perplexity")
+        self._check(r, "llama-perplexity", ref)
         return parse_perplexity(r.stdout + "\n" + r.stderr, kld=False)
 
     def kld(self, model: str, base: str, ctx: int, threads: int, tag: str) -> dict:
         args = ["-m", model, "-c", str(ctx), "-b", str(ctx), "-t", str(threads),
                 "--kl-divergence-base", base, "--kl-divergence"]
         r = self.run("llama-perplexity", args, tag)
-        self._check(r, "llama-perplexity")
+        self._check(r, "llama-perplexity", model)
         res = parse_perplexity(r.stdout + "\n" + r.stderr, kld=True)
         res["peak_rss_bytes"] = r.peak_rss_bytes
         return res
@@ -393,6 +501,7 @@ _PPL_PATTERNS = {
     "top1": rf"Same top p:\s*{_NUM}\s*±\s*{_NUM}\s*%",
     "final_ppl": rf"Final estimate: PPL = {_NUM} \+/- {_NUM}",
     "load_ms": rf"load time\s*=\s*{_NUM}\s*ms",
+    "load_stamp": r"(?m)^(\d+)\.(\d+)\.(\d+)\.(\d+) I system_info:",
 }
 
 
@@ -412,6 +521,9 @@ def parse_perplexity(text: str, kld: bool = True) -> dict:
         name = {"final_ppl": "ppl" if "ppl" not in out else "final_ppl"}.get(key, key)
         if key == "load_ms":
             out["load_s"] = vals[0] / 1000.0
+            continue
+        if key == "load_stamp":  # newer llama.cpp: no perf "load time"; the log stamp (min.s.ms.us) when ready
+            out.setdefault("load_s", 60 * vals[0] + vals[1] + vals[2] / 1e3 + vals[3] / 1e6)
             continue
         out[name] = vals[0] * scale
         if len(vals) > 1:

@@ -4,6 +4,7 @@ JSON layout (stable; new keys may be added, existing ones keep their meaning)::
 
     {"schema": "tasa-edge/bench-report", "version": 1, "tool", "created",
      "target":   {"kind": "local"|"adb"|"ssh", "profile": {...}|null, "memory_limit_bytes", "transport"?,
+                  "emulation"?: {"binary_arch", "device_arch", "note"} | null  (device runs the tools emulated),
                   "speed_backend"?: {"gguf": "llama-bench"|"llama-cpp-python", "reason", "build"?}},
      "machine":  {"cpu", "cores", "usable_cores", "threads", "ram_bytes", "arch", "os", "host", "features", "software"},
      "settings": {"name": "small", "pp", "tg", "reps", "general_docs", "general_tokens", "task_examples",
@@ -12,7 +13,7 @@ JSON layout (stable; new keys may be added, existing ones keep their meaning)::
      "bandwidth": {"method", "read_bytes_per_s", "copy_bytes_per_s", "threads"} | null,
      "models": [{"name", "path", "format", "types", "file_bytes", "tensor_bytes", "params", "bpw",
                  "load_s", "peak_rss_bytes", "rss_before_load_bytes",
-                 "speed": {"backend", "threads", "reps", "warmup", "pp": {"n_tokens", "ts_mean", "ts_std",
+                 "speed": {"backend", "threads", "reps", "warmup", "emulated"?, "pp": {"n_tokens", "ts_mean", "ts_std",
                            "samples_ts"}, "tg": {...}},
                  "quality": {"general": {"n", "ppl", "kld", "kld_se", "kld_p99", "top1", "ppl_ref", "delta_p"},
                              "task": {...}, "measured_on": "target"|"host"},
@@ -115,6 +116,8 @@ def markdown(report: dict) -> str:
                  f"{s['threads']} threads; general text {s['general_docs'] or 'all'} docs x {s['general_tokens']} tokens, "
                  f"task KLD on {s['task_examples'] or 'all'} GSM8K answers, GSM8K {s['gsm8k_examples'] or 'all'} "
                  f"questions ({s['shots']}-shot, greedy, <= {s['max_gen_tokens']} tokens), held-out split")
+    if t.get("emulation"):
+        lines.append(f"- **emulated**: {t['emulation']['note']}")
     sb = t.get("speed_backend")
     if sb:
         b = sb.get("build") or {}

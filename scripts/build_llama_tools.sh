@@ -15,6 +15,16 @@
 # ggml_backend_amx_mul_mat, seen with llama-cpp-python's own -march=native library) on VMs that
 # list amx_* flags without granting the tile state. Elsewhere GGML_NATIVE=ON.
 #
+# Cross target: `build_llama_tools.sh aarch64` (`make tools-aarch64`) builds only llama-bench and
+# llama-perplexity for aarch64 Linux with Debian's cross compiler (aarch64-linux-gnu-gcc/g++, packages
+# gcc-aarch64-linux-gnu g++-aarch64-linux-gnu), fully static (-static: no .so, no loader needed on
+# the device), OpenMP off (ggml's own thread pool, as llama.cpp's Android build), for
+# armv8.2-a+dotprod+fp16 (Cortex-A76: Raspberry Pi 5; runs on newer phones too), into
+#
+#   ${TASA_EDGE_CACHE:-~/.cache/tasa-edge}/llama.cpp-<version>-aarch64/bin/llama-{bench,perplexity}
+#
+# The binaries run on an aarch64 board/phone, or here under qemu-user (`qemu-aarch64 BIN`).
+#
 # Env: PY (python, default python3), JOBS (parallel jobs, default 2), LLAMA_TOOLS_CMAKE_ARGS (extra
 #      cmake arguments, e.g. "-DGGML_NATIVE=ON" to get AMX back), TASA_KEEP_LLAMA_BUILD=1 keeps the
 #      unpacked source and the cmake build directory.
@@ -22,11 +32,16 @@ set -euo pipefail
 
 PY="${PY:-python3}"
 JOBS="${JOBS:-2}"
-TOOLS=(llama-bench llama-perplexity llama-quantize llama-imatrix)
+TARGET="${1:-host}"
+case "$TARGET" in
+    host) TOOLS=(llama-bench llama-perplexity llama-quantize llama-imatrix); SUFFIX="" ;;
+    aarch64) TOOLS=(llama-bench llama-perplexity); SUFFIX="-aarch64" ;;
+    *) echo "error: unknown target '$TARGET' (host or aarch64)" >&2; exit 2 ;;
+esac
 
 VERSION="$("$PY" -c 'from importlib.metadata import version; print(version("llama_cpp_python"))')"
 CACHE="${TASA_EDGE_CACHE:-$HOME/.cache/tasa-edge}"
-PREFIX="$CACHE/llama.cpp-$VERSION"
+PREFIX="$CACHE/llama.cpp-$VERSION$SUFFIX"
 BIN="$PREFIX/bin"
 
 cpu_args() {
@@ -42,7 +57,23 @@ cpu_args() {
         "$(on avx512_bf16 GGML_AVX512_BF16)" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
     echo "${a[*]}"
 }
-CMAKE_ARGS="$(cpu_args) ${LLAMA_TOOLS_CMAKE_ARGS:-}"
+cross_args() {
+    local cc=aarch64-linux-gnu-gcc cxx=aarch64-linux-gnu-g++
+    # GGML_OPENMP=OFF here overrides the =ON of the common cmake line (the later -D wins)
+    echo "-DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR=aarch64 -DCMAKE_C_COMPILER=$cc" \
+         "-DCMAKE_CXX_COMPILER=$cxx -DCMAKE_FIND_ROOT_PATH=/usr/aarch64-linux-gnu" \
+         "-DCMAKE_FIND_ROOT_PATH_MODE_PROGRAM=NEVER -DCMAKE_FIND_ROOT_PATH_MODE_LIBRARY=ONLY" \
+         "-DCMAKE_FIND_ROOT_PATH_MODE_INCLUDE=ONLY -DCMAKE_EXE_LINKER_FLAGS=-static" \
+         "-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16 -DGGML_OPENMP=OFF -DLLAMA_CURL=OFF"
+}
+if [ "$TARGET" = aarch64 ]; then
+    command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 && command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 || {
+        echo "error: aarch64-linux-gnu-gcc/g++ not found (apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)" >&2
+        exit 1; }
+    CMAKE_ARGS="$(cross_args) ${LLAMA_TOOLS_CMAKE_ARGS:-}"
+else
+    CMAKE_ARGS="$(cpu_args) ${LLAMA_TOOLS_CMAKE_ARGS:-}"
+fi
 CMAKE_ARGS="${CMAKE_ARGS% }"
 
 have_all() {
@@ -55,7 +86,7 @@ EOF
 }
 
 if have_all; then
-    echo "llama.cpp tools for llama-cpp-python $VERSION: $BIN (cached)"
+    echo "llama.cpp tools ($TARGET) for llama-cpp-python $VERSION: $BIN (cached)"
     exit 0
 fi
 
@@ -103,15 +134,17 @@ cmake --build "$BUILD" -j "$JOBS" --target "${TOOLS[@]}" >"$PREFIX/cmake-build.l
 mkdir -p "$BIN"
 for t in "${TOOLS[@]}"; do install -m 755 "$BUILD/bin/$t" "$BIN/$t"; done
 END=$(date +%s)
-"$PY" - "$PREFIX/BUILD_INFO.json" "$VERSION" "$COMMIT" "$((END - START))" "$CMAKE_ARGS" <<'EOF'
-import json, sys, platform, datetime
-path, version, commit, secs, cmake_args = sys.argv[1:]
+MACHINE="$(uname -m)"
+[ "$TARGET" = aarch64 ] && MACHINE=aarch64
+"$PY" - "$PREFIX/BUILD_INFO.json" "$VERSION" "$COMMIT" "$((END - START))" "$CMAKE_ARGS" "$MACHINE" <<'EOF'
+import json, sys, datetime
+path, version, commit, secs, cmake_args, machine = sys.argv[1:]
 json.dump({"llama_cpp_python": version, "llama_cpp_commit": commit, "cmake_args": cmake_args,
            "source": f"llama_cpp_python-{version}.tar.gz (PyPI sdist) vendor/llama.cpp",
            "cmake": "Release, CPU only, BUILD_SHARED_LIBS=OFF",
-           "machine": platform.machine(), "build_seconds": int(secs),
+           "machine": machine, "build_seconds": int(secs),
            "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
           open(path, "w"), indent=1)
 EOF
 [ "${TASA_KEEP_LLAMA_BUILD:-0}" = 1 ] || rm -rf "$WORK"
-echo "llama.cpp tools for llama-cpp-python $VERSION (llama.cpp@$COMMIT): $BIN (built in $((END - START)) s)"
+echo "llama.cpp tools ($TARGET) for llama-cpp-python $VERSION (llama.cpp@$COMMIT): $BIN (built in $((END - START)) s)"
