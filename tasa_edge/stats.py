@@ -170,7 +170,9 @@ def wilson(k: int, n: int, level: float = LEVEL) -> Interval:
     den = 1.0 + z * z / n
     centre = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return Interval(p, max(0.0, centre - half), min(1.0, centre + half), level, "wilson", int(n))
+    lo = 0.0 if k == 0 else max(0.0, centre - half)      # exact ends where the closed form rounds
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return Interval(p, lo, hi, level, "wilson", int(n))
 
 
 def mcnemar_exact(a_ok, b_ok) -> McNemar:

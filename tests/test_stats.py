@@ -32,6 +32,10 @@ def test_wilson_matches_scipy(k, n):
     assert iv.lo == pytest.approx(ref.low, abs=1e-12) and iv.hi == pytest.approx(ref.high, abs=1e-12)
 
 
+def test_wilson_ends_are_exact():
+    assert stats.wilson(0, 3).lo == 0.0 and stats.wilson(3, 3).hi == 1.0
+
+
 def test_wilson_bad_input():
     for k, n in [(3, 0), (-1, 5), (6, 5)]:
         with pytest.raises(TasaError):
