@@ -6,6 +6,10 @@ real quantized bytes; its F32 reference (same fingerprint) is the "other file of
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import gguf_tensors
@@ -149,3 +153,40 @@ def test_menu_pins_sweep_and_planning_with_source(tmp_path, smollm, smollm_f32):
     curve = sweep(an, smollm, points=3)
     assert curve[-1]["types"] == {SOURCE: 211} and curve[-1]["loss"] == 0.0
     assert json.loads(json.dumps(curve))
+
+
+@pytest.mark.slow
+def test_sensitivity_of_source_is_zero_and_its_bytes_are_the_source_tensor(smollm):
+    """The sensitivity pass scores ``source`` at zero error and the source tensor's bytes, next to a
+    real re-quantized format (the Fisher weighting here is the plain sum of squared errors)."""
+    from types import SimpleNamespace
+
+    from tasa_edge.analysis import sensitivities
+
+    class SumFisher:
+        def weighted_error(self, name, r0, d2, n):
+            return float(d2.sum())
+
+    names = ["token_embd.weight", "blk.0.attn_v.weight"]
+    st = SimpleNamespace(fisher={"general": SumFisher(), "task": SumFisher()}, n={"general": 1, "task": 1})
+    menu = {n: ["Q8_0", SOURCE] for n in names}
+    cache = {n: smollm.read(n) for n in names}
+    table = sensitivities(smollm, lambda n, r0, r1: cache[n][r0:r1], st, menu, AnalysisConfig(), None,
+                          show_progress=False)
+    for n in names:
+        info = smollm.tensors[n]
+        assert table.ppl[n][SOURCE] == table.task[n][SOURCE] == table.rel_err[n][SOURCE] == 0.0
+        assert table.bytes[n][SOURCE] == GGUF.nbytes(info.src_type, info.shape) == len(
+            smollm._gguf_tensor(n).data.tobytes())
+        assert table.ppl[n]["Q8_0"] > 0 or info.src_type == "Q8_0"      # re-quantizing Q8_0 data to Q8_0 may be exact
+    assert table.ppl["blk.0.attn_v.weight"]["Q8_0"] > 0
+    assert table.bytes["token_embd.weight"][SOURCE] == table.bytes["token_embd.weight"]["Q8_0"]   # a Q8_0 source
+
+
+def test_onnx_uniform_source_is_one_line_error(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "tasa_edge.cli", "export", "smollm2-135m", "--format", "onnx",
+                        "--type", "source", "-o", str(tmp_path / "o")], capture_output=True, text=True, cwd=root,
+                       env={**os.environ, "PYTHONPATH": str(root), "TASA_NO_PROGRESS": "1"})
+    assert r.returncode == 2 and "GGUF plans only" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o").exists()

@@ -77,7 +77,7 @@ class Target(ABC):
     def tensor_nbytes(self, fmt: str, info) -> int:
         """Bytes of tensor ``info`` (a :class:`tasa_edge.model.TensorInfo`) in plan value ``fmt``
         (:data:`SOURCE` included)."""
-        return self.nbytes(self.resolve(fmt, info.src_type), info.shape)
+        return self.nbytes(self.resolve(fmt, info.src_type) if fmt == SOURCE else fmt, info.shape)
 
     def fits(self, fmt: str, shape: tuple[int, ...]) -> bool:
         return self.misfit(fmt, shape) is None
