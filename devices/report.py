@@ -213,7 +213,12 @@ def interval_lines(report: dict) -> list[str]:
     models = [e for e in report["models"] if e.get("quality") or e.get("gsm8k")]
     if not models:
         return []
-    out = ["", "Quality with 95% intervals (KLD / top-1 / PPL: percentile bootstrap over samples; GSM8K: Wilson):", "",
+    n_min = min([n for e in models for n in (_get(e, "quality", "general", "n_samples"),
+                                              _get(e, "quality", "task", "n_samples")) if n] or [0])
+    note = (f" Intervals over fewer than 20 samples (here {n_min}) are optimistic: the percentile bootstrap "
+            "under-covers on small samples; use a larger --size for claims." if 0 < n_min < 20 else "")
+    out = ["", "Quality with 95% intervals (KLD / top-1 / PPL: percentile bootstrap over samples; GSM8K: Wilson)."
+           + note, "",
            "| model | samples g/t | KLD general | top-1 general | PPL general | KLD task | top-1 task | PPL task "
            "| GSM8K strict | GSM8K flex |", "|" + "---|" * 10]
     for e in models:
