@@ -190,3 +190,29 @@ def test_onnx_uniform_source_is_one_line_error(tmp_path):
                        env={**os.environ, "PYTHONPATH": str(root), "TASA_NO_PROGRESS": "1"})
     assert r.returncode == 2 and "GGUF plans only" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_all_source_plan_on_a_q4_k_m_source_is_the_source(tmp_path):
+    """The motivating case: gemma-3 ships as Q4_K_M (Q4_K, Q6_K, Q5_0, Q8_0 tensors); an all-source
+    plan writes those bytes back exactly, and llama.cpp loads and generates with the file."""
+    from tasa_edge.zoo import resolve_model
+
+    path = resolve_model("gemma3-270m")
+    src = ModelSource.open(path)
+    assert {"Q4_K", "Q6_K"} <= {t.src_type for t in src.quantizable}
+    out = tmp_path / "gemma-source.gguf"
+    export_gguf(src, BitPlan.uniform(src, "source"), out, show_progress=False)
+    assert gguf_tensors(out) == gguf_tensors(path)
+    assert generate(out, "The capital of France is", max_tokens=6).strip()
+
+
+@pytest.mark.slow
+def test_cli_export_type_source_and_inspect(tmp_path, smollm_path):
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "TASA_NO_PROGRESS": "1"}
+    out = tmp_path / "same.gguf"
+    r = subprocess.run([sys.executable, "-m", "tasa_edge.cli", "export", "smollm2-135m", "--type", "source",
+                        "-o", str(out)], capture_output=True, text=True, cwd=root, env=env)
+    assert r.returncode == 0, r.stderr
+    assert gguf_tensors(out) == gguf_tensors(smollm_path)
