@@ -15,7 +15,7 @@ JSON layout (stable; new keys may be added, existing ones keep their meaning)::
                  "speed": {"backend", "threads", "reps", "warmup", "pp": {"n_tokens", "ts_mean", "ts_std",
                            "samples_ts"}, "tg": {...}},
                  "quality": {"general": {"n", "ppl", "kld", "kld_se", "kld_p99", "top1", "ppl_ref", "delta_p",
-                                         "n_samples", "kld_ci", "top1_ci", "ppl_ci", "ppl_ref_ci"},
+                                         "n_samples", "kld_ci", "top1_ci", "ppl_ci", "ppl_ref_ci", "delta_p_ci"},
                              "task": {...}, "measured_on": "target"|"host"},
                  "device_quality": {"general": {llama-perplexity summary}} | null,
                  "gsm8k": {"n", "shots", "strict_match", "flexible_extract", "strict_match_ci",
@@ -23,7 +23,7 @@ JSON layout (stable; new keys may be added, existing ones keep their meaning)::
                  "decode": {"bytes_per_token", "bytes_per_s", "bandwidth_fraction"} | null,
                  "error": null | "one line"}],
      "comparisons": {"baseline": NAME, "level": 0.95, "method": {...},
-                     "rows": [{"model", "baseline", "general"|"task": {"kld"|"top1"|"ppl": {"a", "b", "diff", "lo",
+                     "rows": [{"model", "baseline", "general"|"task": {"kld"|"top1"|"ppl"|"delta_p": {"a", "b", "diff", "lo",
                                "hi", "level", "method", "n"}}, "gsm8k": {"strict_match"|"flexible_extract":
                                {"n", "a_correct", "b_correct", "a_only", "b_only", "pvalue", "diff"}}}]},
      "plots": {"pareto": "pareto.png", "plans": {...}, "illusion": "illusion.png"},

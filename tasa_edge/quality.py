@@ -148,17 +148,22 @@ def _ppl(mean_lp):
 class SampleSums:
     """Per-sample sums of a file's per-position figures (one entry per evaluation text): the unit
     the intervals resample and the pairing key of comparisons. ``positions[i]``: scored positions
-    of sample i; ``kl``/``same``/``lq``/``ref_lp``: sums over them of KL, top-1 agreement, the
-    model's and the reference's log-prob of the true next token (None where not measured)."""
+    of sample i; ``kl``/``same``/``lq``/``ref_lp``/``dp``: sums over them of KL, top-1 agreement, the
+    model's and the reference's log-prob of the true next token, and the change of its probability
+    (None where not measured). The 99th percentile and maximum of KL are not ratios of per-sample
+    sums and get no interval."""
 
     positions: np.ndarray
     lq: np.ndarray | None = None
     kl: np.ndarray | None = None
     same: np.ndarray | None = None
     ref_lp: np.ndarray | None = None
+    dp: np.ndarray | None = None
 
     #: figure -> (field, transform of the ratio sum/positions)
-    FIGURES = {"kld": ("kl", None), "top1": ("same", None), "ppl": ("lq", _ppl), "ppl_ref": ("ref_lp", _ppl)}
+    FIGURES = {"kld": ("kl", None), "top1": ("same", None), "ppl": ("lq", _ppl), "ppl_ref": ("ref_lp", _ppl),
+               "delta_p": ("dp", None)}
+    FIELDS = ("positions", "lq", "kl", "same", "ref_lp", "dp")
 
     @classmethod
     def from_positions(cls, lengths, *, lq_t=None, kl=None, same=None, tgt_lp=None) -> "SampleSums":
@@ -168,7 +173,10 @@ class SampleSums:
         def agg(v):
             return None if v is None else stats.per_sample_sums(np.asarray(v).astype(np.float64), ln)[keep]
 
-        return cls(ln[keep], agg(lq_t), agg(kl), agg(same), agg(tgt_lp))
+        dp = None
+        if lq_t is not None and tgt_lp is not None and kl is not None:
+            dp = np.exp(np.asarray(lq_t, np.float64)) - np.exp(np.asarray(tgt_lp, np.float64))
+        return cls(ln[keep], agg(lq_t), agg(kl), agg(same), agg(tgt_lp), agg(dp))
 
     @property
     def n_samples(self) -> int:
@@ -197,12 +205,11 @@ class SampleSums:
         return out
 
     def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
-        return {prefix + k: v for k in ("positions", "lq", "kl", "same", "ref_lp")
-                if (v := getattr(self, k)) is not None}
+        return {prefix + k: v for k in self.FIELDS if (v := getattr(self, k)) is not None}
 
     @classmethod
     def from_arrays(cls, arrays, prefix: str = "") -> "SampleSums":
-        return cls(*(arrays.get(prefix + k) for k in ("positions", "lq", "kl", "same", "ref_lp")))
+        return cls(*(arrays.get(prefix + k) for k in cls.FIELDS))
 
 
 def compare_logits(ref: np.ndarray, q: np.ndarray, targets: np.ndarray | None = None) -> dict:

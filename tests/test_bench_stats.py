@@ -12,7 +12,7 @@ from devices.report import comparison_lines, interval_lines
 from tasa_edge import quality
 from tasa_edge.errors import TasaError
 
-FIGURES = ("kld", "top1", "ppl", "ppl_ref")
+FIGURES = ("kld", "top1", "ppl", "ppl_ref", "delta_p")
 
 
 def _sums(rng, lengths, scale):
@@ -37,7 +37,7 @@ def test_comparisons_and_markdown_tables():
     assert row["model"] == "b"
     for s in ("general", "task"):
         assert row[s]["kld"]["diff"] > 0 and row[s]["kld"]["lo"] > 0         # b is worse on every sample
-        assert set(row[s]) == {"kld", "top1", "ppl"}
+        assert set(row[s]) == {"kld", "top1", "ppl", "delta_p"}
     t = row["gsm8k"]["flexible_extract"]
     assert (t["a_correct"], t["b_correct"], t["a_only"], t["b_only"]) == (2, 9, 0, 7)
     assert t["pvalue"] == pytest.approx(2 / 128) and t["diff"] == pytest.approx(-0.7)

@@ -141,13 +141,14 @@ def test_summarize_intervals_and_sample_sums_pairing():
     ref = lq + 0.05
     s = quality.summarize(lq, kl, same, ref, lengths=lengths)
     assert s["n_samples"] == 25
-    for k in ("kld", "top1", "ppl", "ppl_ref"):
+    assert s["delta_p_ci"]["estimate"] == pytest.approx(s["delta_p"])
+    for k in ("kld", "top1", "ppl", "ppl_ref", "delta_p"):
         ci = s[f"{k}_ci"]
         assert ci["estimate"] == pytest.approx(s[k]) and ci["lo"] < s[k] < ci["hi"], k
     a = quality.SampleSums.from_positions(lengths, lq_t=lq, kl=kl, same=same, tgt_lp=ref)
     b = quality.SampleSums.from_positions(lengths, lq_t=lq - 0.2, kl=kl * 2, same=same, tgt_lp=ref)
     p = a.paired(b)
-    assert set(p) == {"kld", "top1", "ppl"}
+    assert set(p) == {"kld", "top1", "ppl", "delta_p"}
     assert p["kld"].hi < 0 and p["ppl"].hi < 0 and p["top1"].diff == 0.0
     back = quality.SampleSums.from_arrays(a.to_arrays("x_"), "x_")
     assert np.array_equal(back.kl, a.kl) and np.array_equal(back.positions, a.positions)
