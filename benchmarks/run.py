@@ -10,6 +10,10 @@ GSM8K accuracy (few-shot, greedy, lm-eval extraction) on the models listed in ``
 decode/prompt tokens/s of TASA files vs llama.cpp mixes of equal size and decode bytes/s as a
 fraction of the measured read bandwidth; export time vs ``llama_model_quantize``; analysis wall
 time and peak memory (own process) and how the per-sample cost grows with tokens.
+Every KLD / top-1 / PPL figure carries a 95% interval (percentile bootstrap over the evaluation
+samples, :mod:`tasa_edge.stats`), every GSM8K accuracy a Wilson interval; the precision-inversion
+verdicts are paired (same samples / questions: paired bootstrap of the task-KLD difference, exact
+McNemar for GSM8K) and three-valued: inverted, not inverted, inconclusive (at 95%).
 Writes results.json, results.md and one PNG per table to ``--out``.
 
     python benchmarks/run.py --models smollm2-135m gemma3-270m qwen2.5-coder-1.5b --out benchmarks/results
@@ -27,6 +31,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exporters.baseline import quantize_baseline  # noqa: E402
@@ -36,7 +42,8 @@ from tasa_edge.analysis import pick  # noqa: E402
 from tasa_edge.results import AnalysisConfig  # noqa: E402
 from tasa_edge.data import load_general, load_gsm8k  # noqa: E402
 from tasa_edge.errors import TasaError  # noqa: E402
-from tasa_edge.evaluate import kld_vs_reference, reference_logprobs  # noqa: E402
+from tasa_edge import quality, stats  # noqa: E402
+from tasa_edge.evaluate import reference_logprobs, score_vs_reference  # noqa: E402
 from tasa_edge.imatrix import load_imatrix  # noqa: E402
 from tasa_edge.inspect import inspect_gguf  # noqa: E402
 from tasa_edge.model import ModelSource  # noqa: E402
@@ -140,8 +147,11 @@ def gsm8k(path: Path, threads: int, examples: list[dict], prefix: str, max_token
     t0 = time.perf_counter()
     rows = run_gsm8k(GGUFBackend(str(path), threads), examples, prefix, max_tokens)
     n = len(rows)
-    return {"n": n, "strict": sum(r["strict_ok"] for r in rows) / n, "flexible": sum(r["flexible_ok"] for r in rows) / n,
-            "correct_flexible": sum(r["flexible_ok"] for r in rows), "seconds": time.perf_counter() - t0,
+    k_flex, k_strict = sum(r["flexible_ok"] for r in rows), sum(r["strict_ok"] for r in rows)
+    return {"n": n, "strict": k_strict / n, "flexible": k_flex / n,
+            "correct_flexible": k_flex, "seconds": time.perf_counter() - t0,
+            "flexible_ci": stats.wilson(k_flex, n).to_dict(), "strict_ci": stats.wilson(k_strict, n).to_dict(),
+            "ids": [r["id"] for r in rows], "ok_flexible": [bool(r["flexible_ok"]) for r in rows],
             "ids_correct": [r["id"] for r in rows if r["flexible_ok"]]}
 
 
@@ -193,9 +203,12 @@ def run_model(name: str, out: Path, args) -> dict:
         rep = inspect_gguf(path)
         row = {"label": label, "kind": kind, "file": str(path.relative_to(work) if path.is_relative_to(work) else path),
                "file_bytes": path.stat().st_size, "tensor_bytes": rep["bytes"], "bpw": rep["bpw"], **(extra or {})}
+        row["samples"] = {}
         for k in ("task", "general"):
-            m = kld_vs_reference(ref_lp[k], path)
-            row[f"{k}_kld"], row[f"{k}_top1"], row[f"{k}_ppl"] = m["kld"], m["top1"], m["ppl"]
+            m, sums = score_vs_reference(ref_lp[k], path)
+            for fig in ("kld", "top1", "ppl"):
+                row[f"{k}_{fig}"], row[f"{k}_{fig}_ci"] = m[fig], m[f"{fig}_ci"]
+            row["samples"][k] = {key: v.tolist() for key, v in sums.to_arrays().items()}
         rows.append(row)
         log(f"   {label:28s} {row['bpw']:6.3f} bpw  task KLD {row['task_kld']:.4f}  general KLD {row['general_kld']:.4f}")
         return row
@@ -270,8 +283,16 @@ def run_model(name: str, out: Path, args) -> dict:
             "speed_pairs": pairs, "gsm8k": gsm, "inversion": inversion(rows)}
 
 
+def _task_sums(row: dict) -> quality.SampleSums | None:
+    d = (row.get("samples") or {}).get("task")
+    return None if d is None else quality.SampleSums.from_arrays({k: np.asarray(v) for k, v in d.items()})
+
+
 def inversion(rows: list[dict]) -> list[dict]:
-    """Every TASA plan at ≤ 3.5 bits/weight against every llama.cpp 4-bit mix: task KLD (and GSM8K)."""
+    """Every TASA plan at ≤ 3.5 bits/weight against every llama.cpp 4-bit mix: task KLD (and GSM8K),
+    paired on the same samples / questions, each verdict three-valued at 95%: ``inverted`` (TASA
+    better), ``not inverted`` (TASA worse), ``inconclusive`` (the interval of the difference contains
+    0; also where the per-sample data is missing)."""
     out = []
     for t in rows:
         if t["kind"] != "tasa" or t["bpw"] > 3.5 + 1e-9:
@@ -279,11 +300,19 @@ def inversion(rows: list[dict]) -> list[dict]:
         for b in rows:
             if b["kind"] == "llama.cpp" and b.get("mix") in FOUR_BIT:
                 e = {"tasa": t["label"], "tasa_bpw": t["bpw"], "llama": b["label"], "llama_bpw": b["bpw"],
-                     "tasa_task_kld": t["task_kld"], "llama_task_kld": b["task_kld"],
-                     "kld_inverted": t["task_kld"] <= b["task_kld"]}
+                     "tasa_task_kld": t["task_kld"], "llama_task_kld": b["task_kld"], "kld_verdict": "inconclusive"}
+                st, sb = _task_sums(t), _task_sums(b)
+                if st is not None and sb is not None:
+                    d = st.paired(sb)["kld"]
+                    e |= {"kld_diff": d.diff, "kld_diff_ci": [d.lo, d.hi],
+                          "kld_verdict": stats.verdict(d.lo, d.hi, lower_is_better=True)}
                 if "gsm8k" in t and "gsm8k" in b:
                     e |= {"tasa_gsm8k": t["gsm8k"]["flexible"], "llama_gsm8k": b["gsm8k"]["flexible"],
-                          "gsm8k_inverted": t["gsm8k"]["flexible"] >= b["gsm8k"]["flexible"]}
+                          "gsm8k_verdict": "inconclusive"}
+                    ot, ob = t["gsm8k"].get("ok_flexible"), b["gsm8k"].get("ok_flexible")
+                    if ot is not None and ob is not None and t["gsm8k"].get("ids") == b["gsm8k"].get("ids"):
+                        mc = stats.mcnemar_exact(ot, ob)
+                        e |= {"gsm8k_mcnemar": mc.to_dict(), "gsm8k_verdict": stats.mcnemar_verdict(mc)}
                 out.append(e)
     return out
 
@@ -291,6 +320,11 @@ def inversion(rows: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------------------- report
 def _plot_name(m: dict, what: str) -> str:
     return f"{m['key']}-{what}.png"
+
+
+def _ci(ci: dict | None, fmt: str = "{:.4f}") -> str:
+    """`` [lo, hi]`` of an interval dict, empty without one."""
+    return f" [{fmt.format(ci['lo'])}, {fmt.format(ci['hi'])}]" if ci else ""
 
 
 def write_report(res: dict, out: Path) -> None:
@@ -304,15 +338,18 @@ def write_report(res: dict, out: Path) -> None:
                   f"Quality vs size ({_plot_name(m, 'quality')}); KLD vs the F32 reference on held-out samples"
                   + (f"; GSM8K: {gsm['n']} eval questions, {gsm['shots']}-shot, greedy, ≤{gsm['max_tokens']} tokens, flexible-extract (strict)"
                      if gsm else "") + ":", "",
-                  "| file | bits/weight | MiB | task KLD | task top-1 | general KLD | general PPL |" + (" GSM8K |" if gsm else ""),
+                  "| file | bits/weight | MiB | task KLD [95%] | task top-1 | general KLD [95%] | general PPL |" + (" GSM8K [95% Wilson] |" if gsm else ""),
                   "|---|---|---|---|---|---|---|" + ("---|" if gsm else "")]
         for r in sorted(m["rows"], key=lambda r: (r["bpw"], r["label"])):
             g = ""
             if gsm:
-                g = (f" {r['gsm8k']['correct_flexible']}/{r['gsm8k']['n']} = {r['gsm8k']['flexible']:.2f} ({r['gsm8k']['strict']:.2f}) |"
+                g = (f" {r['gsm8k']['correct_flexible']}/{r['gsm8k']['n']} = {r['gsm8k']['flexible']:.2f}"
+                     f"{_ci(r['gsm8k'].get('flexible_ci'), '{:.2f}')} ({r['gsm8k']['strict']:.2f}) |"
                      if "gsm8k" in r else " |")
-            lines.append(f"| {r['label']} | {r['bpw']:.3f} | {r['file_bytes'] / 2**20:.1f} | {r['task_kld']:.4f} | "
-                         f"{r['task_top1']:.3f} | {r['general_kld']:.4f} | {r['general_ppl']:.2f} |{g}")
+            lines.append(f"| {r['label']} | {r['bpw']:.3f} | {r['file_bytes'] / 2**20:.1f} | {r['task_kld']:.4f}"
+                         f"{_ci(r.get('task_kld_ci'))} | {r['task_top1']:.3f}{_ci(r.get('task_top1_ci'), '{:.3f}')} | "
+                         f"{r['general_kld']:.4f}{_ci(r.get('general_kld_ci'))} | {r['general_ppl']:.2f}"
+                         f"{_ci(r.get('general_ppl_ci'), '{:.2f}')} |{g}")
         if m["skipped"]:
             lines.append("")
         for s in m["skipped"]:
@@ -322,11 +359,16 @@ def write_report(res: dict, out: Path) -> None:
         if not m["inversion"]:
             lines.append("- no TASA plan ≤ 3.5 bits/weight is feasible on this model")
         for v in m["inversion"]:
+            ci = v.get("kld_diff_ci")
             s = (f"- {v['tasa']} ({v['tasa_bpw']:.3f}) vs {v['llama']} ({v['llama_bpw']:.3f}): task KLD "
-                 f"{v['tasa_task_kld']:.4f} vs {v['llama_task_kld']:.4f} → {'inverted' if v['kld_inverted'] else 'not inverted'}")
+                 f"{v['tasa_task_kld']:.4f} vs {v['llama_task_kld']:.4f}"
+                 + (f" (difference {v['kld_diff']:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}])" if ci else " (no per-sample data)")
+                 + f" → {v['kld_verdict']}")
             if "tasa_gsm8k" in v:
-                s += (f"; GSM8K {v['tasa_gsm8k']:.2f} vs {v['llama_gsm8k']:.2f} → "
-                      f"{'inverted' if v['gsm8k_inverted'] else 'not inverted'}")
+                mc = v.get("gsm8k_mcnemar")
+                s += (f"; GSM8K {v['tasa_gsm8k']:.2f} vs {v['llama_gsm8k']:.2f}"
+                      + (f" (McNemar {mc['a_only']}/{mc['b_only']} discordant, p={mc['pvalue']:.3g})" if mc else "")
+                      + f" → {v['gsm8k_verdict']}")
             lines.append(s)
         lines += ["", f"Speed ({_plot_name(m, 'speed')}): pp{m['rows'][0].get('pp_tokens', 128)} / tg"
                   f"{next((r['tg_tokens'] for r in m['rows'] if 'tg_tokens' in r), 32)} tokens/s, mean ± sd; decode bytes/s ÷ "

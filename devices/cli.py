@@ -56,6 +56,7 @@ def bench(
     output_format: Optional[str] = typer.Option(None, "--output-format", "-o", "--output", help="Print the per-model rows to stdout as md, csv, json or jsonl (llama-bench's -o formats) instead of the table."),
     out: Path = typer.Option(Path("bench"), "--out-dir", "--out", help="Directory for bench.json, bench.md, PNG plots and GSM8K completions."),
     speed_backend: str = typer.Option("auto", "--speed-backend", help="Local GGUF speed: auto (llama.cpp's llama-bench when found, see `make tools`; else llama-cpp-python), llama-bench or llama-cpp-python."),
+    baseline_file: Optional[str] = typer.Option(None, "--baseline-file", help="The file (one of FILES, by path or report name) every other file is compared with, paired on the same samples: differences with 95% intervals, McNemar for GSM8K (default: the first file)."),
     plan: Optional[List[Path]] = typer.Option(None, "--plan", help="Bit plan JSON to draw a per-layer bits heatmap of (repeatable)."),
     analysis: Optional[Path] = typer.Option(None, "--analysis", help="analysis.json of `tasa-edge analyze`: adds the sensitivity-illusion plot and correlations."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Device profile: local-cpu, pixel-8, raspberry-pi-5 or a .toml file (threads, memory limit, transport)."),
@@ -82,7 +83,7 @@ def bench(
         profile=profile, plans=plan or [], analysis=analysis,
         memory_limit=parse_bytes(memory_limit) if memory_limit else None,
         host=h, user=u, port=p, serial=serial, bin_dir=bin_dir, remote_dir=remote_dir,
-        n_prompt=n_prompt, n_gen=n_gen, speed_backend=speed_backend,
+        n_prompt=n_prompt, n_gen=n_gen, speed_backend=speed_backend, baseline=baseline_file,
     )
     if output_format is not None:  # stdout holds the rows only, as with llama-bench -o
         import sys

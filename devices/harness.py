@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasa_edge import __version__, quality
+from tasa_edge import __version__, quality, stats
 from tasa_edge.errors import TasaError
 from tasa_edge.evaluate import MAX_TOKENS
 from tasa_edge.fsutil import atomic_write_text
@@ -337,18 +337,39 @@ def run_child(job: dict, work: Path, tag: str, threads: int, limit_bytes: int | 
     return res
 
 
-def aggregate(score_files: list[Path]) -> dict | None:
+def aggregate(score_files: list[Path], chunk_files: list[Path] | None = None) -> dict | None:
     """Mean KLD (± standard error, 99th percentile), top-1 agreement, perplexities and Δp over
-    every scored position of the given chunk results (:func:`tasa_edge.quality.summarize`)."""
+    every scored position of the given chunk results (:func:`tasa_edge.quality.summarize`); with
+    the chunks they score (same order), each figure's 95% interval over samples."""
+    return aggregate_samples(score_files, chunk_files)[0]
+
+
+def chunk_lengths(chunk_files: list[Path]) -> np.ndarray:
+    """Scored positions of each sample (sequence) of the chunks, in order."""
+    out = []
+    for c in chunk_files:
+        with np.load(c) as z:
+            out.append(np.diff(z["offsets"]) - z["starts"])
+    return np.concatenate(out).astype(np.int64)
+
+
+def aggregate_samples(score_files: list[Path], chunk_files: list[Path] | None = None):
+    """(:func:`aggregate`'s summary, the per-sample sums it came from or None): the sums pair two
+    models scored on the same chunks (:meth:`tasa_edge.quality.SampleSums.paired`)."""
     arrs = [dict(np.load(f)) for f in score_files if Path(f).exists()]
     if not arrs:
-        return None
+        return None, None
+    lengths = chunk_lengths(chunk_files) if chunk_files is not None and len(arrs) == len(score_files) else None
     lq = np.concatenate([a["lq_t"] for a in arrs])
+    if lengths is not None and int(lengths.sum()) != lq.size:
+        lengths = None
     if not all("kl" in a for a in arrs):
-        return quality.summarize(lq)
-    return quality.summarize(lq, np.concatenate([a["kl"] for a in arrs]),
-                             np.concatenate([a["same_top1"] for a in arrs]),
-                             np.concatenate([a["tgt_lp"] for a in arrs]))
+        kl = same = tgt = None
+    else:
+        kl, same, tgt = (np.concatenate([a[k] for a in arrs]) for k in ("kl", "same_top1", "tgt_lp"))
+    summary = quality.summarize(lq, kl, same, tgt, lengths=lengths)
+    sums = None if lengths is None else quality.SampleSums.from_positions(lengths, lq_t=lq, kl=kl, same=same, tgt_lp=tgt)
+    return summary, sums
 
 
 def gsm8k_summary(rows: list[dict], size: Size, where: str) -> dict:
@@ -360,9 +381,46 @@ def gsm8k_summary(rows: list[dict], size: Size, where: str) -> dict:
 
     s, s_se = acc("strict_ok")
     f, f_se = acc("flexible_ok")
-    return {"n": n, "shots": size.shots, "max_gen_tokens": size.max_gen_tokens, "split": "eval",
-            "strict_match": s, "strict_match_se": s_se, "flexible_extract": f, "flexible_extract_se": f_se,
-            "measured_on": where}
+    out = {"n": n, "shots": size.shots, "max_gen_tokens": size.max_gen_tokens, "split": "eval",
+           "strict_match": s, "strict_match_se": s_se, "flexible_extract": f, "flexible_extract_se": f_se,
+           "measured_on": where}
+    if n:
+        for key, col in (("strict_match", "strict_ok"), ("flexible_extract", "flexible_ok")):
+            out[f"{key}_ci"] = stats.wilson(sum(bool(r[col]) for r in rows), n).to_dict()
+    return out
+
+
+GSM8K_KEYS = (("strict_match", "strict_ok"), ("flexible_extract", "flexible_ok"))
+
+
+def comparisons(names: list[str], sums: dict, gsm_rows: dict, baseline: str) -> dict:
+    """Every model against ``baseline`` on the same samples: per set (general, task) and figure the
+    paired bootstrap interval of the difference (model - baseline), and per GSM8K metric the exact
+    McNemar test and the accuracy difference."""
+    rows = []
+    for name in names:
+        if name == baseline:
+            continue
+        row: dict = {"model": name, "baseline": baseline}
+        for set_name in ("general", "task"):
+            a, b = (sums.get(name) or {}).get(set_name), (sums.get(baseline) or {}).get(set_name)
+            if a is not None and b is not None:
+                row[set_name] = {k: v.to_dict() for k, v in a.paired(b).items()}
+        ga, gb = gsm_rows.get(name), gsm_rows.get(baseline)
+        if ga and gb:
+            by_id = {r["id"]: r for r in gb}
+            common = [r for r in ga if r["id"] in by_id]
+            if common:
+                row["gsm8k"] = {}
+                for key, col in GSM8K_KEYS:
+                    t = stats.mcnemar_exact([bool(r[col]) for r in common], [bool(by_id[r["id"]][col]) for r in common])
+                    row["gsm8k"][key] = {**t.to_dict(), "diff": (t.a_correct - t.b_correct) / t.n}
+        rows.append(row)
+    return {"baseline": baseline, "level": stats.LEVEL,
+            "method": {"kld/top1/ppl": f"paired percentile bootstrap over samples (B={stats.B}, seed {stats.SEED}) "
+                                       "of model - baseline",
+                       "gsm8k": "exact McNemar test (two-sided binomial test of the discordant questions)"},
+            "rows": rows}
 
 
 # ============================================================================ bench
@@ -412,6 +470,7 @@ def bench(
     n_prompt: int | None = None,
     n_gen: int | None = None,
     speed_backend: str = "auto",
+    baseline: str | Path | None = None,
 ) -> dict:
     """Benchmark ``files`` (GGUF files / ONNX model directories) on ``target`` and write
     ``bench.json``, ``bench.md`` and PNG plots into ``out_dir``. Returns the report dict.
@@ -422,6 +481,8 @@ def bench(
     ``n_prompt`` / ``n_gen`` its pp / tg sizes (llama-bench's ``-r``, ``-p``, ``-n``).
     ``speed_backend`` (local GGUF speed): ``auto`` (llama.cpp's ``llama-bench`` when
     :mod:`devices.llama_tools` finds it, else llama-cpp-python), ``llama-bench`` or ``llama-cpp-python``.
+    ``baseline``: the file (one of ``files``, by path or report name) every other file is compared
+    with, paired on the same samples (report key ``comparisons``); default the first file.
     ``threads``: default the profile's, else every usable core (local) / the device's cores.
     ``memory_limit`` (bytes; default the profile's ``limit_gib``): RLIMIT_AS of each local child;
     on devices it marks models whose peak RSS does not fit.
@@ -459,6 +520,7 @@ def bench(
 
     kinds = [classify(f) for f in files]
     models = _unique_names([describe_model(p) for _, p in kinds])
+    base_name = pick_baseline(models, baseline)
     if target != "local":
         onnx = [m.name for m in models if m.kind == "onnx"]
         if onnx:
@@ -495,6 +557,7 @@ def bench(
                                 os.environ.get("TASA_LLAMA_BIN_DIR"), remote_dir=remote_dir or tr.get("remote_dir"),
                                 host_threads=host_threads or (min(threads, usable_cores()) if threads else usable_cores()))
         body = runner.run()
+        body["comparisons"] = comparisons([m.name for m in models], runner.sums, runner.gsm_rows, base_name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ref_extra, target_extra = body.pop("reference_extra", {}), body.pop("target_extra", {})
@@ -515,6 +578,19 @@ def bench(
 
     write_reports(report, out, plans=plans, analysis=analysis, reference=ref_path)
     return report
+
+
+def pick_baseline(models: list[ModelFile], baseline) -> str:
+    """The report name of the baseline file: ``baseline`` given as one of the files' paths or
+    report names, else the first file; anything else is a one-line error."""
+    if baseline is None:
+        return models[0].name
+    want = Path(baseline)
+    for m in models:
+        if str(baseline) == m.name or (want.exists() and want.resolve() == Path(m.path).resolve()):
+            return m.name
+    raise TasaError(f"--baseline-file {baseline}: not one of the benchmarked files "
+                    f"({', '.join(m.name for m in models)})")
 
 
 def _check_analysis(p: Path) -> None:
@@ -548,6 +624,8 @@ class _Run:
         self.errors: dict[str, str] = {}
         self.samples = eval_samples(size)
         self.ref_info: dict = {}
+        self.sums: dict[str, dict] = {}        # model -> set -> quality.SampleSums (for pairing)
+        self.gsm_rows: dict[str, list] = {}    # model -> GSM8K rows (for McNemar)
 
     # -- quality ------------------------------------------------------------------
     def prepare_chunks(self):
@@ -606,8 +684,11 @@ class _Run:
             for i, m in enumerate(self.models):
                 q = {}
                 for set_name in ("general", "task"):
-                    files = [self.work / f"m{i}-{c.stem}.scores.npz" for s, c, _ in chunks if s == set_name]
-                    q[set_name] = aggregate(files)
+                    mine = [c for s, c, _ in chunks if s == set_name]
+                    files = [self.work / f"m{i}-{c.stem}.scores.npz" for c in mine]
+                    q[set_name], sums = aggregate_samples(files, mine)
+                    if sums is not None and m.name not in self.errors:
+                        self.sums.setdefault(m.name, {})[set_name] = sums
                 q["measured_on"] = where
                 self.results[m.name]["quality"] = q
             if self.ref is not None:
@@ -620,11 +701,15 @@ class _Run:
     def _reference_ppl(self, chunks) -> dict:
         out = {}
         for set_name in ("general", "task"):
-            lps = [np.load(c)["tgt_lp"] for s, c, _ in chunks if s == set_name and "tgt_lp" in np.load(c)]
+            mine = [c for s, c, _ in chunks if s == set_name and "tgt_lp" in np.load(c)]
+            lps = [np.load(c)["tgt_lp"] for c in mine]
             if lps:
                 lp = np.concatenate(lps)
                 out[f"ppl_{set_name}"] = quality.perplexity(lp)
                 out[f"positions_{set_name}"] = int(lp.size)
+                ci = quality.SampleSums.from_positions(chunk_lengths(mine), tgt_lp=lp).intervals().get("ppl_ref")
+                if ci is not None:
+                    out[f"ppl_{set_name}_ci"] = ci.to_dict()
         return out
 
     def _stream_quality(self, chunks, host_threads, limit) -> None:
@@ -654,6 +739,7 @@ class _Run:
             r["speed"] = {"backend": _backend_name(m.kind), "threads": res["threads"], **res["speed"]}
         if res.get("gsm8k") is not None:
             rows = res["gsm8k"]
+            self.gsm_rows[m.name] = rows
             path = self.out / f"gsm8k-{m.name}.jsonl"
             atomic_write_text(path, "".join(json.dumps(x) + "\n" for x in rows))
             r["gsm8k"] = {**gsm8k_summary(rows, self.size, where), "completions": path.name}

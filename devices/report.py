@@ -15,12 +15,18 @@ JSON layout (stable; new keys may be added, existing ones keep their meaning)::
                  "load_s", "peak_rss_bytes", "rss_before_load_bytes",
                  "speed": {"backend", "threads", "reps", "warmup", "emulated"?, "pp": {"n_tokens", "ts_mean", "ts_std",
                            "samples_ts"}, "tg": {...}},
-                 "quality": {"general": {"n", "ppl", "kld", "kld_se", "kld_p99", "top1", "ppl_ref", "delta_p"},
+                 "quality": {"general": {"n", "ppl", "kld", "kld_se", "kld_p99", "top1", "ppl_ref", "delta_p",
+                                         "n_samples", "kld_ci", "top1_ci", "ppl_ci", "ppl_ref_ci", "delta_p_ci"},
                              "task": {...}, "measured_on": "target"|"host"},
                  "device_quality": {"general": {llama-perplexity summary}} | null,
-                 "gsm8k": {"n", "shots", "strict_match", "flexible_extract", ..., "completions"} | null,
+                 "gsm8k": {"n", "shots", "strict_match", "flexible_extract", "strict_match_ci",
+                           "flexible_extract_ci", ..., "completions"} | null,
                  "decode": {"bytes_per_token", "bytes_per_s", "bandwidth_fraction"} | null,
                  "error": null | "one line"}],
+     "comparisons": {"baseline": NAME, "level": 0.95, "method": {...},
+                     "rows": [{"model", "baseline", "general"|"task": {"kld"|"top1"|"ppl"|"delta_p": {"a", "b", "diff", "lo",
+                               "hi", "level", "method", "n"}}, "gsm8k": {"strict_match"|"flexible_extract":
+                               {"n", "a_correct", "b_correct", "a_only", "b_only", "pvalue", "diff"}}}]},
      "plots": {"pareto": "pareto.png", "plans": {...}, "illusion": "illusion.png"},
      "analysis": {"path", "illusion": {...}} | null}
 """
@@ -157,6 +163,8 @@ def markdown(report: dict) -> str:
             _f(_get(q, "general", "top1"), "{:.3f}"), _f(_get(q, "task", "kld"), "{:.4f}"),
             _f(_get(q, "task", "top1"), "{:.3f}"), _acc(g, "strict_match"), _acc(g, "flexible_extract"),
         ]) + " |")
+    lines += interval_lines(report)
+    lines += comparison_lines(report)
     dev = [e for e in report["models"] if e.get("device_quality")]
     if dev:
         lines += ["", "On-device llama-perplexity (general text, second half of each chunk scored):", "",
@@ -191,6 +199,71 @@ def markdown(report: dict) -> str:
               + (" Quality and GSM8K were measured on the host (same GGUF, llama.cpp CPU kernels)." if "host" in q_where else ""),
               ""]
     return "\n".join(lines)
+
+
+def _ci(d: dict | None, key: str, fmt: str = "{:.4f}") -> str:
+    """``0.0985 [0.0810, 0.1170]`` from a summary's ``key`` and ``key_ci``; the value alone without one."""
+    if not d or d.get(key) is None:
+        return "–"
+    ci = d.get(f"{key}_ci")
+    if not ci:
+        return fmt.format(d[key])
+    return f"{fmt.format(d[key])} [{fmt.format(ci['lo'])}, {fmt.format(ci['hi'])}]"
+
+
+def interval_lines(report: dict) -> list[str]:
+    """Every quality figure with its 95% interval (bootstrap over samples; GSM8K: Wilson)."""
+    models = [e for e in report["models"] if e.get("quality") or e.get("gsm8k")]
+    if not models:
+        return []
+    n_min = min([n for e in models for n in (_get(e, "quality", "general", "n_samples"),
+                                              _get(e, "quality", "task", "n_samples")) if n] or [0])
+    note = (f" Intervals over fewer than 20 samples (here {n_min}) are optimistic: the percentile bootstrap "
+            "under-covers on small samples; use a larger --size for claims." if 0 < n_min < 20 else "")
+    out = ["", "Quality with 95% intervals (KLD / top-1 / PPL: percentile bootstrap over samples; GSM8K: Wilson)."
+           + note, "",
+           "| model | samples g/t | KLD general | top-1 general | PPL general | KLD task | top-1 task | PPL task "
+           "| GSM8K strict | GSM8K flex |", "|" + "---|" * 10]
+    for e in models:
+        q, g = e.get("quality") or {}, e.get("gsm8k") or {}
+        gen, task = q.get("general") or {}, q.get("task") or {}
+        out.append("| " + " | ".join([
+            e["name"], f"{gen.get('n_samples', '–')}/{task.get('n_samples', '–')}",
+            _ci(gen, "kld"), _ci(gen, "top1", "{:.3f}"), _ci(gen, "ppl", "{:.2f}"),
+            _ci(task, "kld"), _ci(task, "top1", "{:.3f}"), _ci(task, "ppl", "{:.3f}"),
+            _ci(g, "strict_match", "{:.3f}"), _ci(g, "flexible_extract", "{:.3f}")]) + " |")
+    return out
+
+
+def _diff(d: dict | None, fmt: str = "{:+.4f}") -> str:
+    if not d:
+        return "–"
+    return f"{fmt.format(d['diff'])} [{fmt.format(d['lo'])}, {fmt.format(d['hi'])}]"
+
+
+def _mcnemar(d: dict | None) -> str:
+    if not d:
+        return "–"
+    return f"{d['a_correct'] - d['b_correct']:+d} ({d['a_only']}/{d['b_only']}, p={d['pvalue']:.3g})"
+
+
+def comparison_lines(report: dict) -> list[str]:
+    """The paired table: every file minus the baseline on the same samples."""
+    cmp = report.get("comparisons") or {}
+    rows = cmp.get("rows") or []
+    if not rows:
+        return []
+    out = ["", f"Paired against `{cmp['baseline']}` (model − baseline on the same samples, 95% paired bootstrap "
+               "interval; GSM8K: questions gained, (model-only / baseline-only right), exact McNemar p):", "",
+           "| model | ΔKLD general | Δtop-1 general | ΔPPL general | ΔKLD task | Δtop-1 task | ΔPPL task "
+           "| ΔGSM8K strict | ΔGSM8K flex |", "|" + "---|" * 9]
+    for r in rows:
+        gen, task, g = r.get("general") or {}, r.get("task") or {}, r.get("gsm8k") or {}
+        out.append("| " + " | ".join([
+            r["model"], _diff(gen.get("kld")), _diff(gen.get("top1"), "{:+.3f}"), _diff(gen.get("ppl"), "{:+.3f}"),
+            _diff(task.get("kld")), _diff(task.get("top1"), "{:+.3f}"), _diff(task.get("ppl"), "{:+.4f}"),
+            _mcnemar(g.get("strict_match")), _mcnemar(g.get("flexible_extract"))]) + " |")
+    return out
 
 
 def _acc(g: dict, key: str) -> str:
@@ -289,12 +362,14 @@ def plan_bits_table(plan, src) -> tuple[list[int], list[str], dict, dict]:
     from tasa_edge.names import kind_of, layer_of
     from tasa_edge import formats
 
+    spec = formats.get(plan.target)
+    kept = plan.provenance.get("source_types") or {}     # 'source' tensors: the type the plan keeps
     cells, other = {}, {}
     for name, fmt in plan.tensors.items():
         info = src.tensors.get(name)
         if info is None:
             raise TasaError(f"plan tensor {name} is not in {Path(src.path).name}: is the plan for another model?")
-        bits = formats.get(plan.target).bits(fmt, info.shape)
+        bits = spec.bits(kept.get(name) or spec.resolve(fmt, info.src_type), info.shape)
         layer = layer_of(name)
         if layer is None:
             other[name] = (bits, fmt)

@@ -2,7 +2,9 @@
 
 Tensors are read one at a time from the source (dequantized to float32), quantized with
 llama.cpp's ``ggml_quantize_chunk`` (optionally with an importance matrix), and streamed into a
-temporary file that is renamed onto the output at the end. Architecture metadata and the
+temporary file that is renamed onto the output at the end. A tensor the plan gives ``source`` is
+copied: the source GGUF's bytes, unchanged, in its type (an HF source's float tensor is written in
+its own float type). Architecture metadata and the
 tokenizer come from the source GGUF (or are written from the HF directory).
 """
 
@@ -17,6 +19,7 @@ import numpy as np
 
 from tasa_edge import __version__
 from tasa_edge.formats import ggml
+from tasa_edge.formats.base import SOURCE
 from tasa_edge.errors import TasaError
 from tasa_edge.fsutil import atomic_path
 from tasa_edge.imatrix import ImatrixStats
@@ -94,6 +97,14 @@ def export_gguf(
         with progress_bar(f"quantize {out.name}", total=len(src.tensors), enabled=show_progress) as advance:
             for info in src.tensors.values():
                 t = types[info.name]
+                if src.kind == "gguf" and info.quantizable and plan.tensors.get(info.name) == SOURCE:
+                    raw = np.ascontiguousarray(src._gguf_tensor(info.name).data)   # the source bytes, as stored
+                    if raw.nbytes != ggml.nbytes(t, info.shape):
+                        raise TasaError(f"source tensor {info.name}: {raw.nbytes} bytes, expected "
+                                        f"{ggml.nbytes(t, info.shape)} for {t}")
+                    w.write_tensor_data(raw)
+                    advance(1)
+                    continue
                 data = src.read(info.name)
                 im = imat.get(info.name) if info.quantizable else None
                 if im is not None and im.size != info.ne0:
@@ -115,7 +126,7 @@ def export_gguf(
 
 def _tensor_type(info, plan: BitPlan) -> str:
     if info.quantizable:
-        return ggml.qtype(plan.tensors[info.name]).name
+        return ggml.qtype(plan.spec.resolve(plan.tensors[info.name], info.src_type)).name
     # llama.cpp keeps 1-D tensors and norms in F32
     return "F32"
 

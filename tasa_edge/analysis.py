@@ -48,6 +48,8 @@ from . import distributed, formats
 from .data import TextSample, build_mixture, load_general, load_gsm8k
 from .errors import TasaError
 from .fisher import FisherAccumulator
+from .formats.base import SOURCE
+from .formats.ggml import FLOAT_TYPES
 from .fsutil import atomic_path
 from .imatrix import ImatrixStats, imatrix_ref
 from .memory import peak_rss_bytes, release_freed_memory
@@ -362,11 +364,20 @@ def mixture_imatrix(st: GradStats, members: list[str], name: str = "tasa-mixture
 
 # ---------------------------------------------------------------------------- level 2: sensitivity
 def format_menu(src: ModelSource, cfg: AnalysisConfig) -> dict[str, list[str]]:
-    """Formats each quantizable tensor can take on the target (shape-compatible, no imatrix needed)."""
+    """Formats each quantizable tensor can take on the target (shape-compatible, no imatrix needed).
+
+    The default menu of a target that keeps sources (GGUF) also offers ``source`` for every tensor
+    a GGUF input stores quantized: keeping its bytes costs zero error against the (dequantized)
+    reference, so the allocator must be able to choose it. A menu given with ``--formats`` offers
+    ``source`` only where it lists it."""
     spec = formats.get(cfg.target)
     out = {}
     for t in src.quantizable:
         fm = spec.menu(t.shape, cfg.formats)
+        if (cfg.formats is None and spec.keeps_source and src.kind == "gguf"
+                and t.src_type not in FLOAT_TYPES and SOURCE not in fm):
+            spec.resolve(SOURCE, t.src_type)        # a source type we cannot write is a one-line error
+            fm.append(SOURCE)
         if not fm:
             raise TasaError(f"no format of the menu fits tensor {t.name} (shape {t.shape})")
         out[t.name] = fm
@@ -408,6 +419,8 @@ def sensitivities(src: ModelSource, weights, st: GradStats, menu: dict[str, list
                 w = weights(name, r0, r1)
                 w2 += float(np.vdot(w, w))
                 for f in fmts:
+                    if f == SOURCE:      # the source's bytes dequantize to the reference itself
+                        continue
                     d2 = (spec.roundtrip(w, f, imat.get(name)) - w) ** 2
                     acc = sums[f]
                     acc[0] += st.fisher["general"].weighted_error(name, r0, d2, st.n["general"])
@@ -417,7 +430,7 @@ def sensitivities(src: ModelSource, weights, st: GradStats, menu: dict[str, list
             wn = math.sqrt(w2) or 1.0
             for f in fmts:
                 table.add(name, f, ppl=0.5 * scale * sums[f][0], task=0.5 * scale * sums[f][1],
-                          nbytes=spec.nbytes(f, src.tensors[name].shape), rel_err=math.sqrt(sums[f][2]) / wn)
+                          nbytes=spec.tensor_nbytes(f, src.tensors[name]), rel_err=math.sqrt(sums[f][2]) / wn)
             release_freed_memory()
             advance(1)
     if ranks is None:

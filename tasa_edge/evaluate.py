@@ -73,7 +73,14 @@ def reference_logprobs(ref: str | Path, samples: list[TextSample], max_tokens: i
 
 def kld_vs_reference(ref: Reference, path: str | Path, n_threads: int | None = None) -> dict:
     """KLD (mean ± se, p99, max), top-1 agreement, perplexities and Δp of the GGUF at ``path`` on the
-    reference's token ids (:func:`tasa_edge.quality.summarize`)."""
+    reference's token ids (:func:`tasa_edge.quality.summarize`), each with its 95% interval over samples."""
+    return score_vs_reference(ref, path, n_threads)[0]
+
+
+def score_vs_reference(ref: Reference, path: str | Path,
+                       n_threads: int | None = None) -> tuple[dict, quality.SampleSums]:
+    """:func:`kld_vs_reference`'s figures and the per-sample sums they come from (to pair two
+    files scored on the same reference: :meth:`tasa_edge.quality.SampleSums.paired`)."""
     from .llama_run import score
 
     kl, same, lq_t = [], [], []
@@ -82,4 +89,7 @@ def kld_vs_reference(ref: Reference, path: str | Path, n_threads: int | None = N
         kl.append(k)
         same.append(s)
         lq_t.append(q)
-    return quality.summarize(np.concatenate(lq_t), np.concatenate(kl), np.concatenate(same), np.concatenate(ref.tgt_lp))
+    args = (np.concatenate(lq_t), np.concatenate(kl), np.concatenate(same), np.concatenate(ref.tgt_lp))
+    lengths = [len(k) for k in kl]
+    return (quality.summarize(*args, lengths=lengths),
+            quality.SampleSums.from_positions(lengths, lq_t=args[0], kl=args[1], same=args[2], tgt_lp=args[3]))

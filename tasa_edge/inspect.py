@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import TasaError
+from .formats.base import SOURCE
 from .gguf_check import check_gguf
 from .jsonio import load_json
 from .plan import BitPlan
@@ -62,7 +63,9 @@ def inspect_plan(path: Path, model: str | None) -> dict:
     rows = []
     for info in src.tensors.values():
         fmt = plan.tensors.get(info.name, "F32") if info.quantizable else "F32"
-        nbytes = plan.spec.nbytes(plan.spec.float_format if fmt == "F32" else fmt, info.shape)
+        nbytes = plan.spec.tensor_nbytes(plan.spec.float_format if fmt == "F32" else fmt, info)
+        if fmt == SOURCE:        # kept as the input stores it: shown with its real type
+            fmt = f"{plan.spec.resolve(fmt, info.src_type)} (source)"
         rows.append(_row(info.name, info.shape, fmt, nbytes))
     return _summarise(str(path), rows, {"target": plan.target, "budget": plan.budget, "predicted": plan.predicted})
 

@@ -17,7 +17,9 @@ File format (``tasa-edge/bitplan`` version 1, JSON; schema in ``tasa_edge/schema
 refuses a different one unless told; ``null`` means scored without one (exported without).
 Plans that were never scored (uniform, tensor-type file) omit the key and take ``--imatrix``.
 
-Formats: GGUF targets use ggml type names (``Q4_K``, ``IQ4_XS``, ``Q8_0``, ``F16``...).
+Formats: GGUF targets use ggml type names (``Q4_K``, ``IQ4_XS``, ``Q8_0``, ``F16``...) or
+``source``: keep the input GGUF's bytes of that tensor unchanged (its source type is recorded in
+``provenance.source_types`` and checked on export; a tensor-type file gets that type's name).
 ONNX targets use ``int{2,4,8}_b{block}`` (symmetric) / ``uint{2,4,8}_b{block}`` (with zero points)
 or ``float``; :mod:`tasa_edge.formats` owns them. Tensors that are not quantizable (norms, 1-D)
 are never listed: they stay F32.
@@ -35,6 +37,7 @@ from . import __version__, formats
 from .errors import TasaError
 from .fsutil import atomic_write_text
 from .jsonio import check_plan, load_json, read_text_file, safe_regex
+from .formats.base import SOURCE
 from .model import ModelSource, TensorInfo
 
 PLAN_FORMAT = "tasa-edge/bitplan"
@@ -117,6 +120,11 @@ class BitPlan:
     def stamp(self, src: ModelSource) -> None:
         """Fill in predicted size/bpw (true file bytes) and tool provenance."""
         size = plan_nbytes(self, src)
+        kept = {n: src.tensors[n].src_type for n, f in self.tensors.items() if f == SOURCE and n in src.tensors}
+        if kept:
+            self.provenance["source_types"] = kept
+        else:
+            self.provenance.pop("source_types", None)
         self.predicted.update(
             {"bytes": size["total"], "bpw": size["bpw"], "quantized_bytes": size["quantized"]}
         )
@@ -139,6 +147,8 @@ class BitPlan:
             if not info.quantizable and fmt != spec.float_format:
                 raise TasaError(f"tensor {name} is not quantizable (1-D/norm) but the plan gives it {fmt}")
             check_format_fits(spec, fmt, info)
+            if fmt == SOURCE:
+                check_source(self, spec, info)
             if spec.requires_imatrix(fmt):
                 if imatrix_names is None or name not in imatrix_names:
                     raise TasaError(f"tensor {name}: type {fmt} requires an importance matrix (pass --imatrix)")
@@ -185,6 +195,19 @@ def check_format_fits(spec: formats.Target, fmt: str, info: TensorInfo) -> None:
         raise TasaError(f"tensor {info.name}: {why}")
 
 
+def check_source(plan: BitPlan, spec: formats.Target, info: TensorInfo) -> None:
+    """A ``source`` tensor: the target keeps sources, the tensor's type is one it can write, and it
+    is the type the plan was made for (the fingerprint is structural: a plan made on a Q4_K_M file
+    would otherwise "keep" the F32 tensors of its dequantized reference)."""
+    if not spec.keeps_source:
+        raise TasaError(f"tensor {info.name}: 'source' applies to GGUF plans only")
+    spec.resolve(SOURCE, info.src_type)
+    want = (plan.provenance.get("source_types") or {}).get(info.name)
+    if want is not None and want != info.src_type:
+        raise TasaError(f"tensor {info.name}: the plan keeps its source bytes as {want}, but this model stores it "
+                        f"as {info.src_type} (the plan was made for another file of the same model)")
+
+
 def model_block(src: ModelSource) -> dict:
     return {
         "fingerprint": src.fingerprint,
@@ -205,7 +228,7 @@ def plan_nbytes(plan: BitPlan, src: ModelSource) -> dict:
         if fmt is None or not info.quantizable:
             b = spec.nbytes(spec.float_format, info.shape)
         else:
-            b = spec.nbytes(fmt, info.shape)
+            b = spec.tensor_nbytes(fmt, info)
             quantized += b
         total += b
     return {"total": total, "quantized": quantized, "bpw": 8.0 * total / max(1, src.n_params)}
@@ -216,10 +239,25 @@ _TT_LINE = re.compile(r"^\s*([^=#\s][^=]*?)\s*=\s*([A-Za-z0-9_]+)\s*$")
 
 
 def write_tensor_type_file(plan: BitPlan, path: str | Path) -> None:
-    """llama-quantize ``--tensor-type-file`` format: one ``regex=type`` line per tensor."""
+    """llama-quantize ``--tensor-type-file`` format: one ``regex=type`` line per tensor.
+
+    llama-quantize does not know ``source``: such a tensor gets its source type's name (recorded
+    in ``provenance.source_types``), which llama-quantize re-quantizes from its input -- the same
+    bytes only where that input is the source file itself. ``read_tensor_type_file`` also accepts
+    ``source``."""
     if plan.target != "gguf":
         raise TasaError("only GGUF plans can be written as a llama-quantize tensor-type file")
-    lines = [f"{re.escape(name)}={fmt.lower()}" for name, fmt in plan.tensors.items()]
+    kept = plan.provenance.get("source_types") or {}
+
+    def typ(name, fmt):
+        if fmt != SOURCE:
+            return fmt
+        if name not in kept:
+            raise TasaError(f"the plan keeps tensor {name}'s source bytes but records no source type "
+                            "(provenance.source_types): cannot name its type for llama-quantize")
+        return kept[name]
+
+    lines = [f"{re.escape(name)}={typ(name, fmt).lower()}" for name, fmt in plan.tensors.items()]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 

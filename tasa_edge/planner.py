@@ -157,7 +157,7 @@ def apply_pins(opts: dict[str, list[Option]], pinned: dict[str, str], src: Model
     for n, fmt in pinned.items():
         keep = [o for o in opts[n] if o.fmt == fmt]
         if not keep:
-            keep = [Option(fmt, int(spec.nbytes(fmt, src.tensors[n].shape)), 0.0)]
+            keep = [Option(fmt, int(spec.tensor_nbytes(fmt, src.tensors[n])), 0.0)]
             unscored.append(n)
         opts[n] = keep
     return unscored

@@ -11,7 +11,11 @@ semantics (``--kl-divergence-base`` / ``--kl-divergence``):
 2. :func:`score_rows`: a model's log-probs against a stored reference: per position
    KL(P_ref || P_q), whether the top-1 agrees, and the model's log-prob of the true next token;
 3. :func:`summarize`: the statistics over all positions (mean KLD ± standard error, 99th
-   percentile, maximum; top-1 ± standard error; perplexities; Δp).
+   percentile, maximum; top-1 ± standard error; perplexities; Δp), and, given the number of
+   positions of each sample (text), a 95% interval of every KLD / top-1 / PPL figure by bootstrap
+   over samples (:mod:`tasa_edge.stats`);
+4. :class:`SampleSums`: the per-sample sums those intervals are made from, kept so that two files
+   scored on the same samples are compared *paired* (:meth:`SampleSums.paired`).
 
 Precision.  :func:`log_softmax` works on float32 arrays and accumulates the normaliser
 (sum of exp) in float64, as llama-perplexity's ``log_softmax`` does (``double sum_exp``).  Float32
@@ -34,8 +38,12 @@ Pure numpy: no torch, no llama.cpp.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
+
+from . import stats
+from .errors import TasaError
 
 #: dtype of the stored reference log-probs (as llama-perplexity's KL-divergence base).
 STORE_DTYPE = np.float16
@@ -99,13 +107,17 @@ def perplexity(target_lp: np.ndarray) -> float:
 
 
 def summarize(lq_t: np.ndarray | None = None, kl: np.ndarray | None = None, same: np.ndarray | None = None,
-              tgt_lp: np.ndarray | None = None) -> dict:
+              tgt_lp: np.ndarray | None = None, lengths: np.ndarray | None = None) -> dict:
     """llama-perplexity's statistics over every scored position.
 
     ``lq_t``: the model's log-prob of each true next token (-> ``ppl``); ``kl``/``same``: per
     position KL and top-1 agreement (-> ``kld``, ``kld_se``, ``kld_p99``, ``kld_max``, ``top1``,
     ``top1_se``); ``tgt_lp``: the reference's log-prob of each true next token (-> ``ppl_ref`` and,
-    with ``lq_t``, ``delta_p``: the mean change of the true token's probability)."""
+    with ``lq_t``, ``delta_p``: the mean change of the true token's probability).
+
+    ``lengths``: scored positions of each sample, in order (they sum to the number of positions);
+    with it every figure gets ``<figure>_ci`` (:class:`tasa_edge.stats.Interval` as a dict: the
+    percentile-bootstrap interval over samples) and ``n_samples``."""
     out: dict = {}
     if lq_t is not None:
         lq = np.asarray(lq_t).astype(np.float64)
@@ -121,7 +133,83 @@ def summarize(lq_t: np.ndarray | None = None, kl: np.ndarray | None = None, same
             out["ppl_ref"] = perplexity(lp)
             if lq_t is not None:
                 out["delta_p"] = float((np.exp(lq) - np.exp(lp)).mean())
+    if lengths is not None and (lq_t is not None or kl is not None):
+        sums = SampleSums.from_positions(lengths, lq_t=lq_t, kl=kl, same=same, tgt_lp=tgt_lp)
+        out["n_samples"] = sums.n_samples
+        out.update({f"{k}_ci": v.to_dict() for k, v in sums.intervals().items()})
     return out
+
+
+def _ppl(mean_lp):
+    return np.exp(-mean_lp)
+
+
+@dataclass
+class SampleSums:
+    """Per-sample sums of a file's per-position figures (one entry per evaluation text): the unit
+    the intervals resample and the pairing key of comparisons. ``positions[i]``: scored positions
+    of sample i; ``kl``/``same``/``lq``/``ref_lp``/``dp``: sums over them of KL, top-1 agreement, the
+    model's and the reference's log-prob of the true next token, and the change of its probability
+    (None where not measured). The 99th percentile and maximum of KL are not ratios of per-sample
+    sums and get no interval."""
+
+    positions: np.ndarray
+    lq: np.ndarray | None = None
+    kl: np.ndarray | None = None
+    same: np.ndarray | None = None
+    ref_lp: np.ndarray | None = None
+    dp: np.ndarray | None = None
+
+    #: figure -> (field, transform of the ratio sum/positions)
+    FIGURES = {"kld": ("kl", None), "top1": ("same", None), "ppl": ("lq", _ppl), "ppl_ref": ("ref_lp", _ppl),
+               "delta_p": ("dp", None)}
+    FIELDS = ("positions", "lq", "kl", "same", "ref_lp", "dp")
+
+    @classmethod
+    def from_positions(cls, lengths, *, lq_t=None, kl=None, same=None, tgt_lp=None) -> "SampleSums":
+        ln = np.asarray(lengths, dtype=np.int64).ravel()
+        keep = ln > 0      # a sample with no scored position carries no weight in any figure
+
+        def agg(v):
+            return None if v is None else stats.per_sample_sums(np.asarray(v).astype(np.float64), ln)[keep]
+
+        dp = None
+        if lq_t is not None and tgt_lp is not None and kl is not None:
+            dp = np.exp(np.asarray(lq_t, np.float64)) - np.exp(np.asarray(tgt_lp, np.float64))
+        return cls(ln[keep], agg(lq_t), agg(kl), agg(same), agg(tgt_lp), agg(dp))
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.positions.size)
+
+    def intervals(self, **kw) -> dict[str, "stats.Interval"]:
+        """figure -> its bootstrap interval over samples, for every figure measured."""
+        out = {}
+        for fig, (fld, tr) in self.FIGURES.items():
+            v = getattr(self, fld)
+            if v is not None:
+                out[fig] = stats.ratio_interval(v, self.positions, transform=tr, **kw)
+        return out
+
+    def paired(self, other: "SampleSums", **kw) -> dict[str, "stats.PairedDifference"]:
+        """figure -> ``self - other`` with its paired bootstrap interval; both must be scored on
+        the same samples (same positions per sample), else a one-line TasaError."""
+        if not np.array_equal(self.positions, other.positions):
+            raise TasaError(f"paired comparison needs the same samples: {self.n_samples} samples / "
+                                  f"{int(self.positions.sum())} positions vs {other.n_samples} / {int(other.positions.sum())}")
+        out = {}
+        for fig, (fld, tr) in self.FIGURES.items():
+            a, b = getattr(self, fld), getattr(other, fld)
+            if a is not None and b is not None and fig != "ppl_ref":
+                out[fig] = stats.paired_difference(a, b, self.positions, transform=tr, **kw)
+        return out
+
+    def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+        return {prefix + k: v for k in self.FIELDS if (v := getattr(self, k)) is not None}
+
+    @classmethod
+    def from_arrays(cls, arrays, prefix: str = "") -> "SampleSums":
+        return cls(*(arrays.get(prefix + k) for k in cls.FIELDS))
 
 
 def compare_logits(ref: np.ndarray, q: np.ndarray, targets: np.ndarray | None = None) -> dict:

@@ -10,12 +10,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import run as bench  # noqa: E402
 
 
-def _row(label, kind, bpw, task_kld, gsm=None, **extra):
+#: per-sample variation shared by every file (the samples differ in difficulty, the files in level)
+_SHAPE = [0.5, 1.5, 0.8, 1.2, 1.0, 0.7, 1.3, 1.0]
+
+
+def _row(label, kind, bpw, task_kld, gsm=None, noise=0.0, **extra):
     r = {"label": label, "kind": kind, "bpw": bpw, "file": f"{label}.gguf", "file_bytes": int(bpw * 1e6),
          "tensor_bytes": int(bpw * 1e6), "task_kld": task_kld, "task_top1": 0.9, "task_ppl": 3.0,
          "general_kld": 2 * task_kld, "general_top1": 0.8, "general_ppl": 10.0, **extra}
+    kl = [10 * task_kld * (x + noise * (-1) ** i) for i, x in enumerate(_SHAPE)]
+    r["samples"] = {"task": {"positions": [10] * 8, "kl": kl, "same": [9] * 8, "lq": [-11.0] * 8}}
     if gsm is not None:
-        r["gsm8k"] = {"n": 10, "strict": gsm, "flexible": gsm, "correct_flexible": round(10 * gsm), "seconds": 1.0}
+        ok = [i < round(10 * gsm) for i in range(10)]
+        r["gsm8k"] = {"n": 10, "strict": gsm, "flexible": gsm, "correct_flexible": sum(ok), "seconds": 1.0,
+                      "ids": [f"q{i}" for i in range(10)], "ok_flexible": ok}
     return r
 
 
@@ -34,8 +42,23 @@ def test_inversion_compares_low_bit_tasa_with_four_bit_mixes_only():
     assert [(v["tasa"], v["llama"]) for v in inv] == [("TASA 3.5 bpw", "llama.cpp Q4_K_M"),
                                                        ("TASA 3.5 bpw", "llama.cpp Q4_K_M +imatrix")]
     plain, imat = inv
-    assert plain["kld_inverted"] and "gsm8k_inverted" not in plain       # 0.040 <= 0.050, no GSM8K on the plain mix
-    assert not imat["kld_inverted"] and imat["gsm8k_inverted"]           # 0.040 > 0.030; 0.6 >= 0.6
+    # 0.040 < 0.050 on every sample (paired): inverted; no GSM8K on the plain mix
+    assert plain["kld_verdict"] == "inverted" and "gsm8k_verdict" not in plain
+    assert plain["kld_diff"] < 0 and plain["kld_diff_ci"][1] < 0
+    # 0.040 > 0.030 on every sample: not inverted; GSM8K 6/10 vs the same 6/10: inconclusive
+    assert imat["kld_verdict"] == "not inverted" and imat["kld_diff_ci"][0] > 0
+    assert imat["gsm8k_verdict"] == "inconclusive" and imat["gsm8k_mcnemar"]["pvalue"] == 1.0
+
+
+def test_inversion_is_inconclusive_when_the_interval_contains_zero():
+    rows = [_row("llama.cpp Q4_K_S", "llama.cpp", 4.6, 0.040, gsm=0.5, mix="Q4_K_S"),
+            _row("TASA 3.0 bpw", "tasa", 3.0, 0.041, gsm=0.6, noise=0.6, target="3.0 bpw")]
+    (v,) = bench.inversion(rows)
+    assert v["kld_diff_ci"][0] < 0 < v["kld_diff_ci"][1] and v["kld_verdict"] == "inconclusive"
+    assert v["gsm8k_verdict"] == "inconclusive"       # 6/10 vs 5/10: one discordant question
+    del rows[0]["samples"]
+    (v,) = bench.inversion(rows)
+    assert v["kld_verdict"] == "inconclusive" and "kld_diff" not in v          # no per-sample data: no claim
 
 
 def test_gsm8k_selection():
@@ -68,6 +91,7 @@ def test_report_lists_every_row_and_writes_a_plot_per_table(tmp_path):
     for r in rows:
         assert f"| {r['label']} | {r['bpw']:.3f} |" in md
     assert "not feasible: tasa 3.0 bpw" in md and "→ inverted" in md and "→ not inverted" in md
+    assert "→ inconclusive" in md and "McNemar 0/0 discordant, p=1" in md
     assert "6/10 = 0.60" in md
     for f in ("tiny-quality.png", "tiny-speed.png", "tiny-cost.png", "tiny2-quality.png", "cost-models.png"):
         assert (tmp_path / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

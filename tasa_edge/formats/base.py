@@ -17,6 +17,12 @@ import numpy as np
 
 from ..errors import TasaError
 
+#: The plan value "keep this tensor's bytes as the source file stores them" (no re-quantization).
+#: Its error against the reference (the dequantized source) is zero; its bytes are the source
+#: tensor's. Only targets with :attr:`Target.keeps_source` accept it (GGUF); it is resolved to the
+#: source tensor's own type by :meth:`Target.resolve` wherever bytes or a real type are needed.
+SOURCE = "source"
+
 
 def n_elements(shape) -> int:
     out = 1
@@ -36,6 +42,8 @@ class Target(ABC):
     reference_format: ClassVar[str]
     #: whether the roundtrip (and the exporter) use llama.cpp-style importance matrices
     uses_imatrix: ClassVar[bool] = False
+    #: whether plans may say :data:`SOURCE` (the exporter copies the source tensor's bytes)
+    keeps_source: ClassVar[bool] = False
 
     @abstractmethod
     def parse(self, fmt: str) -> str:
@@ -60,7 +68,17 @@ class Target(ABC):
     def requires_imatrix(self, fmt: str) -> bool:
         return False
 
+    def resolve(self, fmt: str, src_type: str) -> str:
+        """The real format of plan value ``fmt`` for a tensor whose source type is ``src_type``:
+        ``fmt`` itself, or for :data:`SOURCE` the source's type."""
+        return fmt
+
     # ------------------------------------------------------------------ derived
+    def tensor_nbytes(self, fmt: str, info) -> int:
+        """Bytes of tensor ``info`` (a :class:`tasa_edge.model.TensorInfo`) in plan value ``fmt``
+        (:data:`SOURCE` included)."""
+        return self.nbytes(self.resolve(fmt, info.src_type) if fmt == SOURCE else fmt, info.shape)
+
     def fits(self, fmt: str, shape: tuple[int, ...]) -> bool:
         return self.misfit(fmt, shape) is None
 
@@ -76,9 +94,12 @@ class Target(ABC):
 
     def reference_of(self, options: dict[str, int]) -> str:
         """The normalisation format among a tensor's ``options`` (format -> bytes): the
-        reference format where the tensor can take it, else its cheapest option."""
+        reference format where the tensor can take it, else its cheapest option. :data:`SOURCE`
+        (zero error by construction) is the reference only when it is the tensor's one option: a
+        tensor normalised at zero loss would weigh nothing in the aggregate."""
         if self.reference_format in options:
             return self.reference_format
         if not options:
             raise TasaError("a tensor has no format options")
-        return min(options, key=lambda f: (options[f], f))
+        pool = {f: b for f, b in options.items() if f != SOURCE} or options
+        return min(pool, key=lambda f: (pool[f], f))

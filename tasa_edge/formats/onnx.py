@@ -42,6 +42,9 @@ class OnnxTarget(Target):
     reference_format = "int4_b32"
 
     def parse(self, fmt: str) -> str:
+        if str(fmt).strip().lower() == "source":
+            raise TasaError("'source' (keep the input GGUF's bytes) applies to GGUF plans only: an ONNX export "
+                            "re-encodes every weight as MatMulNBits or float")
         parse_format(fmt)
         return str(fmt)
 
