@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from . import formats
+from .chat import ChatTemplate, apply_template
 from .data import TextSample, build_mixture, load_general, load_gsm8k
 from .errors import TasaError
 from .fisher import FisherAccumulator
@@ -421,11 +422,12 @@ def sample_rows(rows: int, step: int, fraction: float, salt: str) -> list[tuple[
 
 # ---------------------------------------------------------------------------- driver
 def build_pools(cfg: AnalysisConfig, task: list[TextSample] | None = None,
-                general: list[TextSample] | None = None) -> dict[str, list[TextSample]]:
-    """Pools from the calib split only (the eval split is never analysed)."""
+                general: list[TextSample] | None = None, chat: ChatTemplate | None = None) -> dict[str, list[TextSample]]:
+    """Pools from the calib split only (the eval split is never analysed); task samples rendered
+    with the chat template ``chat`` when given (the same rows are picked either way)."""
     general = general if general is not None else load_general("calib")
     task = task if task is not None else load_gsm8k("calib")
-    task_ranked = pick(task, cfg.n_task + cfg.n_target, f"task{cfg.seed}")
+    task_ranked = apply_template(chat, pick(task, cfg.n_task + cfg.n_target, f"task{cfg.seed}"))
     if len(task_ranked) < cfg.n_task + cfg.n_target:
         raise TasaError(f"need {cfg.n_task + cfg.n_target} task samples, have {len(task)}")
     return {
@@ -435,19 +437,36 @@ def build_pools(cfg: AnalysisConfig, task: list[TextSample] | None = None,
     }
 
 
+def samples_record(pools: dict[str, list[TextSample]], chat: ChatTemplate | None) -> dict:
+    """What analysis.json records of the calibration text: the template (or none), a digest of every
+    pool sample's prompt and target, and the first task sample's prompt (to read)."""
+    h = hashlib.sha256()
+    for role in sorted(pools):
+        for s in pools[role]:
+            h.update(f"{role}\0{s.id}\0{s.prompt}\0{s.target}\0".encode("utf-8"))
+    first = pools["task"][0] if pools.get("task") else (pools["target"][0] if pools.get("target") else None)
+    return {"chat_template": chat.describe() if chat else {"used": False},
+            "sha256": "sha256:" + h.hexdigest(),
+            "task_prompt_example": first.prompt[-400:] if first else None}
+
+
 def analyze(src: ModelSource, out_dir: Path, cfg: AnalysisConfig, *, device: str | None = None,
             lam: float | None = None, task: list[TextSample] | None = None,
-            general: list[TextSample] | None = None, show_progress: bool = True) -> Analysis:
+            general: list[TextSample] | None = None, show_progress: bool = True,
+            chat: ChatTemplate | None = None) -> Analysis:
+    """The analysis of ``src`` into ``out_dir``; ``chat``: the model's chat template for task samples
+    (:func:`tasa_edge.chat.model_template`; None: lm-eval's ``Question:/Answer:`` format)."""
     from .torch_model import gguf_params, load_torch_model, pick_device, pick_dtype, reference_weights
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     # the dtype the gradients are taken in is part of the statistics' identity (cache key, report)
-    cfg = replace(cfg, dtype=str(pick_dtype(pick_device(device), cfg.dtype)).removeprefix("torch."))
+    cfg = replace(cfg, dtype=str(pick_dtype(pick_device(device), cfg.dtype)).removeprefix("torch."),
+                  chat_template=chat is not None)
     model, tok = load_torch_model(src, device=device, dtype=cfg.dtype)
     t_load = time.perf_counter() - t0
-    pools = build_pools(cfg, task, general)
+    pools = build_pools(cfg, task, general, chat)
     params = gguf_params(model, src)
     key = f"{src.fingerprint}/{cfg.key()}"
     cache = out_dir / f"gradstats-{src.fingerprint.split(':')[1][:12]}-{cfg.key()}.safetensors"
@@ -465,7 +484,7 @@ def analyze(src: ModelSource, out_dir: Path, cfg: AnalysisConfig, *, device: str
     lam_used = float(mixture.chosen.task_ratio if lam is None else lam)
     res = Analysis(
         model={"fingerprint": src.fingerprint, "arch": src.arch, "name": src.name, "n_params": src.n_params, "source": str(src.path)},
-        config={**asdict(cfg), "formats": {k: v for k, v in menu.items()}},
+        config={**asdict(cfg), "formats": {k: v for k, v in menu.items()}, "samples": samples_record(pools, chat)},
         mixture=mixture,
         table=table,
         lam=lam_used,
