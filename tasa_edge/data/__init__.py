@@ -395,7 +395,10 @@ def load_user_file(path: str | Path) -> list[TextSample]:
 
     * ``.jsonl`` / ``.ndjson``: one JSON object per line with ``{question, answer}``
       (formatted like GSM8K), ``{prompt, completion}`` (used verbatim) or ``{text}``
-      (plain text).  Blank lines are skipped.
+      (plain text).  Blank lines are skipped.  A question/answer (or prompt/completion) row may
+      carry ``"check"``: ``"number"`` / ``"exact"`` (optionally ``"expected"``) or ``"regex"``
+      with ``"pattern"``: how ``bench`` grades a generated answer (:class:`AnswerCheck`).  The raw
+      question and answer are kept on the sample for chat templates (:mod:`tasa_edge.chat`).
     * ``.txt`` / ``.md``: documents separated by blank lines, each a plain-text sample.
 
     Samples have ``source="user"`` and ``id="<file name>:<line>"``.  Use
