@@ -207,7 +207,7 @@ def eval_samples(size: Size, chat: ChatTemplate | None = None, user: list | None
     if user is not None:
         ranked = apply_template(chat, sorted(user, key=lambda s: _rank(s.id)))
         out["user"] = take(ranked, size.task_examples)
-        out["user_gen"] = take([s for s in ranked if s.check is not None], size.gsm8k_examples)
+        out["user_gen"] = take([s for s in ranked if s.check is not None], size.task_examples)
     return out
 
 
