@@ -525,11 +525,11 @@ def bench(
             raise TasaError(f"plan not found: {p}")
     if analysis is not None:
         _check_analysis(Path(analysis))
-    user = None
+    user_rows = None   # (``user`` is the ssh user)
     if task_data is not None:
         from tasa_edge.data import user_split
 
-        user = user_split(task_data, "eval")   # a bad file fails here, before any model runs
+        user_rows = user_split(task_data, "eval")   # a bad file fails here, before any model runs
     ref_path = resolve_reference(reference)
     chat = model_template(ref_path or models[0].path) if chat_template else None
     warnings = template_warnings(chat is not None, analysis, plans)
@@ -558,10 +558,10 @@ def bench(
                                 serial=serial or tr.get("serial"), bin_dir=bin_dir or tr.get("bin_dir") or
                                 os.environ.get("TASA_LLAMA_BIN_DIR"), remote_dir=remote_dir or tr.get("remote_dir"),
                                 host_threads=host_threads or (min(threads, usable_cores()) if threads else usable_cores()))
-        runner.set_tasks(chat, user)
+        runner.set_tasks(chat, user_rows)
         body = runner.run()
-        if user is not None:
-            body["task_data"] = task_data_record(task_data, user, runner.samples, getattr(runner, "seqs", {}))
+        if user_rows is not None:
+            body["task_data"] = task_data_record(task_data, user_rows, runner.samples, getattr(runner, "seqs", {}))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ref_extra, target_extra = body.pop("reference_extra", {}), body.pop("target_extra", {})
