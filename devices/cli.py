@@ -66,6 +66,8 @@ def bench(
     bin_dir: Optional[Path] = typer.Option(None, "--bin-dir", help="adb/ssh: local directory with llama-bench and llama-perplexity built for the device (see devices/README.md); default: $TASA_LLAMA_BIN_DIR, else the device's PATH."),
     remote_dir: Optional[str] = typer.Option(None, "--remote-dir", help="adb/ssh: absolute scratch directory on the device for the tools, models and outputs (default: the profile's, else /data/local/tmp/tasa-edge on adb, /tmp/tasa-edge over ssh)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report JSON instead of the table."),
+    task_data: Optional[Path] = typer.Option(None, "--task-data", help="Your task file (analyze --task-data's .jsonl question/answer [+ check], or .txt): KLD on its held-out (eval) rows, accuracy on those with a check; the calib rows the analysis used are never scored."),
+    chat_template: bool = typer.Option(True, "--chat-template/--no-chat-template", help="Render task prompts (GSM8K, --task-data) with the reference's (else the first model's) chat template when it has one; off: lm-eval's 'Question: ...\\nAnswer:' few-shot format."),
 ):
     """Benchmark GGUF / ONNX models on this machine or an edge device: size, load time, peak RSS,
     llama-bench speed, KL-divergence vs the reference on general and GSM8K text, GSM8K accuracy."""
@@ -84,6 +86,7 @@ def bench(
         memory_limit=parse_bytes(memory_limit) if memory_limit else None,
         host=h, user=u, port=p, serial=serial, bin_dir=bin_dir, remote_dir=remote_dir,
         n_prompt=n_prompt, n_gen=n_gen, speed_backend=speed_backend, baseline=baseline_file,
+        task_data=task_data, chat_template=chat_template,
     )
     if output_format is not None:  # stdout holds the rows only, as with llama-bench -o
         import sys
@@ -137,6 +140,17 @@ def print_summary(report: dict) -> None:
             console.print(f"#{i} {n}", highlight=False, soft_wrap=True)
     else:
         console.print(t)
+    td = report.get("task_data")
+    if td:
+        console.print(f"task data {Path(td['path']).name}: {td['eval_rows']} eval rows of {td['rows']} "
+                      f"({len(td['scored_ids'])} scored for KLD, {len(td['graded_ids'])} graded)", highlight=False, soft_wrap=True)
+        for e in report["models"]:
+            u = (e.get("quality") or {}).get("user") or {}
+            a = e.get("task_accuracy") or {}
+            if u or a:
+                console.print(f"  {e['name']}: KLD {u.get('kld', float('nan')):.4f} over {u.get('n', 0)} tokens"
+                              + (f", accuracy {a['correct']}/{a['n']} ({a['accuracy']:.3f})" if a.get("n") else ""),
+                              highlight=False, soft_wrap=True)
     for e in report["models"]:
         if e.get("error"):
             console.print(f"[red]{e['name']}[/]: {e['error']}", highlight=False, soft_wrap=True)

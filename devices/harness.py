@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from tasa_edge import __version__, quality, stats
+from tasa_edge.chat import ChatTemplate, apply_template, model_template
 from tasa_edge.errors import TasaError
 from tasa_edge.evaluate import MAX_TOKENS
 from tasa_edge.fsutil import atomic_write_text
@@ -189,18 +190,25 @@ def _rank(key: str) -> bytes:
     return hashlib.sha256(b"tasa-edge/bench\0" + key.encode("utf-8")).digest()
 
 
-def eval_samples(size: Size) -> dict:
-    """Deterministic held-out selections (order: sha256 of the id, so every source is represented)."""
+def eval_samples(size: Size, chat: ChatTemplate | None = None, user: list | None = None) -> dict:
+    """Deterministic held-out selections (order: sha256 of the id, so every source is represented).
+    ``chat``: render the task samples with the model's chat template; ``user``: the eval split of a
+    ``--task-data`` file (scored as the ``user`` set; its checkable rows are generated)."""
     from tasa_edge.data import load_general, load_gsm8k
 
     general = sorted(load_general("eval"), key=lambda s: _rank(s.id))
-    gsm = sorted(load_gsm8k("eval"), key=lambda s: _rank(s.id))
+    gsm = apply_template(chat, sorted(load_gsm8k("eval"), key=lambda s: _rank(s.id)))
 
     def take(xs, n):
         return xs if n is None else xs[:n]
 
-    return {"general": take(general, size.general_docs), "task": take(gsm, size.task_examples),
-            "gsm8k": take(gsm, size.gsm8k_examples), "general_pool": general}
+    out = {"general": take(general, size.general_docs), "task": take(gsm, size.task_examples),
+           "gsm8k": take(gsm, size.gsm8k_examples), "general_pool": general}
+    if user is not None:
+        ranked = apply_template(chat, sorted(user, key=lambda s: _rank(s.id)))
+        out["user"] = take(ranked, size.task_examples)
+        out["user_gen"] = take([s for s in ranked if s.check is not None], size.task_examples)
+    return out
 
 
 class Tokenizer:
@@ -221,9 +229,12 @@ class Tokenizer:
             self._tok = AutoTokenizer.from_pretrained(str(path))
             self.vocab = len(self._tok)
 
-    def __call__(self, text: str) -> list[int]:
+    def __call__(self, text: str, special: bool = False) -> list[int]:
+        """Token ids with BOS; ``special``: parse special-token text (``<|im_start|>`` in a chat
+        template's output) as those tokens, as llama-cpp-python's completion does (the HF tokenizer
+        always does)."""
         if self.kind == "gguf":
-            return self._llm.tokenize(text.encode(), add_bos=True)
+            return self._llm.tokenize(text.encode(), add_bos=True, special=special)
         return list(self._tok(text, add_special_tokens=True)["input_ids"])
 
     def close(self) -> None:
@@ -250,17 +261,23 @@ def _quiet_stderr():
         os.close(saved)
 
 
-def tokenize_sets(tok: Tokenizer, samples: dict, size: Size) -> dict[str, list[tuple[list[int], int]]]:
+def tokenize_sets(tok: Tokenizer, samples: dict, size: Size, chat: bool = False) -> dict[str, list[tuple[list[int], int]]]:
     """Per set: (token ids, first scored index) by :func:`tasa_edge.evaluate.sample_tokens` (the
     README path's tokenization). General text: every token after the first (BOS), at most
-    ``general_tokens`` scored; task: the answer tokens after ``Question: ...\\nAnswer:``."""
+    ``general_tokens`` scored; task: the answer tokens after ``Question: ...\\nAnswer:`` (or after
+    the chat template's generation prompt, ``chat``: special tokens parsed); ``user`` (``--task-data``):
+    likewise, plain-text rows every token."""
     from tasa_edge.evaluate import sample_tokens
 
     start0 = max(1, len(tok("")))
-    out: dict[str, list] = {"general": [], "task": []}
-    for name, limit in (("general", size.general_tokens + start0), ("task", TASK_CTX)):
+    sets = [("general", size.general_tokens + start0, False), ("task", TASK_CTX, chat)]
+    if "user" in samples:
+        sets.append(("user", TASK_CTX, chat))
+    out: dict[str, list] = {}
+    for name, limit, special in sets:
+        out[name] = []
         for s in samples[name]:
-            item = sample_tokens(tok, s, limit)
+            item = sample_tokens(lambda t: tok(t, special=special), s, limit)
             if item is not None:
                 out[name].append(item)
     return out
@@ -402,7 +419,7 @@ def comparisons(names: list[str], sums: dict, gsm_rows: dict, baseline: str) -> 
         if name == baseline:
             continue
         row: dict = {"model": name, "baseline": baseline}
-        for set_name in ("general", "task"):
+        for set_name in ("general", "task", "user"):
             a, b = (sums.get(name) or {}).get(set_name), (sums.get(baseline) or {}).get(set_name)
             if a is not None and b is not None:
                 row[set_name] = {k: v.to_dict() for k, v in a.paired(b).items()}
@@ -421,6 +438,37 @@ def comparisons(names: list[str], sums: dict, gsm_rows: dict, baseline: str) -> 
                                        "of model - baseline",
                        "gsm8k": "exact McNemar test (two-sided binomial test of the discordant questions)"},
             "rows": rows}
+
+
+def task_summary(rows: list[dict], where: str) -> dict:
+    """Accuracy (± standard error) of the graded ``--task-data`` rows, overall and per check type."""
+    n = len(rows)
+
+    def acc(rs):
+        p = sum(r["ok"] for r in rs) / len(rs) if rs else 0.0
+        return p, (math.sqrt(p * (1 - p) / (len(rs) - 1)) if len(rs) > 1 else 0.0)
+
+    p, se = acc(rows)
+    by = {}
+    for kind in sorted({r["check"] for r in rows}):
+        rs = [r for r in rows if r["check"] == kind]
+        by[kind] = {"n": len(rs), "correct": sum(r["ok"] for r in rs), "accuracy": acc(rs)[0]}
+    return {"n": n, "correct": sum(r["ok"] for r in rows), "accuracy": p, "accuracy_se": se, "by_check": by,
+            "split": "eval", "measured_on": where}
+
+
+def task_data_record(path, user: list, samples: dict, seqs: dict) -> dict:
+    """What bench.json records of ``--task-data``: the file, its eval rows, which of them were scored
+    (KLD: ``scored_ids``) and generated (``graded_ids``)."""
+    from tasa_edge.data import load_user_file
+
+    p = Path(path)
+    n_all = len(load_user_file(p))
+    return {"path": str(p), "sha256": "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest(), "rows": n_all,
+            "eval_rows": len(user), "calib_rows": n_all - len(user), "split": "eval",
+            "checkable_eval_rows": sum(1 for s in user if s.check is not None),
+            "scored_ids": [s.id for s in samples.get("user", [])], "kld_sequences": len(seqs.get("user", [])),
+            "graded_ids": [s.id for s in samples.get("user_gen", [])]}
 
 
 # ============================================================================ bench
@@ -471,6 +519,8 @@ def bench(
     n_gen: int | None = None,
     speed_backend: str = "auto",
     baseline: str | Path | None = None,
+    task_data: str | Path | None = None,
+    chat_template: bool = False,
 ) -> dict:
     """Benchmark ``files`` (GGUF files / ONNX model directories) on ``target`` and write
     ``bench.json``, ``bench.md`` and PNG plots into ``out_dir``. Returns the report dict.
@@ -491,6 +541,11 @@ def bench(
     adb/ssh: ``serial`` / ``host``, ``user``, ``port``, ``remote_dir``, ``bin_dir`` (llama-bench and
     llama-perplexity built for the device) default to the profile's ``[transport]``; task quality and
     GSM8K run on this machine with ``host_threads`` (default: ``threads`` if given, else all cores).
+    ``task_data``: a ``.jsonl`` / ``.txt`` task file (``analyze --task-data``'s format): its eval split
+    (never the calib split the analysis used) is scored as the ``user`` set (KLD) and its rows with an
+    answer check are generated and graded (``task_data`` accuracy).
+    ``chat_template``: render task prompts (GSM8K and ``task_data``) with the chat template of the
+    reference (else of the first model) when it has one; off: lm-eval's ``Question:/Answer:`` format.
     """
     prof = profile if isinstance(profile, Profile) or profile is None else load_profile(profile)
     target = target or (prof.target if prof else "local")
@@ -532,7 +587,16 @@ def bench(
             raise TasaError(f"plan not found: {p}")
     if analysis is not None:
         _check_analysis(Path(analysis))
+    user_rows = None   # (``user`` is the ssh user)
+    if task_data is not None:
+        from tasa_edge.data import user_split
+
+        user_rows = user_split(task_data, "eval")   # a bad file fails here, before any model runs
     ref_path = resolve_reference(reference)
+    chat = model_template(ref_path or models[0].path) if chat_template else None
+    warnings = template_warnings(chat is not None, analysis, plans)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     if plans:  # fail before the (long) run, not after it
         from .report import plan_bits_table, shape_source
         from tasa_edge.plan import BitPlan
@@ -556,8 +620,11 @@ def bench(
                                 serial=serial or tr.get("serial"), bin_dir=bin_dir or tr.get("bin_dir") or
                                 os.environ.get("TASA_LLAMA_BIN_DIR"), remote_dir=remote_dir or tr.get("remote_dir"),
                                 host_threads=host_threads or (min(threads, usable_cores()) if threads else usable_cores()))
+        runner.set_tasks(chat, user_rows)
         body = runner.run()
         body["comparisons"] = comparisons([m.name for m in models], runner.sums, runner.gsm_rows, base_name)
+        if user_rows is not None:
+            body["task_data"] = task_data_record(task_data, user_rows, runner.samples, getattr(runner, "seqs", {}))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ref_extra, target_extra = body.pop("reference_extra", {}), body.pop("target_extra", {})
@@ -570,7 +637,10 @@ def bench(
         "target": {"kind": target, "profile": prof.to_dict() if prof else None, "memory_limit_bytes": limit,
                    **target_extra},
         "settings": {**size.to_dict(), "threads": body["machine"]["threads"], "task_ctx": TASK_CTX,
-                     "gsm8k_stops": list(GSM8K_STOPS)},
+                     "gsm8k_stops": list(chat.stops() if chat else GSM8K_STOPS),
+                     "chat_template": chat.describe() if chat else {"used": False}},
+        **({"task_data": body.pop("task_data")} if "task_data" in body else {}),
+        **({"warnings": warnings} if warnings else {}),
         "reference": {"path": str(ref_path), "bytes": ref_path.stat().st_size, **ref_extra} if ref_path else None,
         **body,
     }
@@ -591,6 +661,32 @@ def pick_baseline(models: list[ModelFile], baseline) -> str:
             return m.name
     raise TasaError(f"--baseline-file {baseline}: not one of the benchmarked files "
                     f"({', '.join(m.name for m in models)})")
+
+
+def template_warnings(used: bool, analysis, plans) -> list[str]:
+    """Where the analysis (``analysis.json``'s ``config.chat_template``) or a plan
+    (``provenance.calibration.chat_template``) was calibrated with the chat template on and this
+    bench scores with it off, or the other way round (older files, without the field, had it off)."""
+    out = []
+    recs = []
+    if analysis is not None:
+        try:
+            cfg = json.loads(Path(analysis).read_text()).get("config") or {}
+            recs.append((Path(analysis).name, bool(cfg.get("chat_template", False))))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            pass
+    for p in plans or ():
+        try:
+            cal = (json.loads(Path(p).read_text()).get("provenance") or {}).get("calibration") or {}
+            recs.append((Path(p).name, bool(cal.get("chat_template", False))))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            pass
+    for name, was in recs:
+        if was != used:
+            out.append(f"{name} was calibrated {'with' if was else 'without'} the chat template, but this bench "
+                       f"scores {'with' if used else 'without'} it ({'--no-chat-template' if used else '--chat-template'} "
+                       "to match)")
+    return out
 
 
 def _check_analysis(p: Path) -> None:
@@ -626,6 +722,13 @@ class _Run:
         self.ref_info: dict = {}
         self.sums: dict[str, dict] = {}        # model -> set -> quality.SampleSums (for pairing)
         self.gsm_rows: dict[str, list] = {}    # model -> GSM8K rows (for McNemar)
+        self.chat: ChatTemplate | None = None
+        self.user: list | None = None
+
+    def set_tasks(self, chat: ChatTemplate | None, user: list | None) -> None:
+        """Task prompts through ``chat`` (None: ``Question:/Answer:``); ``user``: the eval rows of ``--task-data``."""
+        self.chat, self.user = chat, user
+        self.samples = eval_samples(self.size, chat, user)
 
     # -- quality ------------------------------------------------------------------
     def prepare_chunks(self):
@@ -635,7 +738,7 @@ class _Run:
             first = self.models[0]
             tok = Tokenizer(first.kind, first.path)
         try:
-            seqs = tokenize_sets(tok, self.samples, self.size)
+            seqs = tokenize_sets(tok, self.samples, self.size, chat=self.chat is not None)
             self.vocab = tok.vocab
             self.tokenizer = tok
         except BaseException:
@@ -657,17 +760,39 @@ class _Run:
     def gsm8k_job(self) -> dict | None:
         if not self.samples["gsm8k"]:
             return None
-        from tasa_edge.data import fewshot_prefix, gsm8k_final_answer
+        from tasa_edge.data import fewshot_examples, fewshot_prefix, gsm8k_final_answer
 
-        return {"prefix": fewshot_prefix(self.size.shots), "max_tokens": self.size.max_gen_tokens,
-                "examples": [{"id": s.id, "prompt": s.prompt, "gold": gsm8k_final_answer(s.target)}
-                             for s in self.samples["gsm8k"]]}
+        if self.chat is None:
+            return {"prefix": fewshot_prefix(self.size.shots), "max_tokens": self.size.max_gen_tokens,
+                    "examples": [{"id": s.id, "prompt": s.prompt, "gold": gsm8k_final_answer(s.target)}
+                                 for s in self.samples["gsm8k"]]}
+        # the few-shot examples as earlier user/assistant turns (lm-eval's fewshot_as_multiturn)
+        history = [m for x in fewshot_examples(self.size.shots)
+                   for m in ({"role": "user", "content": x.question}, {"role": "assistant", "content": x.answer})]
+        return {"prefix": "", "max_tokens": self.size.max_gen_tokens, "stops": self.chat.stops(),
+                "examples": [{"id": s.id, "prompt": self.chat.prompt(history + [{"role": "user", "content": s.question}]),
+                              "gold": gsm8k_final_answer(s.answer)} for s in self.samples["gsm8k"]]}
+
+    def user_job(self) -> dict | None:
+        """Generation job of the checkable ``--task-data`` eval rows: greedy, at most twice the reference
+        answer's tokens + 16 (16 ... 256), stopping at the end of the turn (chat) or at ``Question:`` / a blank line."""
+        rows = (self.samples.get("user_gen") or []) if self.user is not None else []
+        if not rows:
+            return None
+        stops = self.chat.stops() if self.chat else GSM8K_STOPS
+        ex = []
+        for s in rows:
+            n_ans = len(self.tokenizer(s.target, special=self.chat is not None))
+            ex.append({"id": s.id, "prompt": s.prompt, "check": s.check.kind, "gold": s.check.gold,
+                       "max_tokens": int(min(256, max(16, 2 * n_ans + 16)))})
+        return {"stops": stops, "examples": ex}
 
     def quality(self, speed_of, host_threads, where: str, limit) -> None:
         """Per model: one child (speed if ``speed_of(m)`` gives a spec, scoring, GSM8K)."""
         chunks = self.prepare_chunks()
         try:
             gsm = self.gsm8k_job()
+            utask = self.user_job()
             if self.ref is not None and not self.stream:
                 self.reference_chunks(chunks, host_threads)
             score_all = not self.stream
@@ -675,7 +800,7 @@ class _Run:
                 for i, m in enumerate(self.models):
                     job = {"kind": "model", "path": str(m.path), "model_kind": m.kind, "speed": speed_of(m),
                            "score": [[str(c), str(self.work / f"m{i}-{c.stem}.scores.npz")] for _, c, _ in chunks]
-                           if score_all else [], "gsm8k": gsm}
+                           if score_all else [], "gsm8k": gsm, "tasks": utask}
                     res = run_child(job, self.work, f"m{i}", host_threads, limit)
                     self._absorb(m, res, where)
                     advance(1)
@@ -683,7 +808,7 @@ class _Run:
                 self._stream_quality(chunks, host_threads, limit)
             for i, m in enumerate(self.models):
                 q = {}
-                for set_name in ("general", "task"):
+                for set_name in self.seqs:
                     mine = [c for s, c, _ in chunks if s == set_name]
                     files = [self.work / f"m{i}-{c.stem}.scores.npz" for c in mine]
                     q[set_name], sums = aggregate_samples(files, mine)
@@ -700,7 +825,7 @@ class _Run:
 
     def _reference_ppl(self, chunks) -> dict:
         out = {}
-        for set_name in ("general", "task"):
+        for set_name in self.seqs:
             mine = [c for s, c, _ in chunks if s == set_name and "tgt_lp" in np.load(c)]
             lps = [np.load(c)["tgt_lp"] for c in mine]
             if lps:
@@ -734,7 +859,7 @@ class _Run:
         for k in ("load_s", "peak_rss_bytes", "rss_before_load_bytes", "peak_rss_total_bytes"):
             if k in res:
                 r[k] = res[k]
-        r.setdefault("timings", {}).update({k: res[k] for k in ("speed_s", "score_s", "gsm8k_s") if k in res})
+        r.setdefault("timings", {}).update({k: res[k] for k in ("speed_s", "score_s", "gsm8k_s", "tasks_s") if k in res})
         if "speed" in res:
             r["speed"] = {"backend": _backend_name(m.kind), "threads": res["threads"], **res["speed"]}
         if res.get("gsm8k") is not None:
@@ -743,6 +868,11 @@ class _Run:
             path = self.out / f"gsm8k-{m.name}.jsonl"
             atomic_write_text(path, "".join(json.dumps(x) + "\n" for x in rows))
             r["gsm8k"] = {**gsm8k_summary(rows, self.size, where), "completions": path.name}
+        if res.get("tasks") is not None:
+            rows = res["tasks"]
+            path = self.out / f"task-data-{m.name}.jsonl"
+            atomic_write_text(path, "".join(json.dumps(x) + "\n" for x in rows))
+            r["task_accuracy"] = {**task_summary(rows, where), "completions": path.name}
 
     # -- assembly --------------------------------------------------------------------
     def model_entries(self, bandwidth) -> list[dict]:
@@ -754,6 +884,7 @@ class _Run:
                  "load_s": r.get("load_s"), "peak_rss_bytes": r.get("peak_rss_bytes"),
                  "rss_before_load_bytes": r.get("rss_before_load_bytes"),
                  "speed": r.get("speed"), "quality": r.get("quality"), "gsm8k": r.get("gsm8k"),
+                 **({"task_accuracy": r.get("task_accuracy")} if self.user is not None else {}),
                  "device_quality": r.get("device_quality"), "timings": r.get("timings"),
                  "error": self.errors.get(m.name)}
             tg = ((r.get("speed") or {}).get("tg") or {}).get("ts_mean")

@@ -124,6 +124,9 @@ def markdown(report: dict) -> str:
                  f"questions ({s['shots']}-shot, greedy, <= {s['max_gen_tokens']} tokens), held-out split")
     if t.get("emulation"):
         lines.append(f"- **emulated**: {t['emulation']['note']}")
+    ct = s.get("chat_template") or {}
+    lines.append("- task prompts: " + (f"the model's chat template ({ct.get('source')}; few-shot examples as earlier turns)"
+                                       if ct.get("used") else "lm-eval's `Question: ...\\nAnswer:` format (no chat template)"))
     sb = t.get("speed_backend")
     if sb:
         b = sb.get("build") or {}
@@ -175,6 +178,22 @@ def markdown(report: dict) -> str:
                          f"{_f(d.get('kld_se'), '{:.5f}')} | {_f(d.get('kld_p99'), '{:.4f}')} | "
                          f"{_f(d.get('top1') and 100 * d['top1'], '{:.2f}%')} | "
                          f"{_f(None if d.get('delta_p') is None else 100 * d['delta_p'], '{:+.3f}%')} |")
+    td = report.get("task_data")
+    if td:
+        lines += ["", f"Task data `{Path(td['path']).name}` ({td['rows']} rows: {td['calib_rows']} calib, never scored; "
+                      f"{td['eval_rows']} eval, {len(td['scored_ids'])} scored for KLD, {len(td['graded_ids'])} with an "
+                      "answer check generated greedily and graded):", "",
+                  "| model | KLD | top-1 | tokens | accuracy | correct / graded | by check |", "|---|---|---|---|---|---|---|"]
+        for e in report["models"]:
+            u = _get(e, "quality", "user") or {}
+            a = e.get("task_accuracy") or {}
+            by = ", ".join(f"{k} {v['correct']}/{v['n']}" for k, v in (a.get("by_check") or {}).items())
+            lines.append(f"| {e['name']} | {_f(u.get('kld'), '{:.4f}')} ± {_f(u.get('kld_se'), '{:.4f}')} | "
+                         f"{_f(u.get('top1'), '{:.3f}')} | {u.get('n', '–')} | "
+                         f"{_f(a.get('accuracy'), '{:.3f}')} ± {_f(a.get('accuracy_se'), '{:.3f}')} | "
+                         f"{a.get('correct', '–')} / {a.get('n', '–')} | {by or '–'} |")
+    if report.get("warnings"):
+        lines += ["", "Warnings:", ""] + [f"- {w}" for w in report["warnings"]]
     errs = [e for e in report["models"] if e.get("error")]
     if errs:
         lines += ["", "Errors:", ""] + [f"- {e['name']}: {e['error']}" for e in errs]

@@ -121,17 +121,19 @@ class GGUFBackend:
 
         yield from score(self.path, seqs, starts, self.threads)
 
-    def generate(self, prompts: list[str], max_tokens: int, stops: list[str]) -> list[str]:
+    def generate(self, prompts: list[str], max_tokens: int | list[int], stops: list[str]) -> list[str]:
+        """Greedy completions; ``max_tokens``: one limit, or one per prompt."""
         from llama_cpp import Llama
 
+        limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
         tok = Llama(model_path=self.path, vocab_only=True, verbose=False)
-        n_prompt = max(len(tok.tokenize(p.encode(), add_bos=True)) for p in prompts)
+        n_prompt = max(len(tok.tokenize(p.encode(), add_bos=True, special=True)) for p in prompts)
         tok.close()
-        llm = self._open(n_prompt + max_tokens + 8, False, 512)
+        llm = self._open(n_prompt + max(limits) + 8, False, 512)
         out = []
         try:
-            for p in prompts:  # llama-cpp-python reuses the KV cache of the shared few-shot prefix
-                res = llm.create_completion(p, max_tokens=max_tokens, temperature=0.0, top_k=1, stop=stops)
+            for p, mt in zip(prompts, limits):  # llama-cpp-python reuses the KV cache of the shared few-shot prefix
+                res = llm.create_completion(p, max_tokens=mt, temperature=0.0, top_k=1, stop=stops)
                 out.append(res["choices"][0]["text"])
         finally:
             llm.close()
@@ -224,17 +226,19 @@ class OnnxBackend:
             lg, _ = d.step(np.asarray(ids, dtype=np.int64)[None, :], d.empty_past(), 0)
             yield np.asarray(lg[0, st - 1: len(ids) - 1], dtype=np.float32)
 
-    def generate(self, prompts: list[str], max_tokens: int, stops: list[str]) -> list[str]:
+    def generate(self, prompts: list[str], max_tokens: int | list[int], stops: list[str]) -> list[str]:
         """Greedy decoding with the KV cache; the longest common token prefix with the previous
-        prompt (the few-shot block) is reused, as llama-cpp-python does."""
+        prompt (the few-shot block) is reused, as llama-cpp-python does. ``max_tokens``: one limit,
+        or one per prompt."""
         self._ensure()
+        limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
         d = self.dec
         tok = self._tokenizer()
         eos = {int(tok.eos_token_id)} if tok.eos_token_id is not None else set()
         cache_ids: list[int] = []
         cache_past = None
         out = []
-        for p in prompts:
+        for p, max_tokens in zip(prompts, limits):
             ids = d.encode(p)
             n = 0
             if cache_past is not None:
@@ -353,16 +357,30 @@ def score_chunk(be, meta_path: str, out_path: str) -> dict:
 
 
 # ============================================================================ GSM8K
-def run_gsm8k(be, examples: list[dict], shots_prefix: str, max_tokens: int) -> list[dict]:
+def run_gsm8k(be, examples: list[dict], shots_prefix: str, max_tokens: int, stops: list[str] | None = None) -> list[dict]:
     from tasa_edge.data import extract_flexible, extract_strict
 
     prompts = [shots_prefix + ex["prompt"] for ex in examples]
-    texts = be.generate(prompts, max_tokens, GSM8K_STOPS)
+    texts = be.generate(prompts, max_tokens, stops or GSM8K_STOPS)
     rows = []
     for ex, text in zip(examples, texts):
         s, f = extract_strict(text), extract_flexible(text)
         rows.append({"id": ex["id"], "gold": ex["gold"], "completion": text, "strict": s, "flexible": f,
                      "strict_ok": s == ex["gold"], "flexible_ok": f == ex["gold"]})
+    return rows
+
+
+def run_tasks(be, examples: list[dict], stops: list[str]) -> list[dict]:
+    """``--task-data`` rows with an answer check: greedy completion, graded by
+    :meth:`tasa_edge.data.AnswerCheck.grade`."""
+    from tasa_edge.data import AnswerCheck
+
+    texts = be.generate([ex["prompt"] for ex in examples], [int(ex["max_tokens"]) for ex in examples], stops)
+    rows = []
+    for ex, text in zip(examples, texts):
+        ok, got = AnswerCheck(ex["check"], ex["gold"]).grade(text)
+        rows.append({"id": ex["id"], "check": ex["check"], "gold": ex["gold"], "completion": text,
+                     "extracted": got, "ok": ok})
     return rows
 
 
@@ -398,8 +416,13 @@ def run_job(job: dict) -> dict:
     g = job.get("gsm8k")
     if g and g["examples"]:
         t0 = time.perf_counter()
-        res["gsm8k"] = run_gsm8k(be, g["examples"], g["prefix"], int(g["max_tokens"]))
+        res["gsm8k"] = run_gsm8k(be, g["examples"], g["prefix"], int(g["max_tokens"]), g.get("stops"))
         res["gsm8k_s"] = time.perf_counter() - t0
+    u = job.get("tasks")
+    if u and u["examples"]:
+        t0 = time.perf_counter()
+        res["tasks"] = run_tasks(be, u["examples"], u["stops"])
+        res["tasks_s"] = time.perf_counter() - t0
     be.close()
     res["peak_rss_total_bytes"] = peak_rss_bytes()
     return res

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from . import distributed, formats
+from .chat import ChatTemplate, apply_template
 from .data import TextSample, build_mixture, load_general, load_gsm8k
 from .errors import TasaError
 from .fisher import FisherAccumulator
@@ -478,11 +479,12 @@ def sample_rows(rows: int, step: int, fraction: float, salt: str) -> list[tuple[
 
 # ---------------------------------------------------------------------------- driver
 def build_pools(cfg: AnalysisConfig, task: list[TextSample] | None = None,
-                general: list[TextSample] | None = None) -> dict[str, list[TextSample]]:
-    """Pools from the calib split only (the eval split is never analysed)."""
+                general: list[TextSample] | None = None, chat: ChatTemplate | None = None) -> dict[str, list[TextSample]]:
+    """Pools from the calib split only (the eval split is never analysed); task samples rendered
+    with the chat template ``chat`` when given (the same rows are picked either way)."""
     general = general if general is not None else load_general("calib")
     task = task if task is not None else load_gsm8k("calib")
-    task_ranked = pick(task, cfg.n_task + cfg.n_target, f"task{cfg.seed}")
+    task_ranked = apply_template(chat, pick(task, cfg.n_task + cfg.n_target, f"task{cfg.seed}"))
     if len(task_ranked) < cfg.n_task + cfg.n_target:
         raise TasaError(f"need {cfg.n_task + cfg.n_target} task samples, have {len(task)}")
     return {
@@ -492,12 +494,27 @@ def build_pools(cfg: AnalysisConfig, task: list[TextSample] | None = None,
     }
 
 
+def samples_record(pools: dict[str, list[TextSample]], chat: ChatTemplate | None) -> dict:
+    """What analysis.json records of the calibration text: the template (or none), a digest of every
+    pool sample's prompt and target, and the first task sample's prompt (to read)."""
+    h = hashlib.sha256()
+    for role in sorted(pools):
+        for s in pools[role]:
+            h.update(f"{role}\0{s.id}\0{s.prompt}\0{s.target}\0".encode("utf-8"))
+    first = pools["task"][0] if pools.get("task") else (pools["target"][0] if pools.get("target") else None)
+    return {"chat_template": chat.describe() if chat else {"used": False},
+            "sha256": "sha256:" + h.hexdigest(),
+            "task_prompt_example": first.prompt[-400:] if first else None}
+
+
 def analyze(src: ModelSource, out_dir: Path, cfg: AnalysisConfig, *, device: str | None = None,
             lam: float | None = None, task: list[TextSample] | None = None,
             general: list[TextSample] | None = None, show_progress: bool = True,
-            ranks: distributed.Ranks | None = None) -> Analysis:
-    """The whole analysis; with ``ranks`` (:func:`tasa_edge.distributed.init`) data-parallel over
-    the job's ranks, rank 0 writing the outputs (the others return the same result, unwritten)."""
+            ranks: distributed.Ranks | None = None, chat: ChatTemplate | None = None) -> Analysis:
+    """The analysis of ``src`` into ``out_dir``; ``chat``: the model's chat template for task samples
+    (:func:`tasa_edge.chat.model_template`; None: lm-eval's ``Question:/Answer:`` format). With
+    ``ranks`` (:func:`tasa_edge.distributed.init`) data-parallel over the job's ranks, rank 0 writing
+    the outputs (the others return the same result, unwritten)."""
     from .torch_model import gguf_params, load_torch_model, pick_device, pick_dtype, reference_weights
 
     out_dir = Path(out_dir)
@@ -505,8 +522,9 @@ def analyze(src: ModelSource, out_dir: Path, cfg: AnalysisConfig, *, device: str
     t0 = time.perf_counter()
     device = distributed.device_of(ranks, device or "auto")
     # the dtype the gradients are taken in is part of the statistics' identity (cache key, report)
-    cfg = replace(cfg, dtype=str(pick_dtype(pick_device(device), cfg.dtype)).removeprefix("torch."))
-    pools = build_pools(cfg, task, general)
+    cfg = replace(cfg, dtype=str(pick_dtype(pick_device(device), cfg.dtype)).removeprefix("torch."),
+                  chat_template=chat is not None)
+    pools = build_pools(cfg, task, general, chat)
     key = f"{src.fingerprint}/{cfg.key()}"
     if ranks:
         ids = "\0".join(f"{role}:{s.id}" for role, ss in pools.items() for s in ss)
@@ -536,7 +554,7 @@ def analyze(src: ModelSource, out_dir: Path, cfg: AnalysisConfig, *, device: str
     peak = _peak_rss_mb() if ranks is None else max(distributed.all_gather(_peak_rss_mb(), "peak memory"))
     res = Analysis(
         model={"fingerprint": src.fingerprint, "arch": src.arch, "name": src.name, "n_params": src.n_params, "source": str(src.path)},
-        config={**asdict(cfg), "formats": {k: v for k, v in menu.items()}},
+        config={**asdict(cfg), "formats": {k: v for k, v in menu.items()}, "samples": samples_record(pools, chat)},
         mixture=mixture,
         table=table,
         lam=lam_used,

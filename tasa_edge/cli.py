@@ -197,6 +197,7 @@ def analyze(
     device_memory: Optional[str] = typer.Option(None, "--device-memory", help="--dry-run: memory of the device, e.g. 24GB (default: this machine's RAM on cpu)."),
     device_tflops: Optional[float] = typer.Option(None, "--device-tflops", help="--dry-run: sustained TFLOP/s of the device in the chosen dtype (default: measured on this CPU; cuda: assumed 100)."),
     dist_timeout: float = typer.Option(600, "--dist-timeout", help="Under torchrun / accelerate launch: seconds a rank waits for the others (to join, or in a collective) before the job fails."),
+    chat_template: bool = typer.Option(True, "--chat-template/--no-chat-template", help="Render task question/answer samples with the model's own chat template (GGUF tokenizer.chat_template / HF tokenizer_config.json) when it has one; off: lm-eval's 'Question: ...\\nAnswer:' format."),
 ):
     """Gradient traces -> calibration mixture -> perplexity & reasoning sensitivity per tensor and format.
 
@@ -205,7 +206,8 @@ def analyze(
     from . import distributed
     from . import formats as registry
     from .analysis import analyze as run
-    from .data import load_user_file, split_samples
+    from .chat import model_template
+    from .data import user_split
     from .results import AnalysisConfig
 
     spec = registry.get(target)
@@ -232,8 +234,9 @@ def analyze(
         from devices.profiles import load_profile
 
         fm = load_profile(profile).menu(target)
-    task = split_samples(load_user_file(task_file), "calib") if task_file else None
-    general = split_samples(load_user_file(general_file), "calib") if general_file else None
+    task = user_split(task_file, "calib") if task_file else None
+    general = user_split(general_file, "calib") if general_file else None
+    chat = model_template(src.path) if chat_template else None
     cfg = AnalysisConfig(n_general=n_general, n_task=n_task, n_target=n_target, max_tokens=max_tokens,
                          beta=beta, target=target, formats=fm, seed=seed, fisher=fisher, fisher_dtype=fisher_dtype,
                          dtype=dtype, sensitivity_rows=sensitivity_rows)
@@ -241,7 +244,7 @@ def analyze(
         raise TasaError(f"--dist-timeout must be positive, got {dist_timeout:g}")
     ranks = distributed.init(device, dist_timeout)
     try:
-        an = run(src, out_dir, cfg, device=device, lam=lam, task=task, general=general, ranks=ranks)
+        an = run(src, out_dir, cfg, device=device, lam=lam, task=task, general=general, ranks=ranks, chat=chat)
     finally:
         distributed.finish(ranks)
     if ranks is not None and not ranks.main:
@@ -255,6 +258,8 @@ def analyze(
         t.add_row(f"{c.task_ratio:.2f}{mark}", str(c.size), f"{c.alignment:.4f}", f"{c.diversity:.4f}", f"{c.score:.4f}")
     out.print(t)
     out.print(f"chosen mixture: task ratio {ch.task_ratio:.2f}, {ch.size} samples; lambda = {an.lam:.2f}")
+    out.print(f"task samples: {'chat template of ' + chat.source if chat else 'Question:/Answer: format (no chat template)'}",
+              highlight=False, soft_wrap=True)
     tm = an.timings
     cached = f", {tm['n_cached']} from the cache" if tm.get("n_cached") else ""
     out.print(f"wrote {out_dir / 'analysis.json'} and {an.imatrix_path} ({tm['total_s']:.1f} s, "

@@ -44,6 +44,7 @@ class AnalysisConfig:
     fisher_dtype: str = "float32"    # storage of the exact form
     dtype: str = "auto"          # weights during the gradient pass: auto | float32 | bfloat16
     sensitivity_rows: float = 1.0    # fraction of each large tensor's rows the sensitivity pass samples
+    chat_template: bool = False  # task samples rendered with the model's chat template (tasa_edge.chat)
 
     def key(self) -> str:
         """Identity of the gradient statistics (not of the format menu, mixture scoring or the
@@ -51,6 +52,8 @@ class AnalysisConfig:
         d = asdict(self)
         for k in ("formats", "beta", "ratios", "sizes", "target", "sensitivity_rows"):
             d.pop(k)
+        if not d["chat_template"]:
+            d.pop("chat_template")   # the key of a template-less analysis is what it was before templates
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -42,11 +42,12 @@ import importlib.resources
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from tasa_edge.errors import TasaError
+from tasa_edge.jsonio import safe_regex
 
 __all__ = [
     "TextSample",
@@ -58,9 +59,13 @@ __all__ = [
     "load_general",
     "load_gsm8k",
     "load_user_file",
+    "user_split",
     "build_mixture",
     "format_question",
     "fewshot_prefix",
+    "fewshot_examples",
+    "AnswerCheck",
+    "CHECKS",
     "gsm8k_final_answer",
     "extract_strict",
     "extract_flexible",
@@ -86,6 +91,10 @@ class TextSample:
     id: str  # unique within the source, e.g. "gsm8k:17", "enwiki:12", "notes.txt:4"
     prompt: str  # "" for plain text
     target: str
+    # the raw turn of a question/answer sample (chat templates re-render it; None for plain text)
+    question: str | None = field(default=None, compare=False)
+    answer: str | None = field(default=None, compare=False)
+    check: "AnswerCheck | None" = field(default=None, compare=False)  # how a generated answer is graded
 
     @property
     def text(self) -> str:
@@ -201,7 +210,7 @@ def load_gsm8k(split: str = "calib") -> list[TextSample]:
     """
     _check_split(split, ("calib", "eval", "all"))
     return [
-        TextSample(source="gsm8k", id=f"gsm8k:{i}", prompt=format_question(q), target=" " + a)
+        TextSample(source="gsm8k", id=f"gsm8k:{i}", prompt=format_question(q), target=" " + a, question=q, answer=a)
         for i, (q, a) in enumerate(_gsm8k_rows())
         if split == "all" or split_of(q) == split
     ]
@@ -217,15 +226,20 @@ def fewshot_prefix(k: int, seed: int = 0) -> str:
     Prepend to a sample's ``prompt``.  Examples are chosen deterministically from the
     calib split (ranked by ``sha256(seed, id)``), never from the eval split.
     """
+    return "".join(f"{s.prompt}{s.target}\n\n" for s in fewshot_examples(k, seed))
+
+
+def fewshot_examples(k: int, seed: int = 0) -> list[TextSample]:
+    """The ``k`` GSM8K calib examples of :func:`fewshot_prefix` (as samples: a chat template renders
+    them as earlier user/assistant turns)."""
     if k < 0:
         raise TasaError(f"few-shot count must be >= 0, got {k}")
     if k == 0:
-        return ""
+        return []
     pool = load_gsm8k("calib")
     if k > len(pool):
         raise TasaError(f"few-shot count {k} exceeds the {len(pool)} GSM8K calib examples")
-    chosen = sorted(pool, key=lambda s: _rank(seed, s))[:k]
-    return "".join(f"{s.prompt}{s.target}\n\n" for s in chosen)
+    return sorted(pool, key=lambda s: _rank(seed, s))[:k]
 
 
 # --------------------------------------------------------------------------- answers
@@ -266,6 +280,86 @@ def extract_flexible(completion: str) -> str | None:
     return normalize_number(a or b)
 
 
+#: Answer checks a task-data row may ask for (``"check"`` field).
+CHECKS = ("exact", "number", "regex")
+
+
+@dataclass(frozen=True)
+class AnswerCheck:
+    """How a generated answer is graded.
+
+    * ``exact``: the completion, stripped of surrounding whitespace, equals ``gold``;
+    * ``number``: the number the completion gives (its ``#### N`` line, else its last number:
+      lm-eval's strict-match, then flexible-extract) equals ``gold`` numerically (``"1,000"`` = ``"1000.0"``);
+    * ``regex``: ``gold`` is a regular expression found (``re.search``) in the completion.
+    """
+
+    kind: str
+    gold: str
+
+    def grade(self, completion: str) -> tuple[bool, str | None]:
+        """(correct, what was extracted from ``completion``)."""
+        if self.kind == "exact":
+            got = completion.strip()
+            return got == self.gold.strip(), got
+        if self.kind == "number":
+            got = extract_strict(completion) or extract_flexible(completion)
+            return got is not None and _same_number(got, self.gold), got
+        if self.kind == "regex":
+            m = re.search(self.gold, completion)
+            return m is not None, (m.group(0) if m else None)
+        raise TasaError(f"unknown answer check {self.kind!r}")
+
+    def to_dict(self) -> dict:
+        return {"check": self.kind, "gold": self.gold}
+
+
+def _same_number(a: str, b: str) -> bool:
+    a, b = normalize_number(a), normalize_number(b)
+    try:
+        return a == b or float(a) == float(b)
+    except ValueError:
+        return False
+
+
+def _answer_check(row: dict, where: str, answer: str) -> AnswerCheck | None:
+    check = row.get("check")
+    if check is None:
+        if "pattern" in row:
+            raise TasaError(f"{where}: 'pattern' needs \"check\": \"regex\"")
+        return None
+    if check not in CHECKS:
+        raise TasaError(f"{where}: unknown check {check!r}; expected one of {', '.join(CHECKS)}")
+    if check == "regex":
+        pat = row.get("pattern")
+        if not isinstance(pat, str) or not pat:
+            raise TasaError(f"{where}: check \"regex\" needs a non-empty string field 'pattern'")
+        try:
+            safe_regex(pat, where)
+        except re.error as exc:
+            raise TasaError(f"{where}: bad regex {pat[:60]!r} ({exc})") from None
+        return AnswerCheck("regex", pat)
+    if "pattern" in row:
+        raise TasaError(f"{where}: 'pattern' applies to \"check\": \"regex\" only")
+    exp = row.get("expected")
+    if exp is not None and (isinstance(exp, bool) or not isinstance(exp, (str, int, float)) or not str(exp).strip()):
+        raise TasaError(f"{where}: field 'expected' must be a non-empty string or a number")
+    if check == "exact":
+        return AnswerCheck("exact", str(exp).strip() if exp is not None else answer.strip())
+    if exp is not None:
+        gold = normalize_number(str(exp))
+    elif "####" in answer:
+        gold = normalize_number(answer.rsplit("####", 1)[1].strip())
+    else:
+        gold = extract_flexible(answer) or ""
+    try:
+        float(gold)
+    except ValueError:
+        raise TasaError(f"{where}: check \"number\" but no number in the answer"
+                        + (" or 'expected'" if exp is not None else "") + " (give 'expected')") from None
+    return AnswerCheck("number", gold)
+
+
 # --------------------------------------------------------------------------- user files
 
 
@@ -280,11 +374,15 @@ def _sample_from_row(row: object, where: str, name: str, lineno: int) -> TextSam
         raise TasaError(f"{where}: expected a JSON object, got {type(row).__name__}")
     sid = f"{name}:{lineno}"
     if "question" in row and "answer" in row:
-        q, a = text_field("question"), text_field("answer")
-        return TextSample("user", sid, format_question(q.strip()), " " + a.strip())
+        q, a = text_field("question").strip(), text_field("answer").strip()
+        return TextSample("user", sid, format_question(q), " " + a, question=q, answer=a,
+                          check=_answer_check(row, where, a))
     if "prompt" in row and "completion" in row:
-        return TextSample("user", sid, text_field("prompt"), text_field("completion"))
+        p, c = text_field("prompt"), text_field("completion")
+        return TextSample("user", sid, p, c, question=p.strip(), answer=c.strip(), check=_answer_check(row, where, c))
     if "text" in row:
+        if "check" in row or "pattern" in row:
+            raise TasaError(f"{where}: a plain 'text' row has no answer to check; use question/answer")
         return TextSample("user", sid, "", text_field("text"))
     keys = ", ".join(sorted(map(str, row))) or "none"
     raise TasaError(
@@ -297,7 +395,10 @@ def load_user_file(path: str | Path) -> list[TextSample]:
 
     * ``.jsonl`` / ``.ndjson``: one JSON object per line with ``{question, answer}``
       (formatted like GSM8K), ``{prompt, completion}`` (used verbatim) or ``{text}``
-      (plain text).  Blank lines are skipped.
+      (plain text).  Blank lines are skipped.  A question/answer (or prompt/completion) row may
+      carry ``"check"``: ``"number"`` / ``"exact"`` (optionally ``"expected"``) or ``"regex"``
+      with ``"pattern"``: how ``bench`` grades a generated answer (:class:`AnswerCheck`).  The raw
+      question and answer are kept on the sample for chat templates (:mod:`tasa_edge.chat`).
     * ``.txt`` / ``.md``: documents separated by blank lines, each a plain-text sample.
 
     Samples have ``source="user"`` and ``id="<file name>:<line>"``.  Use
@@ -351,6 +452,19 @@ def load_user_file(path: str | Path) -> list[TextSample]:
     if not samples:
         raise TasaError(f"{p}: no usable samples (file is empty or blank)")
     return samples
+
+
+def user_split(path: str | Path, split: str) -> list[TextSample]:
+    """The rows of a user file (:func:`load_user_file`) in one split (``"calib"``: what ``analyze``
+    calibrates on; ``"eval"``: what ``bench --task-data`` scores), by the fixed content-hash split.
+    An empty split is a :class:`TasaError`."""
+    samples = load_user_file(path)
+    out = split_samples(samples, split)
+    if not out:
+        raise TasaError(
+            f"{path}: none of its {len(samples)} rows falls in the {split} split (about "
+            f"{EVAL_FRACTION_BP // 100}% of rows are held out for evaluation, chosen by a hash of their text); add rows")
+    return out
 
 
 # --------------------------------------------------------------------------- mixtures
