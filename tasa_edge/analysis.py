@@ -136,6 +136,7 @@ def collect(model, tok, params: dict[str, torch.nn.Parameter], pools: dict[str, 
 
     # importance statistics on matmul inputs of blk.* weights (llama.cpp imatrix semantics)
     act_sum: dict[str, torch.Tensor] = {}
+    act_seen: dict[tuple, torch.Tensor] = {}
     hooks = []
     by_param = {id(p): n for n, p in params.items()}
     for mod_name, mod in model.named_modules():
@@ -145,8 +146,15 @@ def collect(model, tok, params: dict[str, torch.nn.Parameter], pools: dict[str, 
                 continue
 
             def hook(m, inp, _out, gname=gname):
-                x = inp[0].detach().float()
-                act_sum[gname] = act_sum.get(gname, 0) + (x * x).reshape(-1, x.shape[-1]).sum(0)
+                x = inp[0].detach()
+                # q/k/v (and gate/up) read one input: its sum of squares is taken once per forward
+                # (autograd keeps the inputs alive, so a live address names one tensor)
+                k = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+                v = act_seen.get(k)
+                if v is None:
+                    v = act_seen[k] = torch.linalg.vector_norm(x.reshape(-1, x.shape[-1]), dim=0,
+                                                               dtype=torch.float32).square_()
+                act_sum[gname] = act_sum[gname] + v if gname in act_sum else v
 
             hooks.append(mod.register_forward_hook(hook))
 
@@ -201,6 +209,7 @@ def collect(model, tok, params: dict[str, torch.nn.Parameter], pools: dict[str, 
                 ids, mask = encode(tok, s, cfg.max_tokens, prefix)
                 ids, mask = ids.to(dev), mask.to(dev)
                 act_sum.clear()
+                act_seen.clear()
                 model.zero_grad(set_to_none=True)
                 cur["role"] = role
                 cur["trace"] = np.zeros((len(names), cfg.sketch_k * cfg.sketch_k), dtype=np.float32)

@@ -174,7 +174,8 @@ def _tiny_analyze_args(tiny_llama, tmp_path):
     general.write_text("\n\n".join(f"The {w} sat on the mat number {i}." for i in range(12) for w in ("cat", "dog", "fox")))
     return [sys.executable, "-m", "tasa_edge.cli", "analyze", str(tiny_llama), "-o", str(tmp_path / "out"),
             "--task-data", str(task), "--general-data", str(general),
-            "--n-general", "8", "--n-task", "8", "--n-target", "2", "--max-tokens", "64"]
+            "--n-general", "8", "--n-task", "8", "--n-target", "2", "--max-tokens", "64",
+            "--no-chat-template"]   # the tiny tokenizer's template ("{{ messages }}") is no chat format
 
 
 def test_a_pickle_at_the_gradient_cache_path_is_never_run(tiny_llama, tmp_path):  # noqa: F811
@@ -217,7 +218,8 @@ def test_analyze_with_a_device_profile_scores_the_profiles_fast_formats(tiny_lla
     general.write_text("\n\n".join(f"The {w} sat on the mat number {i}." for i in range(12) for w in ("cat", "dog", "fox")))
     args = [sys.executable, "-m", "tasa_edge.cli", "analyze", str(tiny_llama), "-o", str(tmp_path / "out"),
             "--profile", "local-cpu", "--task-data", str(task), "--general-data", str(general),
-            "--n-general", "8", "--n-task", "8", "--n-target", "2", "--max-tokens", "64"]
+            "--n-general", "8", "--n-task", "8", "--n-target", "2", "--max-tokens", "64",
+            "--no-chat-template"]   # the tiny tokenizer's template ("{{ messages }}") is no chat format
     env = {**os.environ, "TASA_NO_PROGRESS": "1"}
     r = subprocess.run(args, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
