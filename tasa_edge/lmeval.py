@@ -163,6 +163,7 @@ class LlamaGenerator:
         self.max_gen_toks = max_gen_toks
         self.progress = progress
         self._llm = None
+        self._scorer = None
         self.n_generated = 0
         self.n_resumed = 0
 
@@ -170,15 +171,23 @@ class LlamaGenerator:
         if self._llm is None:
             from llama_cpp import Llama
 
-            self._llm = Llama(model_path=self.path, n_ctx=self.n_ctx, n_threads=self.n_threads,
-                              n_threads_batch=self.n_threads, logits_all=False, verbose=False, seed=0,
-                              n_batch=min(512, self.n_ctx))
+            self._llm = self._open(Llama, logits_all=False)
         return self._llm
 
+    def _open(self, Llama, logits_all: bool):
+        try:
+            return Llama(model_path=self.path, n_ctx=self.n_ctx, n_threads=self.n_threads,
+                         n_threads_batch=self.n_threads, logits_all=logits_all, verbose=False, seed=0,
+                         n_batch=min(512, self.n_ctx))
+        except ValueError as e:
+            raise TasaError(f"{self.path}: llama.cpp cannot load it ({e})") from None
+
     def close(self) -> None:
-        if self._llm is not None:
-            self._llm.close()
-            self._llm = None
+        for name in ("_llm", "_scorer"):
+            m = getattr(self, name, None)
+            if m is not None:
+                m.close()
+                setattr(self, name, None)
 
     def settings(self, until, max_tokens: int) -> dict:
         return {"until": list(until), "max_gen_toks": int(max_tokens), "greedy": True}
@@ -219,10 +228,8 @@ class LlamaGenerator:
 
         if len(ids) > self.n_ctx:
             raise TasaError(f"{len(ids)} tokens exceed the context of {self.n_ctx}")
-        if getattr(self, "_scorer", None) is None:
-            self._scorer = Llama(model_path=self.path, n_ctx=self.n_ctx, n_threads=self.n_threads,
-                                 n_threads_batch=self.n_threads, logits_all=True, verbose=False, seed=0,
-                                 n_batch=min(512, self.n_ctx))
+        if self._scorer is None:
+            self._scorer = self._open(Llama, logits_all=True)
         sc = self._scorer
         sc.reset()
         sc.eval([int(t) for t in ids])
@@ -340,7 +347,10 @@ def _offline() -> None:
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
     import datasets.config as dc
+
+    datasets.disable_progress_bars()
 
     dc.HF_HUB_OFFLINE = True  # in case datasets was imported before the variables were set
     if hasattr(dc, "HF_DATASETS_OFFLINE"):
@@ -425,7 +435,8 @@ def eval_gsm8k(model: str | Path, out_dir: str | Path, limit: int | None = None,
     by_doc: dict[int, dict] = {}
     for s in res["samples"][GSM8K_TASK]:
         d = by_doc.setdefault(s["doc_id"], {"doc_id": s["doc_id"], "id": s["doc"]["id"], "question": s["doc"]["question"],
-                                            "target": s["target"], "completion": s["resps"][0][0]})
+                                            "target": s["target"], "prompt": s["arguments"][0][0],
+                                            "completion": s["resps"][0][0]})
         d[s["filter"]] = {"extracted": s["filtered_resps"][0], "exact_match": float(s["exact_match"])}
     rows = [by_doc[k] for k in sorted(by_doc)]
     filters = ("strict-match", "flexible-extract")
