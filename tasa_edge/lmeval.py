@@ -428,7 +428,7 @@ def eval_gsm8k(model: str | Path, out_dir: str | Path, limit: int | None = None,
     try:
         res = lm_eval.simple_evaluate(
             model=lm, tasks=[GSM8K_TASK], task_manager=TaskManager(include_path=str(tdir), include_defaults=False),
-            num_fewshot=num_fewshot, limit=limit, log_samples=True, bootstrap_iters=0, verbosity="ERROR",
+            num_fewshot=None if num_fewshot == GSM8K_FEWSHOT else num_fewshot, limit=limit, log_samples=True, bootstrap_iters=0, verbosity="ERROR",
         )
     finally:
         gen.close()
