@@ -32,6 +32,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,8 +148,6 @@ def _limits(cpu_s: int, mem: int, fsize: int):
 def check_completion(problem: Problem, completion: str, timeout: float = TIMEOUT_S,
                      memory_bytes: int = MEMORY_BYTES, cpu_seconds: int = CPU_SECONDS) -> CheckResult:
     """Run the problem's tests on ``completion`` in a limited child process (see the module doc)."""
-    import time
-
     nonce = secrets.token_hex(16)
     req = json.dumps({"program": check_program(problem, completion), "timeout": timeout, "nonce": nonce})
     t0 = time.perf_counter()

@@ -43,6 +43,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .data import load_gsm8k
 from .errors import TasaError
 from .fsutil import atomic_path
@@ -223,7 +225,6 @@ class LlamaGenerator:
 
     def logprob_tokens(self, ids: list[int], start: int) -> tuple[float, bool]:
         """Sum of log p(ids[i] | ids[:i]) for i >= start, and whether each was the argmax."""
-        import numpy as np
         from llama_cpp import Llama
 
         if len(ids) > self.n_ctx:
@@ -347,6 +348,8 @@ def _offline() -> None:
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if os.environ.get("TASA_NO_PROGRESS"):
+        os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's own bars (read when tqdm is imported)
     import datasets
     import datasets.config as dc
 
