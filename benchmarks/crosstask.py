@@ -20,7 +20,7 @@ step ``results.json`` and ``results.md`` are rewritten with what exists so far; 
 ``n`` per cell and marks what has not run.
 
     python benchmarks/crosstask.py                                   # Qwen, 3.5 bpw, full eval splits
-    python benchmarks/crosstask.py --model smollm2-135m --bpw 5 --limit 4 --n-kld 4 --out /tmp/ct   # smoke run
+    python benchmarks/crosstask.py --model smollm2-135m --bpw 5 --limit 2 --n-kld 2 --n-calib 2 --out /tmp/ct   # smoke run
 """
 
 from __future__ import annotations
@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bpw", type=float, default=3.5)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/crosstask"))
     ap.add_argument("--n-calib", type=int, default=8, help="analysis: general and task pool samples")
-    ap.add_argument("--max-tokens", type=int, default=128, help="analysis: tokens per sample")
+    ap.add_argument("--max-tokens", type=int, default=384,
+                    help="analysis: tokens per sample (HumanEval prompts are long: every sample must keep answer tokens)")
     ap.add_argument("--limit", type=int, default=None, help="score only the first N held-out questions of each task")
     ap.add_argument("--n-kld", type=int, default=6, help="held-out texts per task for the task KLD")
     ap.add_argument("--threads", type=int, default=None)
