@@ -20,7 +20,7 @@ step ``results.json`` and ``results.md`` are rewritten with what exists so far; 
 ``n`` per cell and marks what has not run.
 
     python benchmarks/crosstask.py                                   # Qwen, 3.5 bpw, full eval splits
-    python benchmarks/crosstask.py --model smollm2-135m --bpw 5 --limit 2 --n-kld 2 --n-calib 2 --out /tmp/ct   # smoke run
+    python benchmarks/crosstask.py --model smollm2-135m --bpw 5 --limit 1 --max-gen-tokens 32 --n-kld 2 --n-calib 2 --out /tmp/ct   # smoke
 """
 
 from __future__ import annotations
@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=384,
                     help="analysis: tokens per sample (HumanEval prompts are long: every sample must keep answer tokens)")
     ap.add_argument("--limit", type=int, default=None, help="score only the first N held-out questions of each task")
+    ap.add_argument("--max-gen-tokens", type=int, default=None,
+                    help="tokens generated per question (default: tasa-edge eval's, gsm8k 256 / humaneval 512)")
     ap.add_argument("--n-kld", type=int, default=6, help="held-out texts per task for the task KLD")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--plans", nargs="+", default=list(PLANS), choices=list(PLANS))
@@ -203,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             rd = out / "eval" / f"{name}-{t}"
             log(f"   eval {name} on {t} (resumes {rd})")
             fn = eval_gsm8k if t == "gsm8k" else eval_humaneval
-            r = fn(res["plans"][name]["file"], rd, limit=args.limit, n_threads=args.threads)
+            kw = {"max_gen_toks": args.max_gen_tokens} if args.max_gen_tokens else {}
+            r = fn(res["plans"][name]["file"], rd, limit=args.limit, n_threads=args.threads, **kw)
             res["plans"][name].setdefault("eval", {})[t] = {"scores": {k: vars(v) for k, v in r.scores.items()},
                                                              "dir": str(rd), "seconds": r.seconds}
             log(f"   {name} on {t}: " + ", ".join(f"{k} {v}" for k, v in r.scores.items()))
@@ -217,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 ids = sorted(set(ca) & set(cb))
                 rows.append({"a": a, "b": b, **mcnemar([ca[k] for k in ids], [cb[k] for k in ids])})
         res["paired"][t] = rows
-    full = args.limit is None and not args.skip_eval and set(args.plans) == set(PLANS) and set(args.tasks) == set(TASKS)
+    full = args.limit is None and args.max_gen_tokens is None and not args.skip_eval and set(args.plans) == set(PLANS) and set(args.tasks) == set(TASKS)
     res["status"] = "complete" if full else "partial (limited run)"
     report(res, out)
     log(f"wrote {out / 'results.md'}")
