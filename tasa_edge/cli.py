@@ -429,6 +429,63 @@ def demo(
     out.print(f"[dim]{prompt}[/]{text}")
 
 
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="GGUF file (or a packaged model name: its packaged GGUF)."),
+    task: str = typer.Option(..., "--task", help="gsm8k (lm-eval-harness: strict-match, flexible-extract) or humaneval (pass@1)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N held-out questions."),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Run directory (default tasa-eval/<model>-<task>); a re-run resumes it."),
+    num_fewshot: int = typer.Option(5, "--num-fewshot", help="gsm8k: few-shot examples (from the calibration split)."),
+    max_gen_tokens: Optional[int] = typer.Option(None, "--max-gen-tokens", help="Tokens generated per question (gsm8k 256, humaneval 512)."),
+    ctx: int = typer.Option(2048, "--ctx", help="llama.cpp context size."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="llama.cpp threads (default: all cores)."),
+):
+    """Task accuracy of a GGUF on held-out questions, with a Wilson 95% interval; writes per-question results."""
+    from . import lmeval
+    from .zoo import resolve_model
+
+    if task not in lmeval.TASKS:
+        raise TasaError(f"--task must be one of {', '.join(lmeval.TASKS)}, got {task!r}")
+    if limit is not None and limit < 1:
+        raise TasaError(f"--limit must be >= 1, got {limit}")
+    if not 0 <= num_fewshot <= 32:
+        raise TasaError(f"--num-fewshot must be within [0, 32], got {num_fewshot}")
+    if max_gen_tokens is not None and not 1 <= max_gen_tokens < ctx:
+        raise TasaError(f"--max-gen-tokens must be within [1, --ctx), got {max_gen_tokens}")
+    if not 64 <= ctx <= 131072:
+        raise TasaError(f"--ctx must be within [64, 131072], got {ctx}")
+    if threads is not None and threads < 1:
+        raise TasaError(f"--threads must be >= 1, got {threads}")
+    path = resolve_model(model)
+    if path.suffix.lower() != ".gguf":
+        raise TasaError(f"{path}: eval runs GGUF files (export one first)")
+    out_dir = out_dir or Path("tasa-eval") / f"{path.stem}-{task}"
+    guards.output_dir(out_dir, "--out-dir")
+    if task == "gsm8k":
+        res = lmeval.eval_gsm8k(path, out_dir, limit=limit, num_fewshot=num_fewshot, n_ctx=ctx, n_threads=threads,
+                                max_gen_toks=max_gen_tokens or lmeval.GSM8K_MAX_GEN_TOKENS)
+    else:
+        res = lmeval.eval_humaneval(path, out_dir, limit=limit, n_ctx=ctx, n_threads=threads, max_gen_toks=max_gen_tokens)
+    for name, s in res.scores.items():
+        out.print(f"{task} {name}: {s}  (Wilson 95%)")
+    out.print(f"{len(res.ids)} held-out questions, {res.n_generated} generated, {res.n_resumed} resumed; "
+              f"{res.harness}; wrote {Path(res.out_dir) / 'results.json'} and samples.jsonl ({res.seconds:.0f} s)")
+
+
+@app.command("humaneval-data")
+def humaneval_data(
+    output: Path = typer.Option(..., "--output", "-o", help="The .jsonl to write (prompt / completion rows)."),
+):
+    """Write HumanEval's 64 calibration problems (prompt, canonical solution) for analyze --task-data."""
+    from . import humaneval
+
+    if output.suffix.lower() not in (".jsonl", ".ndjson"):
+        raise TasaError(f"{output}: the task data file must end in .jsonl")
+    guards.output_file(output, "--output")
+    n = humaneval.write_task_data(output)
+    out.print(f"wrote {output}: {n} HumanEval calibration problems (the {humaneval.N_EVAL} held-out ones are not in it)")
+
+
 def _register_bench() -> None:
     from devices.cli import bench
 
