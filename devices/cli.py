@@ -179,6 +179,7 @@ def profile(
     stat: str = typer.Option("best", "--stat", help="Speed of a file: best (fastest repetition; robust to other load on a shared machine) or mean."),
     n_random: int = typer.Option(2, "--random-mixes", help="Random per-tensor mixes measured besides one file per format (held out to check the fit, then fitted too)."),
     name: Optional[str] = typer.Option(None, "--name", help="Profile name (default: TARGET-MODEL)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Progress file: each measured design file is saved there, and a re-run with the same settings skips those already measured."),
     host: Optional[str] = typer.Option(None, "--host", help="ssh target: HOST, USER@HOST or USER@HOST:PORT."),
     serial: Optional[str] = typer.Option(None, "--serial", help="adb target: device serial (adb -s)."),
     bin_dir: Optional[Path] = typer.Option(None, "--bin-dir", help="adb/ssh: local directory with llama-bench built for the device (devices/README.md)."),
@@ -198,6 +199,7 @@ def profile(
     if target not in TARGETS:
         raise TasaError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
     guards.output_file(output, "--output")
+    guards.output_file(resume, "--resume")
     if n_random < 0:
         raise TasaError(f"--random-mixes must be >= 0, got {n_random}")
     if threads is not None and threads <= 0:
@@ -221,7 +223,7 @@ def profile(
     err = Console(stderr=True)
     show = not os.environ.get("TASA_NO_PROGRESS")
     kp, runs, text = measure_profile(
-        src, target=target, menu=menu, threads=threads, pp=n_prompt, tg=n_gen, reps=reps, n_random=n_random, name=name, stat=stat,
+        src, target=target, menu=menu, threads=threads, pp=n_prompt, tg=n_gen, reps=reps, n_random=n_random, name=name, stat=stat, resume=resume,
         transport=transport, bin_dir=bin_dir, limit_bytes=parse_bytes(memory_limit) if memory_limit else None,
         show_progress=show, log=(lambda s: err.print(s, highlight=False)) if show else None)
     write_profile(output, text)

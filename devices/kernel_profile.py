@@ -18,6 +18,8 @@ sizes, usable RAM, read bandwidth, the machine's load while measuring, the fit's
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import tempfile
@@ -131,6 +133,25 @@ def speed(test: dict, stat: str) -> float:
     return float(test["ts_mean"])
 
 
+def _resume_key(label, tensors, ident, threads, pp, tg, reps, stat, target) -> str:
+    h = hashlib.sha256(json.dumps([label, sorted(tensors.items()), ident.get("cpu"), ident.get("llama_cpp_commit"),
+                                   threads, pp, tg, reps, stat, target]).encode())
+    return h.hexdigest()[:24]
+
+
+def _load_resume(path: Path | None) -> dict:
+    """Design files measured by an interrupted run with the same settings (``--resume FILE``)."""
+    if path is None or not Path(path).is_file():
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        raise TasaError(f"--resume {path}: not a profile progress file") from None
+    if not isinstance(data, dict):
+        raise TasaError(f"--resume {path}: not a profile progress file")
+    return data
+
+
 def _loadavg() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -148,7 +169,7 @@ def _meminfo_available(text: str) -> int | None:
 def measure_profile(src: ModelSource, *, target: str = "local", menu: list[str] | None = None, threads: int | None = None,
                     pp: int = 512, tg: int = 128, reps: int = 3, n_random: int = 2, name: str | None = None,
                     transport=None, bin_dir=None, limit_bytes: int | None = None, show_progress: bool = True, stat: str = "best",
-                    workdir: Path | None = None, log=None) -> tuple[KernelProfile, list[DesignRun], str]:
+                    workdir: Path | None = None, log=None, resume: Path | None = None) -> tuple[KernelProfile, list[DesignRun], str]:
     """Export the design files, time them with llama-bench on ``target``, fit the costs.
     Returns the kernel profile, the measured runs and the profile TOML text."""
     from exporters.gguf_export import export_gguf
@@ -213,9 +234,15 @@ def measure_profile(src: ModelSource, *, target: str = "local", menu: list[str] 
 
     runs: list[DesignRun] = []
     t0 = time.perf_counter()
+    done = _load_resume(resume)
     with tempfile.TemporaryDirectory(prefix="tasa-profile-", dir=workdir) as tmp, \
             progress_bar("profile (export + llama-bench)", len(designs), enabled=show_progress) as advance:
         for i, (label, tensors) in enumerate(designs):
+            key = _resume_key(label, tensors, ident, threads, pp, tg, reps, stat, target)
+            if key in done:
+                runs.append(DesignRun(**done[key]))
+                advance(1)
+                continue
             plan = BitPlan("gguf", model_block(src), tensors, provenance={"method": f"kernel profile design: {label}"})
             plan.stamp(src)
             path = Path(tmp) / f"design-{i}.gguf"
@@ -231,6 +258,9 @@ def measure_profile(src: ModelSource, *, target: str = "local", menu: list[str] 
             if log is not None:
                 log(f"{label}: tg{tg} {runs[-1].tg_ts:.1f} t/s, pp{pp} {runs[-1].pp_ts:.1f} t/s")
             path.unlink()
+            if resume is not None:
+                done[key] = runs[-1].__dict__
+                atomic_write_text(resume, json.dumps(done))
             advance(1)
     seconds = time.perf_counter() - t0
     measured = {

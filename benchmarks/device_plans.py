@@ -1,0 +1,130 @@
+"""Device-aware plans, checked: predicted vs measured decode (tg) and prefill (pp) speed of
+exported TASA plans on the machine a kernel profile was measured on.
+
+    tasa-edge profile -m smollm2-135m -o device.toml -t 1 -r 2          # the profile (llama-bench)
+    tasa-edge analyze smollm2-135m -o tasa-out                          # the analysis
+    python benchmarks/device_plans.py --model smollm2-135m --profile device.toml \\
+        --analysis tasa-out/analysis.json --bpw 4.6 5.5 6.5 --out benchmarks/device
+
+For every budget the speed-blind TASA plan is solved (``plan --profile`` records its predicted
+decode ms/token and prefill ms), exported (with the analysis' imatrix) and timed by llama-bench with
+the profile's threads, test sizes, repetitions and statistic (``best``: the fastest repetition, or
+``mean``); with ``--min-tg-ratio R`` a speed-aware plan limited to ``R x`` the speed-blind plan's
+predicted tg is measured too. The table prints predicted and measured tg/pp and their error, and
+the machine's load average before and after each measurement (a shared machine's timings are only
+as good as its quiet moments).
+
+Results: ``<out>/<model>.json`` and ``<out>/<model>.md``; resumable (every measured file is saved in
+the JSON as it comes and skipped on a re-run with the same settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TASA_NO_PROGRESS", "1")
+
+from devices.kernel_profile import speed  # noqa: E402
+from devices.llama_tools import run_llama_bench  # noqa: E402
+from exporters.gguf_export import export_gguf  # noqa: E402
+from tasa_edge.costmodel import load_kernel_profile  # noqa: E402
+from tasa_edge.fsutil import atomic_write_text  # noqa: E402
+from tasa_edge.model import ModelSource  # noqa: E402
+from tasa_edge.planner import DeviceLimits, make_plan  # noqa: E402
+from tasa_edge.results import Analysis  # noqa: E402
+from tasa_edge.zoo import resolve_model  # noqa: E402
+
+
+def measure(path: Path, kp, reps: int | None) -> dict:
+    m = kp.measured
+    before = [round(x, 2) for x in os.getloadavg()]
+    r = run_llama_bench(path, int(m["pp"]), int(m["tg"]), int(reps or m.get("reps") or 3), int(m["threads"]))
+    stat = m.get("stat") or "best"
+    return {"tg_ts": speed(r["tg"], stat), "pp_ts": speed(r["pp"], stat), "tg_samples": r["tg"]["samples_ts"],
+            "pp_samples": r["pp"]["samples_ts"], "load_before": before, "load_after": [round(x, 2) for x in os.getloadavg()]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--profile", required=True, type=Path)
+    ap.add_argument("--analysis", required=True, type=Path)
+    ap.add_argument("--bpw", type=float, nargs="+", default=[4.6, 5.5, 6.5])
+    ap.add_argument("--min-tg-ratio", type=float, default=None,
+                    help="also a speed-aware plan per budget: predicted tg >= RATIO x the speed-blind plan's")
+    ap.add_argument("--reps", type=int, default=None, help="llama-bench -r (default: the profile's)")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/device"))
+    a = ap.parse_args()
+
+    src = ModelSource.open(resolve_model(a.model))
+    kp = load_kernel_profile(a.profile)
+    an = Analysis.load(a.analysis)
+    a.out.mkdir(parents=True, exist_ok=True)
+    work = a.out / f"work-{a.model}"
+    work.mkdir(exist_ok=True)
+    res_path = a.out / f"{a.model}.json"
+    res = json.loads(res_path.read_text()) if res_path.is_file() else {}
+    settings = {"profile": str(a.profile), "machine": kp.machine, "measured": {k: kp.measured.get(k) for k in
+                ("threads", "pp", "tg", "reps", "stat", "load_before", "load_after", "fit", "holdout")}}
+    if res.get("settings") != settings:
+        res = {"settings": settings, "rows": {}}
+
+    jobs = []
+    for bpw in a.bpw:
+        jobs.append((f"TASA {bpw:g} bpw", bpw, None))
+        if a.min_tg_ratio:
+            jobs.append((f"TASA {bpw:g} bpw, tg >= {a.min_tg_ratio:g}x", bpw, a.min_tg_ratio))
+    for label, bpw, ratio in jobs:
+        if label in res["rows"]:
+            continue
+        dev = DeviceLimits(kp)
+        if ratio:
+            blind = make_plan(an, src, bpw=bpw, device=dev)
+            dev = DeviceLimits(kp, max_decode_ms=blind.predicted["decode_ms"] / ratio)
+        plan = make_plan(an, src, bpw=bpw, device=dev)
+        gguf = work / f"{label.replace(' ', '_').replace(',', '').replace('>=', 'ge')}.gguf"
+        t0 = time.perf_counter()
+        export_gguf(src, plan, gguf, imatrix=plan.export_imatrix(None), show_progress=False)
+        got = measure(gguf, kp, a.reps)
+        gguf.unlink()
+        p = plan.predicted
+        res["rows"][label] = {"bpw": p["bpw"], "bytes": p["bytes"], "loss": p["loss"], "types": plan.types_used(),
+                              "pred_tg_ts": p["tg_ts"], "pred_pp_ts": p["pp_ts"], **got,
+                              "tg_err": p["tg_ts"] / got["tg_ts"] - 1, "pp_err": p["pp_ts"] / got["pp_ts"] - 1,
+                              "seconds": time.perf_counter() - t0}
+        atomic_write_text(res_path, json.dumps(res, indent=1) + "\n")
+        r = res["rows"][label]
+        print(f"{label}: tg predicted {r['pred_tg_ts']:.2f} measured {r['tg_ts']:.2f} ({100 * r['tg_err']:+.1f}%), "
+              f"pp predicted {r['pred_pp_ts']:.2f} measured {r['pp_ts']:.2f} ({100 * r['pp_err']:+.1f}%)", flush=True)
+    md = table(a.model, res, kp)
+    atomic_write_text(a.out / f"{a.model}.md", md)
+    print(md)
+
+
+def table(model: str, res: dict, kp) -> str:
+    m = kp.measured
+    tg, pp = m["tg"], m["pp"]
+    lines = [f"**{model}** ({kp.machine.get('cpu')}, {m['threads']} thread(s), llama.cpp {kp.machine.get('llama_cpp_commit')}, "
+             f"speed = {m.get('stat', 'best')} of {m.get('reps')} llama-bench repetitions)", "",
+             f"| plan | bits/weight | predicted loss | tg{tg} predicted | tg{tg} measured | error | pp{pp} predicted | "
+             f"pp{pp} measured | error | load avg before -> after |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, r in res["rows"].items():
+        lines.append(f"| {label} | {r['bpw']:.3f} | {r['loss']:.4f} | {r['pred_tg_ts']:.2f} | {r['tg_ts']:.2f} | "
+                     f"{100 * r['tg_err']:+.1f}% | {r['pred_pp_ts']:.2f} | {r['pp_ts']:.2f} | {100 * r['pp_err']:+.1f}% | "
+                     f"{r['load_before'][0]} -> {r['load_after'][0]} |")
+    errs = [abs(r[k]) for r in res["rows"].values() for k in ("tg_err", "pp_err")]
+    if errs:
+        lines += ["", f"max |error| {100 * max(errs):.1f}% over {len(res['rows'])} files "
+                      f"({'within' if max(errs) <= 0.10 else 'NOT within'} 10%)"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
