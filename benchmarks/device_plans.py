@@ -30,11 +30,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TASA_NO_PROGRESS", "1")
 
+import numpy as np  # noqa: E402
+
 from devices.kernel_profile import speed  # noqa: E402
 from devices.llama_tools import run_llama_bench  # noqa: E402
+from exporters.baseline import quantize_baseline  # noqa: E402
 from exporters.gguf_export import export_gguf  # noqa: E402
+from exporters.reference import reference_gguf  # noqa: E402
+from tasa_edge import quality  # noqa: E402
 from tasa_edge.costmodel import load_kernel_profile  # noqa: E402
+from tasa_edge.data import load_gsm8k  # noqa: E402
+from tasa_edge.evaluate import reference_logprobs  # noqa: E402
 from tasa_edge.fsutil import atomic_write_text  # noqa: E402
+from tasa_edge.inspect import inspect_gguf  # noqa: E402
+from tasa_edge.llama_run import score  # noqa: E402
 from tasa_edge.model import ModelSource  # noqa: E402
 from tasa_edge.planner import DeviceLimits, make_plan  # noqa: E402
 from tasa_edge.results import Analysis  # noqa: E402
@@ -59,6 +68,10 @@ def main() -> None:
     ap.add_argument("--min-tg-ratio", type=float, default=None,
                     help="also a speed-aware plan per budget: predicted tg >= RATIO x the speed-blind plan's")
     ap.add_argument("--reps", type=int, default=None, help="llama-bench -r (default: the profile's)")
+    ap.add_argument("--win", nargs="*", default=[], metavar="MIX",
+                    help="llama.cpp mixes (Q3_K_S Q3_K_M) to compare with (+ the analysis' imatrix): measured speed, "
+                         "and task KLD of the mix, the speed-blind and the speed-aware TASA plan at its bytes")
+    ap.add_argument("--n-eval", type=int, default=6, help="--win: held-out GSM8K eval answers for task KLD")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/device"))
     a = ap.parse_args()
 
@@ -102,9 +115,80 @@ def main() -> None:
         r = res["rows"][label]
         print(f"{label}: tg predicted {r['pred_tg_ts']:.2f} measured {r['tg_ts']:.2f} ({100 * r['tg_err']:+.1f}%), "
               f"pp predicted {r['pred_pp_ts']:.2f} measured {r['pp_ts']:.2f} ({100 * r['pp_err']:+.1f}%)", flush=True)
-    md = table(a.model, res, kp)
+    if a.win:
+        win(a, src, kp, an, res, res_path, work)
+    md = table(a.model, res, kp) + (win_table(res) if res.get("win") else "")
     atomic_write_text(a.out / f"{a.model}.md", md)
     print(md)
+
+
+def kl_tokens(ref, path: Path) -> np.ndarray:
+    """Per-token KL of the GGUF at ``path`` against the reference store (for paired comparisons)."""
+    out = []
+    for i, lg in enumerate(score(path, ref.seqs, ref.starts, None)):
+        k, _, _ = quality.score_rows(ref.lp[i], ref.top1[i], lg, np.asarray(ref.seqs[i][ref.starts[i]:]))
+        out.append(k)
+    return np.concatenate(out)
+
+
+def win(a, src, kp, an, res, res_path, work) -> None:
+    """Item 4: at each llama.cpp mix's bytes, a speed-aware TASA plan limited to the mix's measured
+    tg and pp (predicted), against the mix and the speed-blind plan: measured speed and task KLD."""
+    from tasa_edge.imatrix import load_imatrix
+
+    held = None
+    res.setdefault("win", {})
+    for mix in a.win:
+        if mix in res["win"]:
+            continue
+        if held is None:
+            held = reference_logprobs(reference_gguf(src), load_gsm8k("eval")[: a.n_eval])
+        im = load_imatrix(an.imatrix["path"]) if an.imatrix else None
+        lf = work / f"llama-{mix}.gguf"
+        quantize_baseline(reference_gguf(src), lf, mix, imatrix=im)
+        nbytes = inspect_gguf(lf)["bytes"]
+        rows = {}
+        m = measure(lf, kp, a.reps)
+        rows["llama.cpp"] = {"bpw": inspect_gguf(lf)["bpw"], **m, "kl": kl_tokens(held, lf)}
+        lf.unlink()
+        pp = kp.pp
+        for label, dev in (("TASA speed-blind", DeviceLimits(kp)),
+                           ("TASA speed-aware", DeviceLimits(kp, max_decode_ms=1000.0 / m["tg_ts"],
+                                                             max_prefill_ms=1000.0 * pp / m["pp_ts"]))):
+            plan = make_plan(an, src, nbytes=nbytes, device=dev)
+            f = work / f"{label.replace(' ', '_')}-{mix}.gguf"
+            export_gguf(src, plan, f, imatrix=plan.export_imatrix(None), show_progress=False)
+            rows[label] = {"bpw": plan.predicted["bpw"], "pred_tg_ts": plan.predicted["tg_ts"],
+                           "pred_pp_ts": plan.predicted["pp_ts"], "types": plan.types_used(), **measure(f, kp, a.reps),
+                           "kl": kl_tokens(held, f)}
+            f.unlink()
+        base = rows["llama.cpp"]
+        for r in rows.values():
+            d = r["kl"] - base["kl"]
+            r.update(task_kld=float(r["kl"].mean()), task_kld_se=quality.std_error(r["kl"]),
+                     tg_ratio=r["tg_ts"] / base["tg_ts"], pp_ratio=r["pp_ts"] / base["pp_ts"],
+                     dkld_vs_llama=float(d.mean()), dkld_vs_llama_ci95=1.96 * quality.std_error(d))
+        d = rows["TASA speed-aware"]["kl"] - rows["TASA speed-blind"]["kl"]
+        rows["TASA speed-aware"].update(dkld_vs_blind=float(d.mean()), dkld_vs_blind_ci95=1.96 * quality.std_error(d))
+        for r in rows.values():
+            r.pop("kl")
+        res["win"][mix] = {"bytes": nbytes, "n_eval": a.n_eval, "rows": rows}
+        atomic_write_text(res_path, json.dumps(res, indent=1) + "\n")
+        print(win_table({"win": {mix: res["win"][mix]}}), flush=True)
+
+
+def win_table(res: dict) -> str:
+    lines = ["", "| llama.cpp budget | file | bits/weight | tg measured (x llama.cpp) | pp measured (x llama.cpp) | "
+                 "task KLD ± se | Δ task KLD vs llama.cpp (95% CI, paired) | Δ vs speed-blind TASA |",
+             "|---|---|---|---|---|---|---|---|"]
+    for mix, w in res["win"].items():
+        for label, r in w["rows"].items():
+            vs_blind = f"{r['dkld_vs_blind']:+.4f} ± {r['dkld_vs_blind_ci95']:.4f}" if "dkld_vs_blind" in r else ""
+            vs_llama = "" if label == "llama.cpp" else f"{r['dkld_vs_llama']:+.4f} ± {r['dkld_vs_llama_ci95']:.4f}"
+            lines.append(f"| {mix} | {label} | {r['bpw']:.3f} | {r['tg_ts']:.2f} ({r['tg_ratio']:.3f}) | "
+                         f"{r['pp_ts']:.2f} ({r['pp_ratio']:.3f}) | {r['task_kld']:.4f} ± {r['task_kld_se']:.4f} | "
+                         f"{vs_llama} | {vs_blind} |")
+    return "\n".join(lines) + "\n"
 
 
 def table(model: str, res: dict, kp) -> str:
