@@ -253,8 +253,9 @@ class DeviceLimits:
 
     def record(self, plan: BitPlan, src: ModelSource, dropped: list[str], ram: dict | None) -> None:
         p = self.profile.predict(src, plan.tensors)
-        plan.predicted.update({"decode_ms": p.decode_ms, "prefill_ms": p.prefill_ms, "prefill_tokens": p.pp,
-                               "tg_ts": p.tg_ts, "pp_ts": p.pp_ts})
+        plan.predicted.update({"decode_ms": p.decode_ms, "prefill_ms": p.prefill_ms, "prefill_tokens": p.pp})
+        if p.decode_ms > 0 and p.prefill_ms > 0:      # (a profile whose costs are all 0 predicts no speed)
+            plan.predicted.update({"tg_ts": p.tg_ts, "pp_ts": p.pp_ts})
         m = self.profile.measured
         plan.provenance["device_profile"] = {
             "path": self.profile.path, "name": self.profile.name, "machine": dict(self.profile.machine),
