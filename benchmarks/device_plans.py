@@ -40,6 +40,7 @@ from exporters.reference import reference_gguf  # noqa: E402
 from tasa_edge import quality  # noqa: E402
 from tasa_edge.costmodel import load_kernel_profile  # noqa: E402
 from tasa_edge.data import load_gsm8k  # noqa: E402
+from tasa_edge.errors import TasaError  # noqa: E402
 from tasa_edge.evaluate import reference_logprobs  # noqa: E402
 from tasa_edge.fsutil import atomic_write_text  # noqa: E402
 from tasa_edge.inspect import inspect_gguf  # noqa: E402
@@ -139,7 +140,7 @@ def win(a, src, kp, an, res, res_path, work) -> None:
     held = None
     res.setdefault("win", {})
     for mix in a.win:
-        if mix in res["win"]:
+        if mix in res["win"] or any(k.startswith(mix + " ") for k in res["win"].get("errors", {})):
             continue
         if held is None:
             held = reference_logprobs(reference_gguf(src), load_gsm8k("eval")[: a.n_eval])
@@ -155,7 +156,12 @@ def win(a, src, kp, an, res, res_path, work) -> None:
         for label, dev in (("TASA speed-blind", DeviceLimits(kp)),
                            ("TASA speed-aware", DeviceLimits(kp, max_decode_ms=1000.0 / m["tg_ts"],
                                                              max_prefill_ms=1000.0 * pp / m["pp_ts"]))):
-            plan = make_plan(an, src, nbytes=nbytes, device=dev)
+            try:
+                plan = make_plan(an, src, nbytes=nbytes, device=dev)
+            except TasaError as exc:       # the limits may be infeasible at this budget
+                print(f"{mix} {label}: {exc}", flush=True)
+                res["win"].setdefault("errors", {})[f"{mix} {label}"] = str(exc)
+                continue
             f = work / f"{label.replace(' ', '_')}-{mix}.gguf"
             export_gguf(src, plan, f, imatrix=plan.export_imatrix(None), show_progress=False)
             rows[label] = {"bpw": plan.predicted["bpw"], "pred_tg_ts": plan.predicted["tg_ts"],
@@ -168,8 +174,9 @@ def win(a, src, kp, an, res, res_path, work) -> None:
             r.update(task_kld=float(r["kl"].mean()), task_kld_se=quality.std_error(r["kl"]),
                      tg_ratio=r["tg_ts"] / base["tg_ts"], pp_ratio=r["pp_ts"] / base["pp_ts"],
                      dkld_vs_llama=float(d.mean()), dkld_vs_llama_ci95=1.96 * quality.std_error(d))
-        d = rows["TASA speed-aware"]["kl"] - rows["TASA speed-blind"]["kl"]
-        rows["TASA speed-aware"].update(dkld_vs_blind=float(d.mean()), dkld_vs_blind_ci95=1.96 * quality.std_error(d))
+        if "TASA speed-aware" in rows:
+            d = rows["TASA speed-aware"]["kl"] - rows["TASA speed-blind"]["kl"]
+            rows["TASA speed-aware"].update(dkld_vs_blind=float(d.mean()), dkld_vs_blind_ci95=1.96 * quality.std_error(d))
         for r in rows.values():
             r.pop("kl")
         res["win"][mix] = {"bytes": nbytes, "n_eval": a.n_eval, "rows": rows}
@@ -182,6 +189,9 @@ def win_table(res: dict) -> str:
                  "task KLD ± se | Δ task KLD vs llama.cpp (95% CI, paired) | Δ vs speed-blind TASA |",
              "|---|---|---|---|---|---|---|---|"]
     for mix, w in res["win"].items():
+        if mix == "errors":
+            lines += [f"| {k} | infeasible: {v} |  |  |  |  |  |  |" for k, v in w.items()]
+            continue
         for label, r in w["rows"].items():
             vs_blind = f"{r['dkld_vs_blind']:+.4f} ± {r['dkld_vs_blind_ci95']:.4f}" if "dkld_vs_blind" in r else ""
             vs_llama = "" if label == "llama.cpp" else f"{r['dkld_vs_llama']:+.4f} ± {r['dkld_vs_llama_ci95']:.4f}"
