@@ -6,6 +6,7 @@ Registered in :mod:`tasa_edge.cli` with ``app.command("bench")(devices.cli.bench
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import List, Optional
@@ -182,3 +183,81 @@ def _summary_table(report: dict, labels: list[str]) -> Table:
             f((q.get("task") or {}).get("top1"), "{:.3f}"), f(g.get("flexible_extract"), "{:.3f}"),
         )
     return t
+
+
+def profile(
+    model: str = typer.Option(..., "--model", "-m", help="The model whose tensor shapes are measured (GGUF, HF directory or packaged name)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Profile TOML to write (a device profile with measured kernel costs)."),
+    target: str = typer.Option("local", "--target", help="local (this machine), adb (Android phone) or ssh (board)."),
+    formats_: Optional[str] = typer.Option(None, "--formats", help="Comma-separated GGUF formats to measure (default: the analysis' default menu)."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Threads (default: all usable cores / the device's cores)."),
+    n_prompt: int = typer.Option(512, "--n-prompt", "-p", help="pp test size (prefill tokens), as llama-bench -p."),
+    n_gen: int = typer.Option(128, "--n-gen", "-n", help="tg test size (decoded tokens), as llama-bench -n."),
+    reps: int = typer.Option(3, "--repetitions", "-r", help="Timed repetitions per test, as llama-bench -r."),
+    stat: str = typer.Option("best", "--stat", help="Speed of a file: best (fastest repetition; robust to other load on a shared machine) or mean."),
+    n_random: int = typer.Option(2, "--random-mixes", help="Random per-tensor mixes measured besides one file per format (held out to check the fit, then fitted too)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Profile name (default: TARGET-MODEL)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Progress file: each measured design file is saved there, and a re-run with the same settings skips those already measured."),
+    host: Optional[str] = typer.Option(None, "--host", help="ssh target: HOST, USER@HOST or USER@HOST:PORT."),
+    serial: Optional[str] = typer.Option(None, "--serial", help="adb target: device serial (adb -s)."),
+    bin_dir: Optional[Path] = typer.Option(None, "--bin-dir", help="adb/ssh: local directory with llama-bench built for the device (devices/README.md)."),
+    remote_dir: Optional[str] = typer.Option(None, "--remote-dir", help="adb/ssh: working directory on the device."),
+    memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="Memory the model may use, e.g. 3.5G: caps the usable RAM the profile records (and the local llama-bench's RLIMIT_AS)."),
+):
+    """Measure a target's decode (tg) and prefill (pp) cost of every format on MODEL's own tensor
+    shapes through llama.cpp's llama-bench, plus usable RAM, cores, bandwidth and the machine's
+    identity; write them as a device profile TOML for `plan --profile`."""
+    from tasa_edge import guards
+    from tasa_edge.model import ModelSource
+    from tasa_edge.zoo import resolve_model
+
+    from .kernel_profile import measure_profile, write_profile
+    from .profiles import TARGETS
+
+    if target not in TARGETS:
+        raise TasaError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+    guards.output_file(output, "--output")
+    guards.output_file(resume, "--resume")
+    if n_random < 0:
+        raise TasaError(f"--random-mixes must be >= 0, got {n_random}")
+    if threads is not None and threads <= 0:
+        raise TasaError(f"--threads must be positive, got {threads}")
+    menu = [f.strip() for f in formats_.split(",") if f.strip()] if formats_ is not None else None
+    if menu is not None and not menu:
+        raise TasaError("--formats lists no format")
+    transport = None
+    if target == "adb":
+        from .remote import AdbTransport
+
+        transport = AdbTransport(serial=serial, remote_dir=remote_dir)
+    elif target == "ssh":
+        from .remote import SshTransport
+
+        if host is None:
+            raise TasaError("--target ssh needs --host")
+        h, u, p = parse_host(host)
+        transport = SshTransport(h, user=u, port=p, remote_dir=remote_dir)
+    src = ModelSource.open(resolve_model(model))
+    err = Console(stderr=True)
+    show = not os.environ.get("TASA_NO_PROGRESS")
+    kp, runs, text = measure_profile(
+        src, target=target, menu=menu, threads=threads, pp=n_prompt, tg=n_gen, reps=reps, n_random=n_random, name=name, stat=stat, resume=resume,
+        transport=transport, bin_dir=bin_dir, limit_bytes=parse_bytes(memory_limit) if memory_limit else None,
+        show_progress=show, log=(lambda s: err.print(s, highlight=False)) if show else None)
+    write_profile(output, text)
+    t = Table(title=f"kernel costs on {kp.machine.get('cpu') or target}, {kp.measured['threads']} threads "
+                    f"(llama.cpp {kp.machine.get('llama_cpp_commit') or '?'})")
+    for c in ("format", "decode ns/weight", "prefill ns/weight/token"):
+        t.add_column(c, justify="left" if c == "format" else "right")
+    for f, c in kp.costs.items():
+        t.add_row(f, f"{c.decode_ns_per_weight:.4f}", f"{c.prefill_ns_per_weight:.5f}")
+    console.print(t)
+    m = kp.measured
+    fitq = m["fit"]
+    console.print(f"fit over {fitq['files']} files: max |error| tg {100 * fitq['max_abs_tg_err']:.1f}%, "
+                  f"pp {100 * fitq['max_abs_pp_err']:.1f}%" + (
+                      f"; held-out random mixes (fit on the uniform files): tg {100 * m['holdout']['max_abs_tg_err']:.1f}%, "
+                      f"pp {100 * m['holdout']['max_abs_pp_err']:.1f}%" if m.get("holdout") else ""), highlight=False)
+    console.print(f"usable RAM {((m.get('usable_ram_bytes') or 0) / 2**30):.2f} GiB, read bandwidth "
+                  f"{((m.get('bandwidth_bytes_per_s') or 0) / 1e9):.1f} GB/s, load average {m.get('load_before')} -> "
+                  f"{m.get('load_after')}; wrote {output}", highlight=False)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasa_edge import formats
+from tasa_edge.costmodel import KernelProfile, kernel_profile_from_dict
 from tasa_edge.errors import TasaError
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
@@ -36,6 +37,8 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "formats": {"gguf": list, "onnx": list, "onnx_accuracy_level": int},
     "transport": {"serial": str, "host": str, "user": str, "port": int, "remote_dir": str, "bin_dir": str},
 }
+#: tables written by ``tasa-edge profile`` (devices/kernel_profile.py)
+MEASURED_TABLES = ("machine", "measured", "kernels")
 _TRANSPORT_KEYS = {"local": set(), "adb": {"serial", "remote_dir", "bin_dir"},
                    "ssh": {"host", "user", "port", "remote_dir", "bin_dir"}}
 
@@ -55,6 +58,7 @@ class Profile:
     onnx_accuracy_level: int = 4
     transport: dict = field(default_factory=dict)
     path: str | None = None
+    kernels: "KernelProfile | None" = None     # measured kernel costs (tasa-edge profile), if any
 
     def menu(self, target: str) -> tuple[str, ...]:
         """The formats with fast kernels on this device for ``target`` (the analysis menu of
@@ -106,6 +110,7 @@ def load_profile(spec: str | Path) -> Profile:
 def profile_from_dict(data: dict, where: str = "profile") -> Profile:
     """Validate a parsed profile table and build a :class:`Profile`."""
     _check_types(data, where)
+    kernels = kernel_profile_from_dict(data, where)
     name = data.get("name")
     if not name:
         raise TasaError(f"{where}: 'name' is required")
@@ -161,7 +166,7 @@ def profile_from_dict(data: dict, where: str = "profile") -> Profile:
         threads=threads or None, features=list(features),
         ram_bytes=int(ram * GIB) or None, limit_bytes=int(limit * GIB) or None,
         gguf_formats=menus["gguf"], onnx_formats=menus["onnx"], onnx_accuracy_level=level,
-        transport=dict(tr), path=None if where == "profile" else where,
+        transport=dict(tr), path=None if where == "profile" else where, kernels=kernels,
     )
 
 
@@ -169,6 +174,8 @@ def _check_types(data: dict, where: str) -> None:
     if not isinstance(data, dict):
         raise TasaError(f"{where}: a profile must be a TOML table")
     for key, val in data.items():
+        if key in MEASURED_TABLES:
+            continue        # the measured part: validated by tasa_edge.costmodel.kernel_profile_from_dict
         if key in _SCHEMA and key:
             if not isinstance(val, dict):
                 raise TasaError(f"{where}: [{key}] must be a table")

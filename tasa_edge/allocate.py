@@ -35,7 +35,7 @@ import operator
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import reduce
 from typing import Iterable, Mapping, Sequence
@@ -44,7 +44,7 @@ import numpy as np
 
 from tasa_edge.errors import TasaError
 
-__all__ = ["Option", "Allocation", "solve", "pareto", "budget_from_bpw", "bytes_range"]
+__all__ = ["Option", "Allocation", "Resource", "solve", "pareto", "budget_from_bpw", "bytes_range"]
 
 #: Largest dynamic-programme table (items x capacity cells) :func:`solve` will build.
 DP_MAX_CELLS = 50_000_000
@@ -93,6 +93,22 @@ class Allocation:
     budget_bytes: int
     solver: str
     optimal: bool
+    #: resource name -> total of the chosen options (only with ``resources``)
+    used: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Resource:
+    """An extra linear constraint of the allocation: ``sum cost[tensor][fmt] <= limit`` over the
+    chosen options (predicted decode or prefill time of a device profile).
+
+    cost:  tensor name -> format -> cost (finite, >= 0); every option must have one.
+    limit: the most the chosen options may add up to.
+    """
+
+    name: str
+    cost: Mapping[str, Mapping[str, float]]
+    limit: float
 
 
 # --------------------------------------------------------------------------- helpers
@@ -416,6 +432,7 @@ def solve(
     groups: Iterable[Sequence[str]] | None = None,
     method: str = "auto",
     time_limit: float | None = None,
+    resources: Sequence[Resource] = (),
 ) -> Allocation:
     """Choose one option per tensor minimising total predicted loss within ``budget_bytes``.
 
@@ -425,6 +442,8 @@ def solve(
     method:       ``"auto"`` (= ``"highs-milp"``), ``"highs-milp"`` or ``"dp"``.
     time_limit:   seconds for the MILP solver (ignored by ``"dp"``); when it runs out the
                   best solution found is returned with ``optimal=False``.
+    resources:    extra constraints (:class:`Resource`: predicted decode / prefill time), rows
+                  of the same exact MILP; ``Allocation.used`` reports their totals.
 
     Raises :class:`TasaError` on bad input, on an infeasible budget (the message states
     the smallest achievable size), or when the DP table would be too large.
@@ -435,6 +454,10 @@ def solve(
     if time_limit is not None and not (float(time_limit) > 0):
         raise TasaError(f"time_limit must be positive, got {time_limit!r}")
     table = _validate(options)
+    if resources:
+        if method == "dp":
+            raise TasaError("the dp solver takes no resource constraints; use method='highs-milp'")
+        return _solve_with_resources(table, groups, budget, list(resources), time_limit)
     items = _build_items(table, groups)
     solver = "dp" if method == "dp" else "highs-milp"
 
@@ -450,6 +473,132 @@ def solve(
     else:
         picks, optimal = _solve_milp(items, budget, time_limit)
     return _finish(table, items, picks, budget, solver, optimal)
+
+
+def _resource_table(table, resources) -> list[dict[str, dict[str, float]]]:
+    out = []
+    for r in resources:
+        if not isinstance(r, Resource):
+            raise TasaError(f"resources must be Resource objects, got {r!r}")
+        lim = float(r.limit)
+        if not math.isfinite(lim) or lim < 0:
+            raise TasaError(f"{r.name}: limit must be a finite number >= 0, got {r.limit!r}")
+        per = {}
+        for t, opts in table.items():
+            row = r.cost.get(t)
+            if row is None:
+                raise TasaError(f"{r.name}: no cost for tensor {t!r}")
+            per[t] = {}
+            for f in opts:
+                if f not in row:
+                    raise TasaError(f"{r.name}: no cost for tensor {t!r} in format {f!r}")
+                c = float(row[f])
+                if not math.isfinite(c) or c < 0:
+                    raise TasaError(f"{r.name}: cost of {t!r} in {f!r} is {c} (must be finite, >= 0)")
+                per[t][f] = c
+        out.append(per)
+    return out
+
+
+def _solve_with_resources(table, groups, budget: int, resources, time_limit) -> Allocation:
+    """Exact MILP with the byte row and one row per resource (no 2-D dominance pruning: an option
+    is dropped only when another is no larger, no worse and no costlier in every resource)."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import csr_matrix
+
+    costs = _resource_table(table, resources)
+    items, cvec = [], []
+    for tensors in _merge_groups(table, groups):
+        common = [f for f in table[tensors[0]] if all(f in table[t] for t in tensors[1:])]
+        if not common:
+            raise TasaError(f"tensors {list(tensors)!r} must share a format but have none in common")
+        cand = []
+        for f in common:
+            vec = (sum(table[t][f][0] for t in tensors), math.fsum(table[t][f][1] for t in tensors),
+                   *(math.fsum(c[t][f] for t in tensors) for c in costs))
+            cand.append((vec, f))
+        keep = []
+        for i, (v, f) in enumerate(cand):
+            dominated = any(all(a <= b for a, b in zip(w, v)) and (w != v or j < i) for j, (w, _) in enumerate(cand) if j != i)
+            if not dominated:
+                keep.append((v, f))
+        keep.sort(key=lambda x: (x[0][0], -x[0][1]))
+        items.append(_Item(tensors, [f for _, f in keep], [v[0] for v, _ in keep], [v[1] for v, _ in keep]))
+        cvec.append([v[2:] for v, _ in keep])
+    min_bytes = sum(min(it.nbytes) for it in items)
+    if min_bytes > budget:
+        raise _infeasible(budget, min_bytes)
+    for j, r in enumerate(resources):
+        least = math.fsum(min(cv[j] for cv in cs) for cs in cvec)
+        if least > r.limit:
+            raise TasaError(f"{r.name} limit {r.limit:.6g} is infeasible: the least possible is {least:.6g}")
+    # columns
+    col_item, col_k, b_ex, l_ex, c_ex = [], [], [], [], [[] for _ in resources]
+    bmin = [min(it.nbytes) for it in items]
+    lmin = [min(it.loss) for it in items]
+    cmin = [[min(cv[j] for cv in cs) for j in range(len(resources))] for cs in cvec]
+    for i, it in enumerate(items):
+        for k in range(len(it.fmts)):
+            col_item.append(i)
+            col_k.append(k)
+            b_ex.append(it.nbytes[k] - bmin[i])
+            l_ex.append(it.loss[k] - lmin[i])
+            for j in range(len(resources)):
+                c_ex[j].append(cvec[i][k][j] - cmin[i][j])
+    n, m = len(col_item), len(items)
+    g = reduce(math.gcd, b_ex, 0) or 1
+    lmax = max(l_ex) if l_ex else 0.0
+    obj = np.array(l_ex) * (_MILP_OBJECTIVE_SCALE / lmax if lmax > 0 else 1.0)
+    cap_b = float((budget - sum(bmin)) // g)
+    caps = [float(r.limit) - math.fsum(cmin[i][j] for i in range(m)) for j, r in enumerate(resources)]
+    rows_data = [np.ones(n), np.array(b_ex, dtype=np.float64) / g]
+    scale = []
+    for j in range(len(resources)):
+        s_j = caps[j] if caps[j] > 0 else 1.0
+        scale.append(s_j)
+        rows_data.append(np.array(c_ex[j]) / s_j)
+    ci = np.array(col_item)
+    row_idx = np.concatenate([ci, np.full(n, m)] + [np.full(n, m + 1 + j) for j in range(len(resources))])
+    a = csr_matrix((np.concatenate(rows_data), (row_idx, np.tile(np.arange(n), len(rows_data)))),
+                   shape=(m + 1 + len(resources), n))
+    opts = {"mip_rel_gap": 0.0, "presolve": True, "disp": False}
+    if time_limit is not None:
+        opts["time_limit"] = float(time_limit)
+    starts = np.searchsorted(ci, np.arange(m))
+    sizes = np.diff(np.append(starts, n))
+    ub = [cap_b] + [caps[j] / scale[j] for j in range(len(resources))]
+    optimal = True
+    for _ in range(_MILP_MAX_RETRIES):
+        with _stdout_to_stderr():
+            res = milp(obj, integrality=np.ones(n), bounds=Bounds(0, 1),
+                       constraints=LinearConstraint(a, np.append(np.ones(m), np.full(1 + len(resources), -np.inf)),
+                                                    np.append(np.ones(m), ub)), options=opts)
+        if res.x is None:
+            if res.status == 1:
+                raise TasaError(f"highs-milp found no solution within the time limit ({time_limit} s)")
+            if res.status == 2:
+                raise TasaError("no plan meets the byte budget and the " + " and ".join(r.name for r in resources)
+                                + " limits together (each is feasible alone): relax one")
+            raise TasaError(f"highs-milp failed: {res.message}")
+        if res.status != 0:
+            optimal = False
+        picks = [int(np.argmax(res.x[starts[i]: starts[i] + sizes[i]])) for i in range(m)]
+        used_b = sum(items[i].nbytes[k] for i, k in enumerate(picks))
+        used_c = [math.fsum(cvec[i][k][j] for i, k in enumerate(picks)) for j in range(len(resources))]
+        over = []
+        if used_b > budget:
+            ub[0] -= math.ceil((used_b - budget) / g)
+            over.append(0)
+        for j, r in enumerate(resources):
+            if used_c[j] > r.limit:
+                ub[1 + j] -= (used_c[j] - r.limit) / scale[j] * 1.01 + 1e-9
+                over.append(1 + j)
+        if not over:
+            alloc = _finish(table, items, picks, budget, "highs-milp", optimal)
+            alloc.used = {r.name: used_c[j] for j, r in enumerate(resources)}
+            return alloc
+        optimal = False    # HiGHS accepted a within-tolerance point over a limit: tighten, retry
+    raise TasaError("highs-milp could not return a solution within the limits (numerical trouble)")
 
 
 def pareto(options: Mapping[str, Sequence[Option]], budgets: Sequence[int], **kw) -> list[Allocation]:

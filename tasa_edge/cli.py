@@ -329,6 +329,14 @@ def plan_cmd(
     tensor_type: Optional[List[str]] = typer.Option(None, "--tensor-type", help="Pin: PATTERN=TYPE, llama-quantize's semantics (regex searched in the tensor name, first match wins); repeatable."),
     output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type", help="Pin output.weight to this type (tied embeddings: token_embd.weight, as llama-quantize)."),
     token_embedding_type: Optional[str] = typer.Option(None, "--token-embedding-type", help="Pin token_embd.weight to this type."),
+    profile: Optional[Path] = typer.Option(None, "--profile", help="Measured device profile (tasa-edge profile -o device.toml): the plan records its predicted decode/prefill times and may be limited by them."),
+    max_decode_ms: Optional[float] = typer.Option(None, "--max-decode-ms", help="With --profile: predicted decode time per token at most this (ms)."),
+    min_tg: Optional[float] = typer.Option(None, "--min-tg", help="With --profile: predicted decode speed at least this (tokens/s; = --max-decode-ms 1000/TG)."),
+    max_prefill_ms: Optional[float] = typer.Option(None, "--max-prefill-ms", help="With --profile: predicted prefill time of the profile's pp tokens (512 by default) at most this (ms)."),
+    fit_ram: bool = typer.Option(False, "--fit-ram", help="With --profile: the file must fit the device's usable RAM less the KV cache for --ctx and --ram-overhead (alone: the budget)."),
+    ctx: int = typer.Option(4096, "--ctx", help="--fit-ram: context length whose KV cache (F16) must fit too."),
+    ram_overhead: str = typer.Option("256MiB", "--ram-overhead", help="--fit-ram: runtime memory besides weights and KV cache (compute buffers, the program)."),
+    force_profile: bool = typer.Option(False, "--force-profile", help="Use a local profile measured on another CPU or llama.cpp build anyway."),
 ):
     """Solve the exact allocation of formats under a budget and write the bit plan.
 
@@ -344,25 +352,30 @@ def plan_cmd(
         raise TasaError("--sweep-json needs --sweep")
     guards.output_file(sweep_json, "--sweep-json")
     pins = Pins.from_cli(tensor_type or (), output_tensor_type, token_embedding_type)
+    device = _device_limits(profile, max_decode_ms, min_tg, max_prefill_ms, fit_ram, ctx, ram_overhead, force_profile)
     an = Analysis.load(analysis)
     src = _open_model(model)
     guards.budget(src, bpw, parse_bytes(nbytes) if nbytes else None)
     if do_sweep:
-        pts = sweep(an, src, mode=mode, lam=lam, pins=pins)
+        pts = sweep(an, src, mode=mode, lam=lam, pins=pins, device=device)
         t = Table(title=f"Pareto sweep ({mode})")
-        for c in ("bytes", "bits/weight", "predicted loss", "types"):
+        cols = ("bytes", "bits/weight", "predicted loss") + (("tg t/s", f"pp{device.profile.pp} t/s") if device else ()) + ("types",)
+        for c in cols:
             t.add_column(c)
         for p in pts:
-            t.add_row(f"{p['bytes']:,}", f"{p['bpw']:.3f}", f"{p['loss']:.5f}", ", ".join(f"{k}×{v}" for k, v in p["types"].items()))
+            speed = (f"{p['tg_ts']:.1f}", f"{p['pp_ts']:.1f}") if device else ()
+            t.add_row(f"{p['bytes']:,}", f"{p['bpw']:.3f}", f"{p['loss']:.5f}", *speed,
+                      ", ".join(f"{k}×{v}" for k, v in p["types"].items()))
         out.print(t)
         if sweep_json is not None:
             from .fsutil import atomic_write_text
 
             atomic_write_text(sweep_json, json.dumps(pts, indent=1) + "\n")
             out.print(f"wrote {sweep_json}")
-        if bpw is None and nbytes is None:
+        if bpw is None and nbytes is None and not fit_ram:
             return
-    plan = make_plan(an, src, bpw=bpw, nbytes=parse_bytes(nbytes) if nbytes else None, mode=mode, lam=lam, pins=pins)
+    plan = make_plan(an, src, bpw=bpw, nbytes=parse_bytes(nbytes) if nbytes else None, mode=mode, lam=lam, pins=pins,
+                     device=device)
     plan.save(output)
     if tensor_type_file:
         write_tensor_type_file(plan, tensor_type_file)
@@ -370,6 +383,45 @@ def plan_cmd(
         f"wrote {output}: {plan.predicted['bytes']:,} bytes, {plan.predicted['bpw']:.3f} bits/weight, "
         f"predicted loss {plan.predicted['loss']:.5f}; types " + ", ".join(f"{k}×{v}" for k, v in plan.types_used().items())
     )
+    if device is not None:
+        pr = plan.predicted
+        out.print(f"predicted on {device.profile.name}: decode {pr['decode_ms']:.2f} ms/token ({pr['tg_ts']:.1f} t/s), "
+                  f"prefill {pr['prefill_ms']:.0f} ms for {pr['prefill_tokens']} tokens ({pr['pp_ts']:.1f} t/s)", highlight=False)
+
+
+def _device_limits(profile, max_decode_ms, min_tg, max_prefill_ms, fit_ram, ctx, ram_overhead, force):
+    """The plan's device limits from --profile and its flags (None without --profile); a local
+    profile measured on another CPU or llama.cpp build is refused unless --force-profile."""
+    from .costmodel import load_kernel_profile
+    from .planner import DeviceLimits
+    from .units import parse_bytes
+
+    if profile is None:
+        used = [f for f, v in (("--max-decode-ms", max_decode_ms), ("--min-tg", min_tg), ("--max-prefill-ms", max_prefill_ms),
+                               ("--fit-ram", fit_ram or None)) if v is not None]
+        if used:
+            raise TasaError(f"{used[0]} needs --profile (a measured device profile: tasa-edge profile -m MODEL -o device.toml)")
+        return None
+    if max_decode_ms is not None and min_tg is not None:
+        raise TasaError("give --max-decode-ms or --min-tg, not both")
+    if min_tg is not None:
+        if not min_tg > 0:
+            raise TasaError(f"--min-tg must be positive, got {min_tg}")
+        max_decode_ms = 1000.0 / min_tg
+    kp = load_kernel_profile(profile)
+    if kp.measured.get("target", "local") == "local":
+        from devices.llama_tools import build_info, find_tool
+        from devices.machine import local_machine
+
+        m = local_machine(1)
+        exe = find_tool("llama-bench")
+        here = {"cpu": m["cpu"], "features": m["features"], "llama_cpp_commit": build_info(exe).commit if exe else None}
+        diff = kp.identity_mismatch(here)
+        if diff and not force:
+            raise TasaError(f"profile {profile} was measured on another machine or llama.cpp build: {'; '.join(diff)} "
+                            "(re-run tasa-edge profile here, or --force-profile)")
+    return DeviceLimits(kp, max_decode_ms=max_decode_ms, max_prefill_ms=max_prefill_ms, fit_ram=fit_ram, ctx=ctx,
+                        ram_overhead=parse_bytes(ram_overhead))
 
 
 @app.command()
@@ -487,9 +539,10 @@ def humaneval_data(
 
 
 def _register_bench() -> None:
-    from devices.cli import bench
+    from devices.cli import bench, profile
 
     app.command("bench", help="Benchmark GGUF/ONNX files on a target: size, speed, memory, KLD, GSM8K accuracy.")(bench)
+    app.command("profile", help="Measure a target's kernel costs (decode / prefill per format) on a model's shapes: a device profile TOML for plan --profile.")(profile)
 
 
 _register_bench()

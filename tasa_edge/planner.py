@@ -15,7 +15,8 @@ import re
 from dataclasses import dataclass
 
 from . import formats
-from .allocate import Allocation, Option, budget_from_bpw, bytes_range, pareto, solve
+from .allocate import Allocation, Option, Resource, budget_from_bpw, bytes_range, solve
+from .costmodel import KernelProfile, kv_cache_bytes
 from .errors import TasaError
 from .imatrix import imatrix_ref
 from .jsonio import safe_regex
@@ -188,6 +189,83 @@ def _check_pinned_budget(opts, budget: int, src: ModelSource, pinned: dict) -> N
                         f"the budget {budget + fixed:,} bytes")
 
 
+# ---------------------------------------------------------------------------- device limits
+@dataclass(frozen=True)
+class DeviceLimits:
+    """A measured device profile (``tasa-edge profile``) and the limits of ``plan --profile``:
+    predicted decode ms/token (``--max-decode-ms`` / ``--min-tg``), predicted prefill ms for the
+    profile's ``pp`` tokens (``--max-prefill-ms``), and ``--fit-ram`` (the file must fit the
+    device's usable RAM less the KV cache for ``ctx`` tokens and ``ram_overhead`` bytes). All are
+    rows of the same exact MILP; with none set the plan only records its predicted times."""
+
+    profile: KernelProfile
+    max_decode_ms: float | None = None
+    max_prefill_ms: float | None = None
+    fit_ram: bool = False
+    ctx: int = 4096
+    ram_overhead: int = 256 * 2**20
+
+    def ram_budget(self, src: ModelSource) -> dict:
+        """{"usable", "kv_cache", "overhead", "file"}: bytes the file may take under --fit-ram."""
+        usable = self.profile.usable_ram_bytes
+        if not usable:
+            raise TasaError(f"--fit-ram: profile {self.profile.where} records no usable RAM")
+        if self.ctx <= 0:
+            raise TasaError(f"--ctx must be positive, got {self.ctx}")
+        if self.ram_overhead < 0:
+            raise TasaError("--ram-overhead must be >= 0")
+        kv = kv_cache_bytes(src, self.ctx)
+        file = usable - kv - self.ram_overhead
+        if file <= fixed_bytes(src):
+            raise TasaError(f"--fit-ram: usable RAM {usable / 2**20:.0f} MiB less the KV cache for --ctx {self.ctx} "
+                            f"({kv / 2**20:.0f} MiB) and the runtime overhead ({self.ram_overhead / 2**20:.0f} MiB) "
+                            f"leaves {max(file, 0) / 2**20:.0f} MiB: no room for {src.name}")
+        return {"usable": usable, "kv_cache": kv, "overhead": self.ram_overhead, "ctx": self.ctx, "file": file}
+
+    def resources(self, src: ModelSource, opts: dict[str, list[Option]]) -> list[Resource]:
+        out = []
+        dec = {n: {o.fmt: self.profile.tensor_costs(src, n, o.fmt)[0] for o in os_} for n, os_ in opts.items()}
+        pre = {n: {o.fmt: self.profile.tensor_costs(src, n, o.fmt)[1] for o in os_} for n, os_ in opts.items()}
+        if self.max_decode_ms is not None:
+            if not self.max_decode_ms > 0:
+                raise TasaError(f"--max-decode-ms must be positive, got {self.max_decode_ms}")
+            out.append(Resource("predicted decode ms/token", dec, float(self.max_decode_ms)))
+        if self.max_prefill_ms is not None:
+            if not self.max_prefill_ms > 0:
+                raise TasaError(f"--max-prefill-ms must be positive, got {self.max_prefill_ms}")
+            out.append(Resource(f"predicted prefill ms ({self.profile.pp} tokens)", pre, float(self.max_prefill_ms)))
+        return out
+
+    def restrict(self, opts: dict[str, list[Option]], spec: formats.Target) -> list[str]:
+        """Drop the options whose format the profile did not measure; return the dropped formats."""
+        if self.profile.target != spec.name:
+            raise TasaError(f"profile {self.profile.where} measured {self.profile.target} kernels, the analysis is for "
+                            f"{spec.name} (ONNX kernel profiles are not implemented yet)")
+        dropped = set()
+        for n, os_ in opts.items():
+            keep = [o for o in os_ if o.fmt in self.profile.costs]
+            dropped |= {o.fmt for o in os_} - {o.fmt for o in keep}
+            if not keep:
+                raise TasaError(f"tensor {n}: none of its formats ({', '.join(o.fmt for o in os_)}) has a measured "
+                                f"kernel cost in {self.profile.where}")
+            opts[n] = keep
+        return sorted(dropped)
+
+    def record(self, plan: BitPlan, src: ModelSource, dropped: list[str], ram: dict | None) -> None:
+        p = self.profile.predict(src, plan.tensors)
+        plan.predicted.update({"decode_ms": p.decode_ms, "prefill_ms": p.prefill_ms, "prefill_tokens": p.pp})
+        if p.decode_ms > 0 and p.prefill_ms > 0:      # (a profile whose costs are all 0 predicts no speed)
+            plan.predicted.update({"tg_ts": p.tg_ts, "pp_ts": p.pp_ts})
+        m = self.profile.measured
+        plan.provenance["device_profile"] = {
+            "path": self.profile.path, "name": self.profile.name, "machine": dict(self.profile.machine),
+            "threads": m.get("threads"), "stat": m.get("stat"), "pp": m.get("pp"), "tg": m.get("tg"),
+            "limits": {"max_decode_ms": self.max_decode_ms, "max_prefill_ms": self.max_prefill_ms,
+                       "fit_ram": ram},
+            "formats_not_measured": dropped,
+        }
+
+
 def scores_for(an: Analysis, mode: str, lam: float | None = None) -> tuple[dict, float]:
     if mode not in MODES:
         raise TasaError(f"--mode must be one of {', '.join(MODES)}")
@@ -221,16 +299,38 @@ def budget_bytes(src: ModelSource, *, bpw: float | None = None, nbytes: int | No
     return int(nbytes) - fixed_bytes(src)
 
 
+def _device_budget(device: DeviceLimits | None, src: ModelSource, bpw, nbytes) -> tuple[int, dict | None, dict]:
+    """(tensor byte budget, the --fit-ram accounting or None, the plan's budget block)."""
+    ram = device.ram_budget(src) if device is not None and device.fit_ram else None
+    if bpw is None and nbytes is None:
+        if ram is None:
+            raise TasaError("give a budget: --bpw, --bytes or --fit-ram (with --profile)")
+        return budget_bytes(src, nbytes=ram["file"]), ram, {"bytes": int(ram["file"])}
+    budget = budget_bytes(src, bpw=bpw, nbytes=nbytes)
+    block = {"bpw": bpw} if bpw is not None else {"bytes": int(nbytes)}
+    if ram is not None and ram["file"] - fixed_bytes(src) < budget:
+        return ram["file"] - fixed_bytes(src), ram, {"bytes": int(ram["file"])}
+    return budget, ram, block
+
+
 def make_plan(an: Analysis, src: ModelSource, *, bpw: float | None = None, nbytes: int | None = None,
-              mode: str = "tasa", lam: float | None = None, pins: Pins | None = None) -> BitPlan:
+              mode: str = "tasa", lam: float | None = None, pins: Pins | None = None,
+              device: DeviceLimits | None = None) -> BitPlan:
     if an.model["fingerprint"] != src.fingerprint:
         raise TasaError(f"analysis is for {an.model.get('name')} ({an.model['fingerprint']}), not {src.name} ({src.fingerprint})")
     scores, lam_used = scores_for(an, mode, lam)
     opts, pinned, unscored = _pinned_options(an, src, scores, pins)
-    budget = budget_bytes(src, bpw=bpw, nbytes=nbytes)
+    dropped, resources = [], []
+    if device is not None:
+        device.profile.check_model(src)
+        dropped = device.restrict(opts, an.target)
+        resources = device.resources(src, opts)
+    budget, ram, block = _device_budget(device, src, bpw, nbytes)
     _check_pinned_budget(opts, budget, src, pinned)
-    alloc = solve(opts, budget)
-    plan = plan_from_allocation(an, src, alloc, scores, mode, lam_used, {"bpw": bpw} if bpw is not None else {"bytes": int(nbytes)})
+    alloc = solve(opts, budget, resources=resources)
+    plan = plan_from_allocation(an, src, alloc, scores, mode, lam_used, block)
+    if device is not None:
+        device.record(plan, src, dropped, ram)
     if pins:
         plan.provenance["pins"] = {**pins.to_dict(an.target), "tensors": pinned, "unscored": unscored,
                                    **({"note": "unscored: pinned to a format the analysis did not score; their loss is "
@@ -269,19 +369,40 @@ def plan_from_allocation(an: Analysis, src: ModelSource, alloc: Allocation, scor
 
 
 def sweep(an: Analysis, src: ModelSource, *, mode: str = "tasa", lam: float | None = None, points: int = 12,
-          pins: Pins | None = None) -> list[dict]:
+          pins: Pins | None = None, device: DeviceLimits | None = None) -> list[dict]:
     """Pareto curve: file bytes -> minimal predicted loss, over the feasible budget range (with
-    the pins, if any, as constraints)."""
+    the pins, if any, as constraints). With a device profile every point also meets its time
+    limits and reports its predicted decode / prefill speed (loss against tokens/s)."""
     scores, lam_used = scores_for(an, mode, lam)
     opts, _, _ = _pinned_options(an, src, scores, pins)
+    resources = []
+    if device is not None:
+        device.profile.check_model(src)
+        device.restrict(opts, an.target)
+        resources = device.resources(src, opts)
     lo, hi = bytes_range(opts)
+    if device is not None and device.fit_ram:
+        hi = min(hi, device.ram_budget(src)["file"] - fixed_bytes(src))
+        if hi < lo:
+            raise TasaError("--fit-ram: the smallest plan does not fit the device's RAM budget")
     budgets = sorted({int(lo + (hi - lo) * i / max(1, points - 1)) for i in range(points)})
     fixed = fixed_bytes(src)
     out = []
-    for a in pareto(opts, budgets):
+    for b in budgets:
+        try:
+            a = solve(opts, b, resources=resources)
+        except TasaError:
+            if not resources:
+                raise
+            continue        # the time limits rule this budget out
         total = a.nbytes + fixed
-        out.append({"budget_bytes": a.budget_bytes + fixed, "bytes": total, "bpw": 8.0 * total / src.n_params,
-                    "loss": a.loss, "types": count_formats(a.choice.values())})
+        row = {"budget_bytes": a.budget_bytes + fixed, "bytes": total, "bpw": 8.0 * total / src.n_params,
+               "loss": a.loss, "types": count_formats(a.choice.values())}
+        if device is not None:
+            row.update(device.profile.predict(src, a.choice).to_dict())
+        out.append(row)
+    if not out:
+        raise TasaError("no budget of the sweep meets the time limits")
     return out
 
 

@@ -1,0 +1,308 @@
+"""``tasa-edge profile``: measure a target's kernel costs on a model's own tensor shapes.
+
+For every format of the menu, a GGUF of the model is exported (tasa-edge's exporter, llama.cpp's
+quantization kernels) with every tensor that fits the format in that format and the rest in a
+fallback format (Q8_0 when the menu has it); two more files mix the menu's formats at random per
+tensor. ``llama-bench`` times each file on the device (``tg`` decode, ``pp`` prefill, the
+device's own kernels: repacked / interleaved CPU kernels show up as what they cost), and one
+non-negative least-squares coefficient per format is fitted for decode and one for prefill
+(:mod:`tasa_edge.costmodel`). The random mixes are also predicted by a fit on the uniform files
+alone (``[measured.holdout]``): how well the model predicts a mix it has not seen.
+
+The profile TOML is a device profile (``devices/profiles.py``: name, target, cpu, memory, formats
+= the measured menu, transport) plus ``[machine]`` (the identity: CPU model, ISA flags, cores,
+llama.cpp build of the llama-bench that measured), ``[measured]`` (model fingerprint, threads, test
+sizes, usable RAM, read bandwidth, the machine's load while measuring, the fit's errors) and
+``[kernels.gguf.<FMT>]`` (the coefficients).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tasa_edge import formats
+from tasa_edge.costmodel import FormatCost, KernelProfile, role
+from tasa_edge.errors import TasaError
+from tasa_edge.fsutil import atomic_write_text
+from tasa_edge.model import ModelSource
+from tasa_edge.plan import BitPlan, model_block
+from tasa_edge.progress import progress_bar
+
+from . import bandwidth as bw
+from .machine import REMOTE_PROBE, local_machine, parse_remote
+
+
+@dataclass
+class DesignRun:
+    """One measured design file."""
+
+    label: str
+    tensors: dict[str, str]
+    tg_ts: float
+    pp_ts: float
+    tg_sd: float
+    pp_sd: float
+    file_bytes: int
+
+
+def design_plans(src: ModelSource, menu: list[str], seed: int = 0, n_random: int = 2) -> list[tuple[str, dict[str, str]]]:
+    """(label, tensor -> format) of the design files: one per menu format (fallback where it does
+    not fit) and ``n_random`` random mixes."""
+    spec = formats.get("gguf")
+    qt = src.quantizable
+    fits_all = [f for f in menu if all(spec.fits(f, t.shape) for t in qt)]
+    if not fits_all:
+        raise TasaError(f"no format of the menu ({', '.join(menu)}) fits every tensor of {src.name}: add Q8_0")
+    fallback = "Q8_0" if "Q8_0" in fits_all else fits_all[0]
+    out = []
+    for f in menu:
+        tensors = {t.name: f if spec.fits(f, t.shape) else fallback for t in qt}
+        if not any(v == f for v in tensors.values()):
+            raise TasaError(f"format {f} fits no tensor of {src.name}: leave it out of --formats")
+        out.append((f"uniform {f}", tensors))
+    rng = random.Random(seed)
+    for i in range(n_random):
+        out.append((f"random mix {i + 1}", {t.name: rng.choice([f for f in menu if spec.fits(f, t.shape)]) for t in qt}))
+    return out
+
+
+def features(src: ModelSource, tensors: dict[str, str], menu: list[str], pp: int) -> tuple[np.ndarray, np.ndarray]:
+    """Regressors of one file: decode weights per format, prefill weights (x pp) per format of the
+    layer tensors, and the LM head's weights per format (decode-costed in the pp test)."""
+    idx = {f: i for i, f in enumerate(menu)}
+    dec, pre = np.zeros(len(menu)), np.zeros(len(menu))
+    for name, fmt in tensors.items():
+        r, n = role(src, name), src.tensors[name].n_elements
+        if r == "embed":
+            continue
+        dec[idx[fmt]] += n
+        if r == "layer":
+            pre[idx[fmt]] += n * pp
+    return dec, pre
+
+
+def fit(src: ModelSource, runs: list[DesignRun], menu: list[str], pp: int) -> dict[str, FormatCost]:
+    """Non-negative least squares, decode then prefill (ns per weight)."""
+    from scipy.optimize import nnls
+
+    xd = np.array([features(src, r.tensors, menu, pp)[0] for r in runs])
+    yd = np.array([1e9 / r.tg_ts for r in runs])              # ns per token
+    # scale columns so that nnls is well conditioned
+    sd = xd.max(axis=0)
+    sd[sd == 0] = 1
+    a, _ = nnls(xd / sd, yd)
+    a = a / sd
+    xp = np.array([features(src, r.tensors, menu, pp)[1] for r in runs])
+    head = np.array([sum(a[menu.index(f)] * src.tensors[n].n_elements for n, f in r.tensors.items()
+                         if role(src, n) == "output") for r in runs])
+    yp = np.array([1e9 * pp / r.pp_ts for r in runs]) - head     # ns for pp tokens, less the LM head
+    sp = xp.max(axis=0)
+    sp[sp == 0] = 1
+    b, _ = nnls(xp / sp, yp)
+    b = b / sp
+    return {f: FormatCost(float(a[i]), float(b[i])) for i, f in enumerate(menu)}
+
+
+def _errors(kp: KernelProfile, src: ModelSource, runs: list[DesignRun]) -> dict:
+    rows = {}
+    for r in runs:
+        p = kp.predict(src, r.tensors)
+        rows[r.label] = {"tg_err": p.tg_ts / r.tg_ts - 1.0, "pp_err": p.pp_ts / r.pp_ts - 1.0}
+    return rows
+
+
+STATS = ("best", "mean")
+
+
+def speed(test: dict, stat: str) -> float:
+    """Tokens/s of one llama-bench test: ``best`` (the fastest repetition: what the kernels do when
+    nothing else runs -- robust on a shared machine) or ``mean`` (llama-bench's average)."""
+    if stat not in STATS:
+        raise TasaError(f"unknown speed statistic {stat!r} (use {' or '.join(STATS)})")
+    if stat == "best" and test.get("samples_ts"):
+        return float(max(test["samples_ts"]))
+    return float(test["ts_mean"])
+
+
+def _resume_key(label, tensors, ident, threads, pp, tg, reps, stat, target) -> str:
+    h = hashlib.sha256(json.dumps([label, sorted(tensors.items()), ident.get("cpu"), ident.get("llama_cpp_commit"),
+                                   threads, pp, tg, reps, stat, target]).encode())
+    return h.hexdigest()[:24]
+
+
+def _load_resume(path: Path | None) -> dict:
+    """Design files measured by an interrupted run with the same settings (``--resume FILE``)."""
+    if path is None or not Path(path).is_file():
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        raise TasaError(f"--resume {path}: not a profile progress file") from None
+    if not isinstance(data, dict):
+        raise TasaError(f"--resume {path}: not a profile progress file")
+    return data
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _meminfo_available(text: str) -> int | None:
+    import re
+
+    m = re.search(r"^MemAvailable:\s*(\d+)\s*kB", text, re.M)
+    return int(m.group(1)) * 1024 if m else None
+
+
+def measure_profile(src: ModelSource, *, target: str = "local", menu: list[str] | None = None, threads: int | None = None,
+                    pp: int = 512, tg: int = 128, reps: int = 3, n_random: int = 2, name: str | None = None,
+                    transport=None, bin_dir=None, limit_bytes: int | None = None, show_progress: bool = True, stat: str = "best",
+                    workdir: Path | None = None, log=None, resume: Path | None = None) -> tuple[KernelProfile, list[DesignRun], str]:
+    """Export the design files, time them with llama-bench on ``target``, fit the costs.
+    Returns the kernel profile, the measured runs and the profile TOML text."""
+    from exporters.gguf_export import export_gguf
+
+    from .llama_tools import build_info, require_tool, run_llama_bench
+    from .machine import usable_cores
+
+    spec = formats.get("gguf")
+    menu = [spec.parse(f) for f in (menu or spec.default_menu)]
+    need_im = [f for f in menu if spec.requires_imatrix(f)]
+    if need_im:
+        raise TasaError(f"{', '.join(need_im)} need an importance matrix; profile formats that do not")
+    if len(set(menu)) != len(menu):
+        raise TasaError("--formats lists a format twice")
+    speed({"ts_mean": 1.0}, stat)     # validates stat
+    if pp <= 0 or tg <= 0 or reps <= 0:
+        raise TasaError("-p, -n and -r must be positive")
+    designs = design_plans(src, menu, n_random=n_random)
+    load_before = _loadavg() if target == "local" else None
+    tools = None
+    if target == "local":
+        exe = require_tool("llama-bench")
+        threads = threads or usable_cores()
+        mach = local_machine(threads)
+        ident = {"cpu": mach["cpu"], "features": mach["features"], "arch": mach["arch"], "cores": mach["usable_cores"],
+                 "ram_bytes": mach["ram_bytes"]}
+        b = build_info(exe)
+        ident.update({"llama_cpp_build": b.version, "llama_cpp_commit": b.commit})
+        try:
+            avail = _meminfo_available(Path("/proc/meminfo").read_text())
+        except OSError:
+            avail = None
+        band = bw.probe_local(threads, repeats=3)
+
+        def bench(path: Path, tag: str) -> dict:
+            return run_llama_bench(path, pp, tg, reps, threads, limit_bytes=limit_bytes, exe=exe)
+    else:
+        from .remote import DeviceTools
+
+        transport.check()
+        tools = DeviceTools(transport, bin_dir)
+        rc, text, _ = transport.shell(REMOTE_PROBE)
+        mach = parse_remote(text, threads)
+        threads = threads or mach["cores"] or 4
+        avail = _meminfo_available(text.split("@@meminfo", 1)[-1])
+        tools.setup()
+        ident = {"cpu": mach["cpu"], "features": mach["features"], "arch": mach["arch"], "cores": mach["cores"],
+                 "ram_bytes": mach["ram_bytes"]}
+        band = None
+
+        def bench(path: Path, tag: str) -> dict:
+            nonlocal band
+            remote = tools.push_file(path, f"{tools.rd}/models/profile-{tag}.gguf")
+            try:
+                if band is None:
+                    band = bw.probe_remote(lambda c: transport.shell(c)[:2], remote)
+                return tools.bench(remote, pp, tg, reps, threads, f"profile-{tag}")
+            finally:
+                transport.shell(f"rm -f '{remote}'")
+    if limit_bytes and avail:
+        avail = min(avail, limit_bytes)
+
+    runs: list[DesignRun] = []
+    t0 = time.perf_counter()
+    done = _load_resume(resume)
+    with tempfile.TemporaryDirectory(prefix="tasa-profile-", dir=workdir) as tmp, \
+            progress_bar("profile (export + llama-bench)", len(designs), enabled=show_progress) as advance:
+        for i, (label, tensors) in enumerate(designs):
+            key = _resume_key(label, tensors, ident, threads, pp, tg, reps, stat, target)
+            if key in done:
+                runs.append(DesignRun(**done[key]))
+                advance(1)
+                continue
+            plan = BitPlan("gguf", model_block(src), tensors, provenance={"method": f"kernel profile design: {label}"})
+            plan.stamp(src)
+            path = Path(tmp) / f"design-{i}.gguf"
+            export_gguf(src, plan, path, show_progress=False)
+            res = bench(path, str(i))
+            if "tg" not in res or "pp" not in res:
+                raise TasaError(f"llama-bench gave no pp/tg result for design {label}")
+            if "llama_cpp_commit" not in ident or ident.get("llama_cpp_commit") is None:
+                ident["llama_cpp_commit"] = res.get("build_commit")
+                ident["llama_cpp_build"] = res.get("build_number")
+            runs.append(DesignRun(label, tensors, speed(res["tg"], stat), speed(res["pp"], stat), res["tg"]["ts_std"],
+                                  res["pp"]["ts_std"], path.stat().st_size))
+            if log is not None:
+                log(f"{label}: tg{tg} {runs[-1].tg_ts:.1f} t/s, pp{pp} {runs[-1].pp_ts:.1f} t/s")
+            path.unlink()
+            if resume is not None:
+                done[key] = runs[-1].__dict__
+                atomic_write_text(resume, json.dumps(done))
+            advance(1)
+    seconds = time.perf_counter() - t0
+    measured = {
+        "model": src.name, "fingerprint": src.fingerprint, "backend": "llama.cpp llama-bench", "target": target,
+        "threads": int(threads), "pp": pp, "tg": tg, "reps": reps, "stat": stat,
+        "usable_ram_bytes": avail, "bandwidth_bytes_per_s": (band or {}).get("read_bytes_per_s"),
+        "load_before": load_before, "load_after": _loadavg() if target == "local" else None,
+        "seconds": round(seconds, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    uniform = [r for r in runs if r.label.startswith("uniform")]
+    held = [r for r in runs if not r.label.startswith("uniform")]
+    kp = KernelProfile(name or f"{target}-{src.name}", "gguf", ident, measured, fit(src, uniform, menu, pp))
+    if held:
+        errs = _errors(kp, src, held)
+        measured["holdout"] = {"max_abs_tg_err": max(abs(e["tg_err"]) for e in errs.values()),
+                               "max_abs_pp_err": max(abs(e["pp_err"]) for e in errs.values()), "files": len(held)}
+    kp.costs = fit(src, runs, menu, pp)
+    errs = _errors(kp, src, runs)
+    measured["fit"] = {"max_abs_tg_err": max(abs(e["tg_err"]) for e in errs.values()),
+                       "max_abs_pp_err": max(abs(e["pp_err"]) for e in errs.values()), "files": len(runs)}
+    measured["design_tg_ts"] = {r.label: round(r.tg_ts, 3) for r in runs}
+    measured["design_pp_ts"] = {r.label: round(r.pp_ts, 3) for r in runs}
+    return kp, runs, profile_toml(kp, target, menu, threads, transport)
+
+
+def profile_toml(kp: KernelProfile, target: str, menu: list[str], threads: int, transport=None) -> str:
+    """The whole profile file: device-profile part (loadable by ``devices.profiles.load_profile``)
+    then the measured tables."""
+    from tasa_edge.costmodel import _toml_value as v
+
+    head = [f"# made by tasa-edge profile on {kp.measured.get('created')}: kernel costs of {kp.measured.get('model')}",
+            f"name = {v(kp.name)}", f"description = {v('measured by tasa-edge profile (llama-bench, ' + str(kp.measured.get('model')) + ')')}",
+            f"target = {v(target)}", "", "[cpu]", f"arch = {v(kp.machine.get('arch') or '')}", f"threads = {int(threads)}",
+            f"features = {v(list(kp.machine.get('features') or []))}", "", "[memory]",
+            f"ram_gib = {round((kp.machine.get('ram_bytes') or 0) / 2**30, 3)!r}", "limit_gib = 0", "",
+            "[formats]", f"gguf = {v(menu)}"]
+    if transport is not None and target != "local":
+        keys = ("serial", "remote_dir") if target == "adb" else ("host", "user", "port", "remote_dir")
+        d = {k: getattr(transport, k, None) for k in keys}
+        head += ["", "[transport]"] + [f"{k} = {v(val)}" for k, val in d.items() if val not in (None, "")]
+    return "\n".join(head) + "\n\n" + kp.to_toml()
+
+
+def write_profile(path: Path, text: str) -> None:
+    atomic_write_text(path, text)

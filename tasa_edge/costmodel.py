@@ -1,0 +1,253 @@
+"""Device cost model of a plan: predicted decode and prefill time from a measured kernel profile.
+
+``tasa-edge profile`` (``devices/kernel_profile.py``) measures, through llama.cpp's ``llama-bench``
+on the device, files of the model whose tensors take the formats of the menu in a few designed
+mixes, and fits one coefficient per format (least squares, non-negative):
+
+* **decode** (``tg``, one token: mat-vec): ``ms/token = sum over matmul tensors of a[fmt] * n_weights``;
+* **prefill** (``pp`` tokens, mat-mat): ``ms = pp * sum over layer tensors of b[fmt] * n_weights``
+  ``+ sum over the LM head of a[fmt] * n_weights`` (llama-bench asks for the last token's logits
+  only, so the LM head runs once, as a mat-vec).
+
+Every design file quantizes all matmul tensors, so their weights add up to the same total: the
+costs that do not depend on the weights' formats (attention over the KV cache, norms, the graph's
+overhead) cannot be separated from the coefficients and are shared among them in proportion to
+weights -- exact for predicting another mix of *the same model*, which is what a profile is for
+(it records the model's fingerprint). An untied token embedding is read by ``get_rows`` (a few
+rows per token): no cost.
+
+The profile is a TOML file; the keys this module reads (the rest is the device profile of
+``devices/profiles.py``)::
+
+    [machine]   cpu = "..."  features = [...]  cores = 2  llama_cpp_build = "b1-abc"  llama_cpp_commit = "abc"
+    [measured]  model = "..."  fingerprint = "sha256:..."  threads = 2  pp = 512  tg = 128
+                usable_ram_bytes = 123  bandwidth_bytes_per_s = 2.5e10  ...
+    [kernels.gguf.Q4_0]  decode_ns_per_weight = 0.21  prefill_ns_per_weight = 0.012
+
+The resulting per-tensor costs are linear, so the allocation stays an exact MILP with a time row
+(:func:`tasa_edge.allocate.solve`'s ``resources``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import TasaError
+from .model import ModelSource
+
+OUTPUT = "output.weight"
+TOKEN_EMBD = "token_embd.weight"
+
+
+@dataclass(frozen=True)
+class FormatCost:
+    decode_ns_per_weight: float     # per decoded token (mat-vec), weights of the tensor
+    prefill_ns_per_weight: float    # per prompt token (mat-mat)
+
+
+@dataclass
+class Prediction:
+    decode_ms: float                # per token
+    prefill_ms: float               # for ``pp`` prompt tokens
+    pp: int
+
+    @property
+    def tg_ts(self) -> float:
+        return 1000.0 / self.decode_ms if self.decode_ms > 0 else float("inf")
+
+    @property
+    def pp_ts(self) -> float:
+        return 1000.0 * self.pp / self.prefill_ms if self.prefill_ms > 0 else float("inf")
+
+    def to_dict(self) -> dict:
+        return {"decode_ms": self.decode_ms, "prefill_ms": self.prefill_ms, "pp_tokens": self.pp,
+                "tg_ts": self.tg_ts, "pp_ts": self.pp_ts}
+
+
+@dataclass
+class KernelProfile:
+    """The measured part of a device profile (see the module docstring)."""
+
+    name: str
+    target: str                                   # gguf | onnx: which exporter's kernels
+    machine: dict
+    measured: dict
+    costs: dict[str, FormatCost] = field(default_factory=dict)
+    path: str | None = None
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def fingerprint(self) -> str | None:
+        return self.measured.get("fingerprint")
+
+    @property
+    def pp(self) -> int:
+        return int(self.measured.get("pp") or 512)
+
+    @property
+    def usable_ram_bytes(self) -> int | None:
+        v = self.measured.get("usable_ram_bytes")
+        return int(v) if v else None
+
+    def check_model(self, src: ModelSource) -> None:
+        if self.fingerprint and self.fingerprint != src.fingerprint:
+            raise TasaError(f"profile {self.where} was measured on {self.measured.get('model', '?')} "
+                            f"({self.fingerprint}), not {src.name} ({src.fingerprint}): run tasa-edge profile -m {src.name}")
+
+    def identity_mismatch(self, here: dict) -> list[str]:
+        """Differences between this profile's machine and ``here`` (cpu, features, llama.cpp build)."""
+        out = []
+        for key, what in (("cpu", "CPU"), ("llama_cpp_commit", "llama.cpp build"), ("features", "ISA flags")):
+            a, b = self.machine.get(key), here.get(key)
+            if a is not None and b is not None and a != b:
+                out.append(f"{what} {a!r} (profile) vs {b!r} (this machine)")
+        return out
+
+    @property
+    def where(self) -> str:
+        return self.path or self.name
+
+    # ------------------------------------------------------------------ costs
+    def cost(self, fmt: str) -> FormatCost:
+        c = self.costs.get(fmt)
+        if c is None:
+            raise TasaError(f"profile {self.where} has no measured kernel cost for {fmt} "
+                            f"(measured: {', '.join(self.costs) or 'none'})")
+        return c
+
+    def tensor_costs(self, src: ModelSource, name: str, fmt: str) -> tuple[float, float]:
+        """(decode ms per token, prefill ms for ``pp`` tokens) of tensor ``name`` in ``fmt``."""
+        c = self.cost(fmt)
+        n = src.tensors[name].n_elements
+        r = role(src, name)
+        if r == "embed":
+            return 0.0, 0.0
+        dec = c.decode_ns_per_weight * n * 1e-6
+        if r == "output":
+            return dec, dec
+        return dec, c.prefill_ns_per_weight * n * self.pp * 1e-6
+
+    def predict(self, src: ModelSource, tensors: dict[str, str]) -> Prediction:
+        dec = pre = 0.0
+        for name, fmt in tensors.items():
+            d, p = self.tensor_costs(src, name, fmt)
+            dec += d
+            pre += p
+        return Prediction(dec, pre, self.pp)
+
+    # ------------------------------------------------------------------ io
+    def to_toml(self) -> str:
+        """The ``[machine]``, ``[measured]`` and ``[kernels.*]`` tables as TOML text."""
+        lines = ["[machine]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in self.machine.items() if v is not None]
+        lines += ["", "[measured]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in self.measured.items() if v is not None and not isinstance(v, dict)]
+        for k, v in self.measured.items():
+            if isinstance(v, dict):
+                lines += ["", f"[measured.{k}]"] + [f"{_toml_key(a)} = {_toml_value(b)}" for a, b in v.items() if b is not None]
+        for fmt, c in self.costs.items():
+            lines += ["", f"[kernels.{self.target}.{fmt}]", f"decode_ns_per_weight = {c.decode_ns_per_weight!r}",
+                      f"prefill_ns_per_weight = {c.prefill_ns_per_weight!r}"]
+        return "\n".join(lines) + "\n"
+
+
+def role(src: ModelSource, name: str) -> str:
+    """``output`` (the LM head: output.weight, or a tied token_embd.weight), ``embed`` (an untied
+    token embedding: get_rows, no matmul) or ``layer``."""
+    if name == OUTPUT:
+        return "output"
+    if name == TOKEN_EMBD:
+        return "embed" if OUTPUT in src.tensors else "output"
+    if name.endswith("token_embd.weight"):
+        return "embed"
+    return "layer"
+
+
+def _toml_key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else _toml_value(k)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    s = str(v)
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def kernel_profile_from_dict(data: dict, where: str) -> KernelProfile | None:
+    """The measured part of a parsed profile TOML, or None when it has no ``[kernels]`` table."""
+    kern = data.get("kernels")
+    if kern is None:
+        return None
+    machine, measured = data.get("machine", {}), data.get("measured", {})
+    if not isinstance(kern, dict) or not isinstance(machine, dict) or not isinstance(measured, dict):
+        raise TasaError(f"{where}: [kernels], [machine] and [measured] must be tables")
+    if len(kern) != 1:
+        raise TasaError(f"{where}: [kernels] must hold one target table (gguf or onnx), got {', '.join(kern) or 'none'}")
+    (target, table), = kern.items()
+    if target not in ("gguf", "onnx") or not isinstance(table, dict):
+        raise TasaError(f"{where}: [kernels.{target}]: the target must be gguf or onnx")
+    costs = {}
+    for fmt, row in table.items():
+        if not isinstance(row, dict) or set(row) != {"decode_ns_per_weight", "prefill_ns_per_weight"}:
+            raise TasaError(f"{where}: [kernels.{target}.{fmt}] must have decode_ns_per_weight and prefill_ns_per_weight")
+        vals = []
+        for k in ("decode_ns_per_weight", "prefill_ns_per_weight"):
+            v = row[k]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < 1e6):
+                raise TasaError(f"{where}: kernels.{target}.{fmt}.{k} must be a number >= 0, got {v!r}")
+            vals.append(float(v))
+        costs[fmt] = FormatCost(*vals)
+    if not costs:
+        raise TasaError(f"{where}: [kernels.{target}] lists no format")
+    pp = measured.get("pp", 512)
+    if isinstance(pp, bool) or not isinstance(pp, int) or pp <= 0:
+        raise TasaError(f"{where}: measured.pp must be a positive integer")
+    return KernelProfile(str(data.get("name", "")), target, dict(machine), dict(measured), costs, path=where)
+
+
+def load_kernel_profile(path: str | Path) -> KernelProfile:
+    """A measured profile (``tasa-edge profile -o device.toml``); one-line errors otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise TasaError(f"profile not found: {p}")
+    try:
+        if p.stat().st_size > 1 << 20:
+            raise TasaError(f"{p}: a device profile is a small TOML file (over 1 MiB)")
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise TasaError(f"{p}: invalid TOML ({exc})") from None
+    except RecursionError:
+        raise TasaError(f"{p}: invalid TOML (nested too deeply)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TasaError(f"{p}: cannot read ({exc})") from None
+    kp = kernel_profile_from_dict(data, str(p))
+    if kp is None:
+        raise TasaError(f"{p} has no measured kernel costs ([kernels]): make one with tasa-edge profile -m MODEL -o {p.name}")
+    return kp
+
+
+# ---------------------------------------------------------------------------- memory
+def kv_cache_bytes(src: ModelSource, ctx: int) -> int:
+    """llama.cpp's default KV cache (F16 K and V) for ``ctx`` tokens."""
+    arch = src.arch
+    get = src.raw_gguf_field if src.kind == "gguf" else None
+    if get is not None:
+        n_layer = get(f"{arch}.block_count")
+        n_head = get(f"{arch}.attention.head_count")
+        n_kv = get(f"{arch}.attention.head_count_kv") or n_head
+        n_embd = get(f"{arch}.embedding_length")
+        k_len = get(f"{arch}.attention.key_length") or (n_embd // n_head if n_embd and n_head else None)
+        v_len = get(f"{arch}.attention.value_length") or k_len
+        if None in (n_layer, n_kv, k_len, v_len):
+            raise TasaError(f"{src.name}: cannot size the KV cache (missing attention metadata)")
+        n_kv = int(n_kv if not isinstance(n_kv, (list, tuple)) else max(n_kv))
+        return int(n_layer) * int(ctx) * n_kv * (int(k_len) + int(v_len)) * 2
+    hp = src.hparams()
+    return hp.n_layer * int(ctx) * hp.n_head_kv * hp.head_dim * 2 * 2

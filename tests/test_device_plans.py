@@ -1,0 +1,284 @@
+"""Device-aware plans: measured kernel profiles (``tasa-edge profile``) and ``plan --profile`` with
+time and memory limits as rows of the exact MILP."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_pins import synthetic_analysis
+
+from devices.profiles import load_profile
+from tasa_edge.allocate import Option, Resource, solve
+from tasa_edge.costmodel import KernelProfile, kv_cache_bytes, load_kernel_profile, role
+from tasa_edge.errors import TasaError
+from tasa_edge.planner import DeviceLimits, make_plan, sweep
+from tasa_edge.results import Analysis
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def src():
+    from tasa_edge.model import ModelSource
+    from tasa_edge.zoo import resolve_model
+
+    return ModelSource.open(resolve_model("smollm2-135m"))
+
+
+def _here_identity() -> dict:
+    from devices.llama_tools import build_info, find_tool
+    from devices.machine import local_machine
+
+    m = local_machine(1)
+    exe = find_tool("llama-bench")
+    return {"cpu": m["cpu"], "features": m["features"], "llama_cpp_commit": build_info(exe).commit if exe else None}
+
+
+def write_profile(path: Path, src, costs: dict, *, machine: dict | None = None, fingerprint: str | None = None,
+                  usable_ram: int = 2 * 2**30) -> Path:
+    """A measured-profile TOML with the given (decode, prefill) ns/weight per format, as
+    ``tasa-edge profile`` writes it (device-profile part + [machine]/[measured]/[kernels])."""
+    from tasa_edge.costmodel import FormatCost
+
+    kp = KernelProfile("test", "gguf", machine or _here_identity(),
+                       {"model": src.name, "fingerprint": fingerprint or src.fingerprint, "target": "local",
+                        "threads": 2, "pp": 512, "tg": 128, "usable_ram_bytes": usable_ram},
+                       {f: FormatCost(*c) for f, c in costs.items()})
+    head = ('name = "test"\ntarget = "local"\n\n[formats]\ngguf = [' + ", ".join(f'"{f}"' for f in costs) + "]\n\n")
+    path.write_text(head + kp.to_toml())
+    return path
+
+
+# Q4_0 runs fast (repacked), Q5_0 slow, Q8_0 in between: the speed order is not the size order
+COSTS = {"Q4_0": (0.010, 0.0010), "Q5_0": (0.030, 0.0030), "Q8_0": (0.018, 0.0012),
+         "Q4_K": (0.020, 0.0020), "Q6_K": (0.025, 0.0022)}
+
+
+# ---------------------------------------------------------------------------- allocation
+def _brute(opts, costs, budget, limits):
+    names, best = list(opts), None
+    for combo in itertools.product(*(opts[n] for n in names)):
+        if sum(o.nbytes for o in combo) > budget:
+            continue
+        if any(sum(c[n][o.fmt] for n, o in zip(names, combo)) > lim for c, lim in zip(costs, limits)):
+            continue
+        loss = sum(o.loss for o in combo)
+        best = loss if best is None or loss < best else best
+    return best
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_resource_rows_keep_the_allocation_exact(seed):
+    rng = np.random.default_rng(seed)
+    fmts = ["a", "b", "c", "d"]
+    opts, dec, pre = {}, {}, {}
+    for i in range(6):
+        k = int(rng.integers(1, 5))
+        opts[f"t{i}"] = [Option(f, int(rng.integers(5, 60)), float(rng.random())) for f in fmts[:k]]
+        dec[f"t{i}"] = {f: float(rng.random()) for f in fmts[:k]}
+        pre[f"t{i}"] = {f: float(rng.random()) for f in fmts[:k]}
+    lo = sum(min(o.nbytes for o in v) for v in opts.values())
+    hi = sum(max(o.nbytes for o in v) for v in opts.values())
+    solved = 0
+    for budget, ld, lp in itertools.product(np.linspace(lo, hi, 3).astype(int), (1.5, 3.0), (2.0, 6.0)):
+        ref = _brute(opts, (dec, pre), int(budget), (ld, lp))
+        res = [Resource("decode", dec, ld), Resource("prefill", pre, lp)]
+        if ref is None:
+            with pytest.raises(TasaError):
+                solve(opts, int(budget), resources=res)
+            continue
+        a = solve(opts, int(budget), resources=res)
+        assert a.loss == pytest.approx(ref, rel=1e-9, abs=1e-12)
+        assert a.used["decode"] <= ld + 1e-12 and a.used["prefill"] <= lp + 1e-12
+        assert a.nbytes <= budget
+        solved += 1
+    assert solved > 0
+
+
+def test_resource_errors_are_one_line():
+    opts = {"t": [Option("a", 10, 1.0), Option("b", 20, 0.5)]}
+    with pytest.raises(TasaError, match="no cost for tensor 't' in format 'b'"):
+        solve(opts, 30, resources=[Resource("decode", {"t": {"a": 1.0}}, 5.0)])
+    with pytest.raises(TasaError, match="least possible is 1"):
+        solve(opts, 30, resources=[Resource("decode", {"t": {"a": 1.0, "b": 2.0}}, 0.5)])
+    with pytest.raises(TasaError, match="dp solver"):
+        solve(opts, 30, method="dp", resources=[Resource("decode", {"t": {"a": 1.0, "b": 2.0}}, 5.0)])
+
+
+# ---------------------------------------------------------------------------- cost model
+def test_roles_and_prediction_are_linear_in_weights(src, tmp_path):
+    kp = load_kernel_profile(write_profile(tmp_path / "p.toml", src, COSTS))
+    assert role(src, "token_embd.weight") == "output"          # SmolLM2 ties its LM head
+    assert role(src, "blk.0.attn_q.weight") == "layer"
+    uni = {t.name: "Q8_0" for t in src.quantizable}
+    p = kp.predict(src, uni)
+    n_all = sum(t.n_elements for t in src.quantizable)
+    n_head = src.tensors["token_embd.weight"].n_elements
+    assert p.decode_ms == pytest.approx(0.018e-6 * n_all)
+    # prefill: layer tensors x 512 tokens x their mat-mat cost, the LM head once (last token's logits)
+    assert p.prefill_ms == pytest.approx(0.0012e-6 * 512 * (n_all - n_head) + 0.018e-6 * n_head)
+    assert p.tg_ts == pytest.approx(1000 / p.decode_ms)
+
+
+def test_kv_cache_size_from_gguf_metadata(src):
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64 (F16 K and V): 90 MiB at 4096 tokens, as llama.cpp reports
+    assert kv_cache_bytes(src, 4096) == 30 * 4096 * 3 * (64 + 64) * 2 == 90 * 2**20
+
+
+def test_measured_profile_is_a_device_profile_too(src, tmp_path):
+    p = write_profile(tmp_path / "p.toml", src, COSTS)
+    dp = load_profile(p)
+    assert dp.target == "local" and dp.kernels is not None and set(dp.kernels.costs) == set(COSTS)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(p.read_text().replace("prefill_ns_per_weight = 0.001\n", "prefill_ns_per_weight = -1\n", 1))
+    with pytest.raises(TasaError, match="must be a number >= 0"):
+        load_profile(bad)
+    plain = tmp_path / "plain.toml"
+    plain.write_text('name = "x"\ntarget = "local"\n')
+    with pytest.raises(TasaError, match="no measured kernel costs"):
+        load_kernel_profile(plain)
+
+
+# ---------------------------------------------------------------------------- planning
+def test_decode_limit_is_met_and_costs_loss(src, tmp_path):
+    an = Analysis.load(synthetic_analysis(src, tmp_path / "analysis.json"))
+    kp = load_kernel_profile(write_profile(tmp_path / "p.toml", src, COSTS))
+    free = make_plan(an, src, bpw=6.0, device=DeviceLimits(kp))
+    assert free.predicted["decode_ms"] > 0 and free.provenance["device_profile"]["limits"]["max_decode_ms"] is None
+    limit = 0.9 * free.predicted["decode_ms"]
+    fast = make_plan(an, src, bpw=6.0, device=DeviceLimits(kp, max_decode_ms=limit))
+    assert fast.predicted["decode_ms"] <= limit + 1e-9
+    assert fast.predicted["loss"] > free.predicted["loss"]          # speed is paid for in predicted loss
+    # the fast plan moves weights to the fast format (Q4_0), away from the slow one (Q5_0)
+    tq = fast.types_used()
+    tf = free.types_used()
+    assert tq.get("Q5_0", 0) < tf.get("Q5_0", 0)
+    # prefill limit too
+    pl = 0.95 * free.predicted["prefill_ms"]
+    both = make_plan(an, src, bpw=6.0, device=DeviceLimits(kp, max_decode_ms=limit, max_prefill_ms=pl))
+    assert both.predicted["prefill_ms"] <= pl + 1e-9 and both.predicted["decode_ms"] <= limit + 1e-9
+
+
+def test_fit_ram_budget(src, tmp_path):
+    an = Analysis.load(synthetic_analysis(src, tmp_path / "analysis.json"))
+    ram = 400 * 2**20
+    kp = load_kernel_profile(write_profile(tmp_path / "p.toml", src, COSTS, usable_ram=ram))
+    dl = DeviceLimits(kp, fit_ram=True, ctx=8192, ram_overhead=100 * 2**20)
+    plan = make_plan(an, src, device=dl)                                  # --fit-ram alone is the budget
+    file_budget = ram - kv_cache_bytes(src, 8192) - 100 * 2**20
+    assert plan.predicted["bytes"] <= file_budget
+    assert plan.provenance["device_profile"]["limits"]["fit_ram"]["kv_cache"] == 180 * 2**20
+    big = make_plan(an, src, bpw=8.0, device=dl)                          # the tighter of --bpw and --fit-ram
+    assert big.predicted["bytes"] <= file_budget
+    with pytest.raises(TasaError, match="no room"):
+        make_plan(an, src, device=DeviceLimits(kp, fit_ram=True, ctx=16384, ram_overhead=100 * 2**20))
+
+
+def test_profile_of_another_model_is_refused(src, tmp_path):
+    an = Analysis.load(synthetic_analysis(src, tmp_path / "analysis.json"))
+    kp = load_kernel_profile(write_profile(tmp_path / "p.toml", src, COSTS, fingerprint="sha256:" + "0" * 32))
+    with pytest.raises(TasaError, match="was measured on"):
+        make_plan(an, src, bpw=6.0, device=DeviceLimits(kp))
+
+
+def test_unmeasured_formats_are_left_out(src, tmp_path):
+    an = Analysis.load(synthetic_analysis(src, tmp_path / "analysis.json"))
+    kp = load_kernel_profile(write_profile(tmp_path / "p.toml", src, {k: COSTS[k] for k in ("Q4_0", "Q8_0")}))
+    plan = make_plan(an, src, bpw=6.0, device=DeviceLimits(kp))
+    assert set(plan.types_used()) <= {"Q4_0", "Q8_0"}
+    assert plan.provenance["device_profile"]["formats_not_measured"] == ["Q4_K", "Q5_0", "Q6_K"]
+
+
+def test_sweep_traces_loss_against_predicted_speed(src, tmp_path):
+    an = Analysis.load(synthetic_analysis(src, tmp_path / "analysis.json"))
+    kp = load_kernel_profile(write_profile(tmp_path / "p.toml", src, COSTS))
+    pts = sweep(an, src, points=4, device=DeviceLimits(kp))
+    assert len(pts) == 4 and all(p["tg_ts"] > 0 and p["pp_ts"] > 0 for p in pts)
+    assert [p["loss"] for p in pts] == sorted((p["loss"] for p in pts), reverse=True)
+
+
+# ---------------------------------------------------------------------------- CLI
+def run_cli(*args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TASA_NO_PROGRESS": "1"}
+    return subprocess.run([sys.executable, "-m", "tasa_edge.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+
+
+def test_cli_plan_with_profile_and_limits(src, tmp_path):
+    an = synthetic_analysis(src, tmp_path / "analysis.json")
+    prof = write_profile(tmp_path / "p.toml", src, COSTS)
+    out = tmp_path / "plan.json"
+    res = run_cli("plan", "smollm2-135m", "-a", an, "--bpw", "6", "-o", out, "--profile", prof, "--min-tg", "55")
+    assert res.returncode == 0, res.stderr
+    plan = json.loads(out.read_text())
+    assert plan["predicted"]["tg_ts"] >= 55 - 1e-9
+    assert plan["provenance"]["device_profile"]["limits"]["max_decode_ms"] == pytest.approx(1000 / 55)
+    assert "predicted on test: decode" in res.stdout
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--min-tg", "100000"], "limit 0.01 is infeasible: the least possible is"),
+    (["--max-decode-ms", "5", "--min-tg", "10"], "not both"),
+    (["--min-tg", "-3"], "--min-tg must be positive"),
+])
+def test_cli_bad_limits_are_one_line(src, tmp_path, extra, needle):
+    an = synthetic_analysis(src, tmp_path / "analysis.json")
+    prof = write_profile(tmp_path / "p.toml", src, COSTS)
+    out = tmp_path / "plan.json"
+    res = run_cli("plan", "smollm2-135m", "-a", an, "--bpw", "6", "-o", out, "--profile", prof, *extra)
+    assert res.returncode != 0 and needle in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    assert not out.exists()
+
+
+def test_cli_limit_without_profile_is_refused(src, tmp_path):
+    an = synthetic_analysis(src, tmp_path / "analysis.json")
+    res = run_cli("plan", "smollm2-135m", "-a", an, "--bpw", "6", "-o", tmp_path / "p.json", "--max-decode-ms", "3")
+    assert res.returncode != 0 and "--max-decode-ms needs --profile" in res.stderr
+
+
+def test_cli_profile_from_another_machine_is_refused_unless_forced(src, tmp_path):
+    an = synthetic_analysis(src, tmp_path / "analysis.json")
+    other = {**_here_identity(), "cpu": "ARM Cortex-A76", "llama_cpp_commit": "deadbeef"}
+    prof = write_profile(tmp_path / "p.toml", src, COSTS, machine=other)
+    out = tmp_path / "plan.json"
+    res = run_cli("plan", "smollm2-135m", "-a", an, "--bpw", "6", "-o", out, "--profile", prof)
+    assert res.returncode != 0 and "measured on another machine or llama.cpp build" in res.stderr, res.stderr
+    assert "'ARM Cortex-A76' (profile)" in res.stderr and "'deadbeef' (profile)" in res.stderr
+    assert not out.exists()
+    res = run_cli("plan", "smollm2-135m", "-a", an, "--bpw", "6", "-o", out, "--profile", prof, "--force-profile")
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.slow
+def test_cli_profile_measures_through_llama_bench(src, tmp_path):
+    """A real (tiny) profile run: design files exported and timed by llama-bench; the TOML is a
+    loadable device profile with the machine's identity, and plan --profile accepts it here."""
+    from devices.llama_tools import find_tool
+
+    if find_tool("llama-bench") is None:
+        pytest.skip("llama-bench not built (make tools)")
+    out = tmp_path / "device.toml"
+    res = run_cli("profile", "-m", "smollm2-135m", "-o", out, "--formats", "Q8_0,Q4_0,Q4_K", "-p", "16", "-n", "4",
+                  "-r", "1", "--random-mixes", "1", "--threads", "1", timeout=600)
+    assert res.returncode == 0, res.stderr
+    data = tomllib.loads(out.read_text())
+    assert data["machine"]["cpu"] == _here_identity()["cpu"]
+    assert data["machine"]["llama_cpp_commit"] == _here_identity()["llama_cpp_commit"]
+    assert data["measured"]["fingerprint"] == src.fingerprint and data["measured"]["threads"] == 1
+    assert set(data["measured"]["design_tg_ts"]) == {"uniform Q8_0", "uniform Q4_0", "uniform Q4_K", "random mix 1"}
+    assert all(v > 0 for v in data["measured"]["design_tg_ts"].values())
+    assert load_profile(out).kernels.costs.keys() == {"Q8_0", "Q4_0", "Q4_K"}
+    an = synthetic_analysis(src, tmp_path / "analysis.json")
+    res = run_cli("plan", "smollm2-135m", "-a", an, "--bpw", "6", "-o", tmp_path / "plan.json", "--profile", out)
+    assert res.returncode == 0, res.stderr
+    res = run_cli("profile", "-m", "smollm2-135m", "-o", tmp_path / "x.toml", "--formats", "Q4_K")
+    assert res.returncode != 0 and "fits every tensor" in res.stderr
