@@ -201,6 +201,7 @@ def rewrite(build_dir: Path, out_dir: Path, src: ModelSource, plan: BitPlan, acc
     producers = {o: n for n in g.node for o in n.output}
     n_before = len(g.node)
 
+    check_structure(g, producers)
     tied = "output.weight" not in src.tensors
 
     def gguf_of(hf: str) -> str | None:
@@ -356,6 +357,27 @@ def rewrite(build_dir: Path, out_dir: Path, src: ModelSource, plan: BitPlan, acc
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save_model(model, str(out_dir / MODEL_FILE))
     return res
+
+
+def check_structure(g, producers: dict) -> None:
+    """The LM head must read the final norm: genai's builder takes the first Linear with
+    ``vocab_size`` outputs for the LM head, so a model whose MLP width equals its vocabulary gets a
+    wrong graph (seen on tiny test models); refuse such a graph in one line."""
+    head = producers.get("logits")
+    if head is None:
+        raise TasaError("genai builder graph has no 'logits' output node")
+    src = producers.get(head.input[0])
+    if src is None or "final_norm" not in src.name:
+        raise TasaError("onnxruntime-genai's builder made an LM head that does not read the final norm "
+                        f"(it reads {head.input[0]}); use --onnx-graph plain for this model")
+
+
+def builder_refuses(cfg: dict) -> str | None:
+    """Why genai's builder cannot make a correct graph for this config (None when it can)."""
+    c = cfg.get("text_config") or cfg
+    if c.get("intermediate_size") == c.get("vocab_size"):
+        return "its MLP width equals its vocabulary size (genai's builder would take an MLP projection for the LM head)"
+    return None
 
 
 def _nbytes(t, data: _Data) -> int:

@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ from tasa_edge.formats.onnx import QUANTIZERS, parse_format, quantize_blockwise
 from tasa_edge.plan import BitPlan, model_block, plan_nbytes
 from tasa_edge.progress import progress_bar
 
-from .genai_export import copy_genai_files, genai_available, rewrite, run_builder, stage_hf_dir
+from .genai_export import builder_refuses, copy_genai_files, genai_available, rewrite, run_builder, stage_hf_dir
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -523,7 +524,7 @@ def export_onnx(
     mtype = (cfg.get("text_config") or cfg).get("model_type")
     if mtype not in _FAMILIES:
         raise TasaError(f"the ONNX exporter does not support model type '{mtype}' (supported: {', '.join(sorted(_FAMILIES))})")
-    graph = _choose_graph(graph, mtype)
+    graph = _choose_graph(graph, mtype, cfg)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -590,16 +591,23 @@ def export_onnx(
                             seconds, types, dict(sorted(graph.ops.items())))
 
 
-def _choose_graph(graph: str, mtype: str) -> str:
+def _choose_graph(graph: str, mtype: str, cfg: dict) -> str:
+    """``auto``: genai where onnxruntime-genai is installed and its builder handles the model, else
+    plain (the reason on stderr); ``genai`` refuses in one line where ``auto`` would fall back."""
     if graph == "plain":
         return graph
     why = genai_available()
+    if why is None and mtype not in GENAI_FAMILIES:
+        why = f"onnxruntime-genai's graph is not supported for model type '{mtype}'"
+    if why is None:
+        why = builder_refuses(cfg)
+        why = None if why is None else f"onnxruntime-genai's builder cannot export this model: {why}"
     if graph == "auto":
-        return "genai" if mtype in GENAI_FAMILIES and why is None else "plain"
+        if why is not None:
+            print(f"note: plain onnxruntime graph ({why})", file=sys.stderr)
+        return "plain" if why else "genai"
     if why is not None:
-        raise TasaError(why)
-    if mtype not in GENAI_FAMILIES:
-        raise TasaError(f"onnxruntime-genai's graph is not supported for model type '{mtype}' here; use --onnx-graph plain")
+        raise TasaError(why + "; use --onnx-graph plain")
     return graph
 
 

@@ -139,8 +139,9 @@ class GenaiDecoder:
 
     model: object
     model_dir: Path
-    og_tokenizer: object
+    eos: frozenset
     _hf_tokenizer: object = None
+    _og_tokenizer: object = None
 
     @classmethod
     def open(cls, model_dir: str | Path, n_threads: int | None = None) -> "GenaiDecoder":
@@ -157,10 +158,20 @@ class GenaiDecoder:
             opts = {"intra_op_num_threads": int(n_threads or _cores()), "inter_op_num_threads": 1}
             cfg.overlay(json.dumps({"model": {"decoder": {"session_options": opts}}}))
             model = og.Model(cfg)
-            tok = og.Tokenizer(model)
         except Exception as exc:
             raise TasaError(f"onnxruntime-genai cannot load {d}: {str(exc).splitlines()[0] if str(exc) else exc}") from exc
-        return cls(model, d, tok)
+        eos = json.loads((d / GENAI_CONFIG).read_text()).get("model", {}).get("eos_token_id")
+        eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        return cls(model, d, frozenset(int(e) for e in eos))
+
+    @property
+    def og_tokenizer(self):
+        """genai's own tokenizer (``og.Tokenizer``), loaded on first use."""
+        if self._og_tokenizer is None:
+            import onnxruntime_genai as og
+
+            self._og_tokenizer = og.Tokenizer(self.model)
+        return self._og_tokenizer
 
     @property
     def tokenizer(self):
@@ -177,7 +188,7 @@ class GenaiDecoder:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
     def eos_ids(self) -> set[int]:
-        return {int(t) for t in self.og_tokenizer.eos_token_ids}
+        return set(self.eos)
 
     def generator(self, max_length: int):
         import onnxruntime_genai as og
@@ -201,7 +212,7 @@ class GenaiDecoder:
         while len(out) < max_new_tokens and not g.is_done():
             g.generate_next_token()
             t = int(g.get_next_tokens()[0])
-            if t in self.eos_ids():
+            if t in self.eos:
                 break
             out.append(t)
             if stop is not None and stop(out):
