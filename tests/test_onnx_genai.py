@@ -152,14 +152,11 @@ def test_genai_logits_and_greedy_decode_match_the_plain_onnxruntime_graph(export
 @pytest.mark.slow
 def test_readme_three_lines_generate_paris(exports):
     res, _ = exports
-    model = og.Model(str(res.path))
-    tok = og.Tokenizer(model)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=32)
-    gen = og.Generator(model, params)
+    # the README's lines, verbatim but for the directory
+    model = og.Model(str(res.path)); tok = og.Tokenizer(model); params = og.GeneratorParams(model)  # noqa: E702
+    params.set_search_options(max_length=32); gen = og.Generator(model, params)  # noqa: E702
     gen.append_tokens(tok.encode("The capital of France is"))
-    while not gen.is_done():
-        gen.generate_next_token()
+    while not gen.is_done(): gen.generate_next_token()  # noqa: E701
     text = tok.decode(gen.get_sequence(0))
     print(f"\n{text!r}")
     assert "Paris" in text
