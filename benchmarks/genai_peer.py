@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from devices.worker import GenaiBackend, measure_speed  # noqa: E402
-from exporters.genai_export import run_builder, stage_hf_dir  # noqa: E402
+from exporters.genai_export import is_rope_cache, run_builder, stage_hf_dir  # noqa: E402
 from exporters.onnx_export import export_onnx  # noqa: E402
 from tasa_edge import quality  # noqa: E402
 from tasa_edge.data import load_gsm8k  # noqa: E402
@@ -59,7 +59,7 @@ def overhead_bytes(d: Path) -> int:
     import onnx
 
     m = onnx.load(str(d / "model.onnx"), load_external_data=False)
-    rope = sum(int(np.prod(t.dims)) * 4 for t in m.graph.initializer if t.name in ("cos_cache", "sin_cache"))
+    rope = sum(int(np.prod(t.dims)) * 4 for t in m.graph.initializer if is_rope_cache(t.name))
     return (d / "model.onnx").stat().st_size + rope
 
 

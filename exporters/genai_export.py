@@ -380,9 +380,14 @@ def builder_refuses(cfg: dict) -> str | None:
     return None
 
 
+def is_rope_cache(name: str) -> bool:
+    """The builder's rotary cos/sin tables (``cos_cache``, gemma-3's per-rope-kind variants)."""
+    return name.startswith(("cos_cache", "sin_cache"))
+
+
 def _nbytes(t, data: _Data) -> int:
     """Stored bytes of an initializer (not counting the rotary cos/sin caches: no weights)."""
-    if t.name in ("cos_cache", "sin_cache"):
+    if is_rope_cache(t.name):
         return 0
     from onnx import TensorProto
 
