@@ -204,3 +204,21 @@ def test_builder_failure_is_one_line(tmp_path):
     with pytest.raises(TasaError, match="model builder failed") as ei:
         run_builder(tmp_path / "hf", tmp_path / "out", tmp_path / "cache")
     assert "\n" not in str(ei.value)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--format", "onnx", "--type", "int4_b32", "--onnx-graph", "bogus"], "--onnx-graph must be auto, genai or plain"),
+    (["--type", "Q4_0", "--onnx-graph", "genai"], "--onnx-graph applies to --format onnx only"),
+])
+def test_cli_onnx_graph_flag_errors_are_one_line(tmp_path, args, needle):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TASA_NO_PROGRESS": "1", "PYTHONPATH": str(root)}
+    r = subprocess.run([sys.executable, "-m", "tasa_edge.cli", "export", "smollm2-135m", *args, "-o", str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=root, env=env, timeout=300)
+    assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o").exists()
