@@ -59,9 +59,10 @@ MIN_OPSET = 21
 
 #: HF ``model_type`` -> family handled by the graph builder.
 _FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma3_text": "gemma3"}
-#: Families whose onnxruntime-genai builder graph loads and matches the reference (see the tests);
-#: the others get the plain graph under ``graph="auto"``.
-GENAI_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+#: Families whose onnxruntime-genai builder graph is used under ``graph="auto"``. Not gemma-3:
+#: onnxruntime-genai 0.18's builder fails on transformers 5's per-layer-type ``rope_parameters``
+#: (``KeyError: 'rope_type'``), so gemma-3 keeps the plain onnxruntime graph.
+GENAI_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 GRAPHS = ("auto", "genai", "plain")
 _ALIGN = 64               # byte alignment of tensors in the external data file
 _INLINE_MAX = 1024        # tensors up to this many bytes stay inside model.onnx
