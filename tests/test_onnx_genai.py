@@ -195,6 +195,8 @@ def test_genai_graph_refusals_are_one_line():
     with pytest.raises(TasaError, match="--onnx-graph plain"):
         _choose_graph("genai", "llama", cfg)
     assert _choose_graph("auto", "llama", {"vocab_size": 49152, "intermediate_size": 1536}) == "genai"
+    # gemma-3: genai 0.18's builder fails on its per-layer-type rope_parameters -> plain graph
+    assert _choose_graph("auto", "gemma3_text", {"vocab_size": 262144, "intermediate_size": 2048}) == "plain"
 
 
 def test_builder_failure_is_one_line(tmp_path):
