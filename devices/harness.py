@@ -17,7 +17,7 @@
   strict-match and flexible-extract) on held-out questions;
 * decode bytes/s (bytes read per token x tokens/s) as a fraction of the probed memory bandwidth.
 
-Targets: ``local`` (this machine: llama-cpp-python / onnxruntime), ``adb`` (Android) and ``ssh``
+Targets: ``local`` (this machine: llama-cpp-python / onnxruntime-genai / onnxruntime), ``adb`` (Android) and ``ssh``
 (Raspberry Pi-class boards), where llama.cpp's own ``llama-bench`` and ``llama-perplexity`` run
 on the device (:mod:`devices.remote`) and task quality / GSM8K are measured on the host.
 """
@@ -46,6 +46,7 @@ from tasa_edge.chat import ChatTemplate, apply_template, model_template
 from tasa_edge.errors import TasaError
 from tasa_edge.evaluate import MAX_TOKENS
 from tasa_edge.fsutil import atomic_write_text
+from tasa_edge.onnx_run import is_genai_dir
 from tasa_edge.progress import progress_bar
 
 from . import bandwidth as bw
@@ -861,7 +862,7 @@ class _Run:
                 r[k] = res[k]
         r.setdefault("timings", {}).update({k: res[k] for k in ("speed_s", "score_s", "gsm8k_s", "tasks_s") if k in res})
         if "speed" in res:
-            r["speed"] = {"backend": _backend_name(m.kind), "threads": res["threads"], **res["speed"]}
+            r["speed"] = {"backend": _backend_name(m.kind, m.path), "threads": res["threads"], **res["speed"]}
         if res.get("gsm8k") is not None:
             rows = res["gsm8k"]
             self.gsm_rows[m.name] = rows
@@ -898,11 +899,13 @@ class _Run:
         return out
 
 
-def _backend_name(kind: str) -> str:
+def _backend_name(kind: str, path: Path | None = None) -> str:
     from .machine import _version
 
     if kind == "gguf":
         return f"llama-cpp-python {_version('llama_cpp')}"
+    if path is not None and is_genai_dir(path):
+        return f"onnxruntime-genai {_version('onnxruntime-genai')} (onnxruntime {_version('onnxruntime')}) CPU"
     return f"onnxruntime {_version('onnxruntime')} CPU"
 
 

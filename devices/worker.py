@@ -6,8 +6,8 @@
   next-token log-probabilities (float16 ``[T, vocab]``, ``.npy``) with the targets' log-probs and
   the reference's top-1 per scored position (``.npz``) -- the "base" of the KL-divergence, as
   ``llama-perplexity --kl-divergence-base`` does;
-* ``{"kind": "model", ...}``: load one model (GGUF with llama-cpp-python, or an ONNX directory with
-  onnxruntime), time the load, run llama-bench-style prompt-processing / decode tests, read the peak
+* ``{"kind": "model", ...}``: load one model (GGUF with llama-cpp-python, an ONNX directory with
+  onnxruntime-genai when it has ``genai_config.json``, else onnxruntime), time the load, run llama-bench-style prompt-processing / decode tests, read the peak
   RSS, then score stored reference chunks (KLD, top-1, perplexity) and run GSM8K.
 
 Running each model in its own process makes the peak resident set
@@ -28,6 +28,7 @@ import numpy as np
 
 from tasa_edge import quality
 from tasa_edge.memory import peak_rss_bytes
+from tasa_edge.onnx_run import is_genai_dir
 
 #: lm-eval gsm8k ``until`` strings, plus the blank line that separates few-shot examples.
 GSM8K_STOPS = ["Question:", "</s>", "<|im_end|>", "\n\n"]
@@ -264,8 +265,92 @@ class OnnxBackend:
         return out
 
 
+class GenaiBackend:
+    """An onnxruntime-genai export (``genai_config.json``): ``og.Model`` / ``og.Generator`` on the CPU
+    provider. Speed: prompt processing is one ``append_tokens`` of the pp tokens; decode appends the
+    tg tokens one at a time (each a model run with the KV cache), both from a fresh generator."""
+
+    kind = "onnx"
+
+    def __init__(self, path: str, threads: int):
+        self.path, self.threads = str(path), threads
+        self.dec = None
+
+    @staticmethod
+    def preload() -> None:
+        import onnxruntime_genai  # noqa: F401
+
+    def load(self, n_ctx: int, n_batch: int) -> float:
+        """The genai model (what an app loads); the HF tokenizer only later, for GSM8K."""
+        from tasa_edge.onnx_run import GenaiDecoder
+
+        t0 = time.perf_counter()
+        self.dec = GenaiDecoder.open(self.path, self.threads)
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.dec = None
+
+    def finish_speed(self) -> None:
+        pass
+
+    def _ensure(self) -> None:
+        if self.dec is None:
+            self.load(0, 0)
+
+    @property
+    def vocab(self) -> int:
+        d = Path(self.path)
+        cfg = json.loads(((d if d.is_dir() else d.parent) / "genai_config.json").read_text())
+        return int(cfg["model"]["vocab_size"])
+
+    def run_pp(self, toks: list[int]) -> float:
+        g = self.dec.generator(len(toks) + 1)
+        t0 = time.perf_counter()
+        g.append_tokens(np.asarray(toks, dtype=np.int32))
+        return time.perf_counter() - t0
+
+    def run_tg(self, toks: list[int]) -> float:
+        g = self.dec.generator(len(toks) + 1)
+        t0 = time.perf_counter()
+        for t in toks:
+            g.append_tokens(np.asarray([t], dtype=np.int32))
+        return time.perf_counter() - t0
+
+    def score(self, seqs: list[np.ndarray], starts: list[int]):
+        self._ensure()
+        for ids, st in zip(seqs, starts):
+            lg = self.dec.logits(ids)
+            yield lg[st - 1: len(ids) - 1]
+
+    def generate(self, prompts: list[str], max_tokens: int, stops: list[str]) -> list[str]:
+        """Greedy decoding with og.Generator (EOS, ``max_tokens`` or a stop string ends a completion)."""
+        self._ensure()
+        d = self.dec
+        tok = d.tokenizer
+        out = []
+        for p in prompts:
+            cut = [None]
+
+            def stop(gen: list[int]) -> bool:
+                text = tok.decode(gen, skip_special_tokens=True)
+                at = min((text.find(s) for s in stops if s in text), default=-1)
+                cut[0] = text if at < 0 else text[:at]
+                return at >= 0
+
+            gen = d.generate_ids(d.encode(p), max_tokens, stop)
+            out.append(cut[0] if cut[0] is not None and gen else tok.decode(gen, skip_special_tokens=True))
+        return out
+
+
+def backend_class(kind: str, path: str):
+    if kind == "onnx":
+        return GenaiBackend if is_genai_dir(path) else OnnxBackend
+    return {"gguf": GGUFBackend}[kind]
+
+
 def backend_for(kind: str, path: str, threads: int):
-    return {"gguf": GGUFBackend, "onnx": OnnxBackend}[kind](path, threads)
+    return backend_class(kind, path)(path, threads)
 
 
 # ============================================================================ speed
@@ -389,7 +474,7 @@ def run_job(job: dict) -> dict:
     kind = job["kind"]
     threads = int(job.get("threads") or _cores())
     model_kind = job.get("model_kind", "gguf")
-    cls = {"gguf": GGUFBackend, "onnx": OnnxBackend}[model_kind]
+    cls = backend_class(model_kind, job["path"])
     cls.preload()
     be = cls(job["path"], threads)
     res: dict = {"threads": threads}

@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ from tasa_edge.formats.onnx import QUANTIZERS, parse_format, quantize_blockwise
 from tasa_edge.plan import BitPlan, model_block, plan_nbytes
 from tasa_edge.progress import progress_bar
 
+from .genai_export import builder_refuses, copy_genai_files, genai_available, rewrite, run_builder, stage_hf_dir
+
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 EXPORT_INFO = "tasa_export.json"
@@ -56,6 +59,11 @@ MIN_OPSET = 21
 
 #: HF ``model_type`` -> family handled by the graph builder.
 _FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma3_text": "gemma3"}
+#: Families whose onnxruntime-genai builder graph is used under ``graph="auto"``. Not gemma-3:
+#: onnxruntime-genai 0.18's builder fails on transformers 5's per-layer-type ``rope_parameters``
+#: (``KeyError: 'rope_type'``), so gemma-3 keeps the plain onnxruntime graph.
+GENAI_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+GRAPHS = ("auto", "genai", "plain")
 _ALIGN = 64               # byte alignment of tensors in the external data file
 _INLINE_MAX = 1024        # tensors up to this many bytes stay inside model.onnx
 _NEG = float(np.finfo(np.float32).min)
@@ -71,6 +79,7 @@ class OnnxExportResult:
     seconds: float
     types: dict[str, int] = field(default_factory=dict)        # plan format -> tensor count
     ops: dict[str, int] = field(default_factory=dict)          # MatMul / MatMulNBits / Gather... counts
+    graph: str = "plain"       # "genai" (onnxruntime-genai's builder graph) or "plain"
 
 
 # ============================================================================ graph builder
@@ -495,22 +504,39 @@ def export_onnx(
     opset: int = MIN_OPSET,
     show_progress: bool = True,
     quantizer: str = "rtn",
+    graph: str = "auto",
 ) -> OnnxExportResult:
-    """Write ``src`` as an ONNX decoder (KV cache) quantized per ``plan`` into ``out_dir`` (atomic)."""
+    """Write ``src`` as an ONNX decoder (KV cache) quantized per ``plan`` into ``out_dir`` (atomic).
+
+    ``graph``: ``genai`` (onnxruntime-genai's builder graph + ``genai_config.json``, runs with
+    ``og.Model(dir)``), ``plain`` (our own plain-op graph for onnxruntime alone) or ``auto``
+    (genai for the families in :data:`GENAI_FAMILIES` when onnxruntime-genai is installed).
+    """
     out = Path(out_dir)
     _check_inputs(src, plan, out, accuracy_level, opset, quantizer)
+    if graph not in GRAPHS:
+        raise TasaError(f"unknown ONNX graph {graph!r} (expected one of {', '.join(GRAPHS)})")
     t0 = time.perf_counter()
 
-    from tasa_edge.torch_model import hf_dir_for, load_torch_model
+    from tasa_edge.torch_model import hf_dir_for
 
     hf_dir = hf_dir_for(src, show_progress=show_progress)
     cfg = json.loads((hf_dir / "config.json").read_text())
     mtype = (cfg.get("text_config") or cfg).get("model_type")
     if mtype not in _FAMILIES:
         raise TasaError(f"the ONNX exporter does not support model type '{mtype}' (supported: {', '.join(sorted(_FAMILIES))})")
+    graph = _choose_graph(graph, mtype, cfg)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    if graph == "genai":
+        try:
+            return _export_genai(src, plan, out, tmp, hf_dir, mtype, accuracy_level, quantizer, show_progress, t0)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    from tasa_edge.torch_model import load_torch_model
     graph = None
     try:
         import torch
@@ -541,6 +567,7 @@ def export_onnx(
                 "predicted": plan.predicted, "types": types, "tensors": dict(plan.tensors),
             },
             "onnx": {
+                "graph": "plain", "runtime": "onnxruntime",
                 "file": MODEL_FILE, "external_data": DATA_FILE, "opset": opset, "accuracy_level": accuracy_level,
                 "quantizer": quantizer, "ops": dict(sorted(graph.ops.items())), "model_type": mtype, **io,
                 "inputs": ["input_ids", "attention_mask", "position_ids", "past_key_values.{i}.key", "past_key_values.{i}.value"],
@@ -563,6 +590,77 @@ def export_onnx(
     nbytes = sum((out / f).stat().st_size for f in (MODEL_FILE, DATA_FILE))
     return OnnxExportResult(out, out / MODEL_FILE, nbytes, tensor_bytes, 8.0 * tensor_bytes / max(1, src.n_params),
                             seconds, types, dict(sorted(graph.ops.items())))
+
+
+def _choose_graph(graph: str, mtype: str, cfg: dict) -> str:
+    """``auto``: genai where onnxruntime-genai is installed and its builder handles the model, else
+    plain (the reason on stderr); ``genai`` refuses in one line where ``auto`` would fall back."""
+    if graph == "plain":
+        return graph
+    why = genai_available()
+    if why is None and mtype not in GENAI_FAMILIES:
+        why = f"onnxruntime-genai's graph is not supported for model type '{mtype}'"
+    if why is None:
+        why = builder_refuses(cfg)
+        why = None if why is None else f"onnxruntime-genai's builder cannot export this model: {why}"
+    if graph == "auto":
+        if why is not None:
+            print(f"note: plain onnxruntime graph ({why})", file=sys.stderr)
+        return "plain" if why else "genai"
+    if why is not None:
+        raise TasaError(why + "; use --onnx-graph plain")
+    return graph
+
+
+def _export_genai(src: ModelSource, plan: BitPlan, out: Path, tmp: Path, hf_dir: Path, mtype: str,
+                  accuracy_level: int, quantizer: str, show_progress: bool, t0: float) -> OnnxExportResult:
+    """genai's builder (float32) in ``tmp/.build``, then the plan's MatMulNBits into ``tmp``."""
+    stage, build = tmp / ".hf", tmp / ".build"
+    stage_hf_dir(hf_dir, stage, mtype)
+    tb = time.perf_counter()
+    run_builder(stage, build, tmp / ".cache", "fp32", {"fuse_qkv": "false"}, show_progress)
+    builder_s = time.perf_counter() - tb
+    res = rewrite(build, tmp, src, plan, accuracy_level, quantizer, show_progress)
+    res.builder_seconds = builder_s
+    genai_files = copy_genai_files(build, tmp)
+    for d in (stage, build, tmp / ".cache"):
+        shutil.rmtree(d, ignore_errors=True)
+    _copy_hf_files(hf_dir, tmp, keep_existing=True)
+    _check_loads(tmp / MODEL_FILE)
+    predicted = plan_nbytes(plan, src)
+    info = {
+        "format": EXPORT_FORMAT, "version": 1, "tool": f"tasa-edge {__version__}",
+        "model": model_block(src),
+        "plan": {
+            "target": plan.target, "budget": plan.budget, "method": plan.provenance.get("method"),
+            "predicted": plan.predicted, "types": plan.types_used(), "tensors": dict(plan.tensors),
+        },
+        "onnx": {
+            "graph": "genai", "runtime": "onnxruntime-genai",
+            "builder": f"onnxruntime_genai.models.builder {_version('onnxruntime-genai')} (fp32, cpu, fuse_qkv=false)",
+            "file": MODEL_FILE, "external_data": DATA_FILE, "accuracy_level": accuracy_level,
+            "quantizer": quantizer, "ops": res.ops, "nodes": res.nodes_after, "model_type": mtype,
+            "genai_files": genai_files, "tied_embeddings": _tied_note(plan, src),
+        },
+        "bytes": {"tensors": res.tensor_bytes, "predicted_tensors": predicted["total"]},
+        "bpw": 8.0 * res.tensor_bytes / max(1, src.n_params),
+        "tensor_shapes": {t.name: [int(x) for x in t.shape] for t in src.tensors.values()},
+    }
+    (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
+    _install(tmp, out)
+    seconds = time.perf_counter() - t0
+    nbytes = sum((out / f).stat().st_size for f in (MODEL_FILE, DATA_FILE))
+    return OnnxExportResult(out, out / MODEL_FILE, nbytes, res.tensor_bytes, 8.0 * res.tensor_bytes / max(1, src.n_params),
+                            seconds, plan.types_used(), res.ops, graph="genai")
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "?"
 
 
 @contextlib.contextmanager
@@ -630,15 +728,31 @@ def _check_model(path: Path) -> None:
         raise TasaError(f"exported ONNX graph fails onnx.checker: {exc}") from exc
 
 
+def _check_loads(path: Path) -> None:
+    """genai's graph uses onnxruntime contrib ops in the default domain (SimplifiedLayerNormalization),
+    which onnx.checker does not know: check that onnxruntime's CPU provider loads it instead."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    try:
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # pragma: no cover - a bug in the rewrite
+        raise TasaError(f"onnxruntime cannot load the exported genai graph: {str(exc).splitlines()[0]}") from exc
+    del sess
+
+
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".onnx", ".onnx.data")
 
 
-def _copy_hf_files(hf_dir: Path, dest: Path) -> None:
+def _copy_hf_files(hf_dir: Path, dest: Path, keep_existing: bool = False) -> None:
     """config.json, tokenizer files, chat template ... (not the weights)."""
     for f in sorted(Path(hf_dir).iterdir()):
         if not f.is_file() or f.name.endswith(_SKIP_SUFFIXES) or f.name.endswith(".index.json"):
             continue
-        if f.name in (MODEL_FILE, DATA_FILE, EXPORT_INFO):
+        if f.name in (MODEL_FILE, DATA_FILE, EXPORT_INFO) or (keep_existing and (dest / f.name).exists()):
             continue
         shutil.copy2(f, dest / f.name)
 

@@ -66,6 +66,7 @@ def export(
     force_imatrix: bool = typer.Option(False, "--force-imatrix", help="Use --imatrix even if the plan was scored with another one (or none)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Quantization threads (default: all cores)."),
     accuracy_level: int = typer.Option(4, "--accuracy-level", help="ONNX MatMulNBits accuracy_level (4 = int8 compute)."),
+    onnx_graph: str = typer.Option("auto", "--onnx-graph", help="ONNX graph: genai (onnxruntime-genai's builder graph + genai_config.json), plain (onnxruntime only) or auto (genai where supported)."),
 ):
     """Write MODEL quantized per a bit plan (GGUF for llama.cpp, or ONNX MatMulNBits)."""
     from . import formats
@@ -76,6 +77,10 @@ def export(
     spec = formats.get(fmt)
     if imatrix is not None and not spec.uses_imatrix:
         raise TasaError(f"--imatrix applies to GGUF export only, not --format {fmt}")
+    if onnx_graph not in ("auto", "genai", "plain"):
+        raise TasaError(f"--onnx-graph must be auto, genai or plain, got {onnx_graph!r}")
+    if fmt != "onnx" and onnx_graph != "auto":
+        raise TasaError("--onnx-graph applies to --format onnx only")
     (guards.output_file if fmt == "gguf" else guards.output_dir)(output, "--output")
     src = _open_model(model)
     if plan is not None:
@@ -97,8 +102,9 @@ def export(
     else:
         from exporters.onnx_export import export_onnx
 
-        res = export_onnx(src, bp, output, accuracy_level=accuracy_level)
-        out.print(f"wrote {res.path} ({res.nbytes / 2**20:.1f} MiB, {res.bpw:.3f} bits/weight, {res.seconds:.1f} s)")
+        res = export_onnx(src, bp, output, accuracy_level=accuracy_level, graph=onnx_graph)
+        out.print(f"wrote {res.path} ({res.nbytes / 2**20:.1f} MiB, {res.bpw:.3f} bits/weight, {res.seconds:.1f} s; "
+                  f"{'onnxruntime-genai' if res.graph == 'genai' else 'plain onnxruntime'} graph)")
 
 
 # ---------------------------------------------------------------------------- baseline

@@ -1,14 +1,19 @@
-"""Running exported ONNX decoders with onnxruntime: logits and greedy generation (KV cache).
+"""Running exported ONNX decoders: logits and greedy generation (KV cache).
 
 The model directory is what :func:`exporters.onnx_export.export_onnx` writes: ``model.onnx``
-(+ external data), the tokenizer files and ``config.json``. Tokens follow the tokenizer
-(``add_special_tokens=True``: BOS is prepended exactly when the tokenizer adds it, which is what
-llama.cpp does for the same model in :mod:`tasa_edge.llama_run`).
+(+ external data), the tokenizer files and ``config.json``. A directory with ``genai_config.json``
+(the default export: onnxruntime-genai's graph) runs through onnxruntime-genai
+(:class:`GenaiDecoder`: ``og.Model`` / ``og.Generator``); a plain-graph export through onnxruntime
+alone (:class:`OnnxDecoder`). Tokens follow the HF tokenizer (``add_special_tokens=True``: BOS is
+prepended exactly when the tokenizer adds it, which is what llama.cpp does for the same model in
+:mod:`tasa_edge.llama_run`); token ids are fed to genai directly, so both runners score the same
+sequences.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +23,13 @@ import numpy as np
 from .errors import TasaError
 
 MODEL_FILE = "model.onnx"
+GENAI_CONFIG = "genai_config.json"
+
+
+def is_genai_dir(model_dir: str | Path) -> bool:
+    """Whether ``model_dir`` (or the directory of a model.onnx) is an onnxruntime-genai model."""
+    d = Path(model_dir)
+    return ((d if d.is_dir() else d.parent) / GENAI_CONFIG).is_file()
 
 
 def _cores() -> int:
@@ -118,9 +130,106 @@ def _eos_ids(tok) -> set[int]:
     return ids
 
 
+@dataclass
+class GenaiDecoder:
+    """An onnxruntime-genai model (``og.Model`` over the export directory) and its tokenizers.
+
+    ``tokenizer`` is the HF tokenizer (loaded on first use: it imports torch), the same one the plain
+    runner and the bench's scoring use; ``og_tokenizer`` is genai's own."""
+
+    model: object
+    model_dir: Path
+    eos: frozenset
+    _hf_tokenizer: object = None
+    _og_tokenizer: object = None
+
+    @classmethod
+    def open(cls, model_dir: str | Path, n_threads: int | None = None) -> "GenaiDecoder":
+        try:
+            import onnxruntime_genai as og
+        except ImportError as exc:
+            raise TasaError("this ONNX export needs onnxruntime-genai (pip install onnxruntime-genai)") from exc
+        d = Path(model_dir)
+        d = d if d.is_dir() else d.parent
+        if not (d / GENAI_CONFIG).is_file():
+            raise TasaError(f"{d} has no {GENAI_CONFIG} (not an onnxruntime-genai model)")
+        try:
+            cfg = og.Config(str(d))
+            opts = {"intra_op_num_threads": int(n_threads or _cores()), "inter_op_num_threads": 1}
+            cfg.overlay(json.dumps({"model": {"decoder": {"session_options": opts}}}))
+            model = og.Model(cfg)
+        except Exception as exc:
+            raise TasaError(f"onnxruntime-genai cannot load {d}: {str(exc).splitlines()[0] if str(exc) else exc}") from exc
+        eos = json.loads((d / GENAI_CONFIG).read_text()).get("model", {}).get("eos_token_id")
+        eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        return cls(model, d, frozenset(int(e) for e in eos))
+
+    @property
+    def og_tokenizer(self):
+        """genai's own tokenizer (``og.Tokenizer``), loaded on first use."""
+        if self._og_tokenizer is None:
+            import onnxruntime_genai as og
+
+            self._og_tokenizer = og.Tokenizer(self.model)
+        return self._og_tokenizer
+
+    @property
+    def tokenizer(self):
+        if self._hf_tokenizer is None:
+            from transformers import AutoTokenizer
+
+            try:
+                self._hf_tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+            except Exception as exc:
+                raise TasaError(f"no usable tokenizer in {self.model_dir}: {exc}") from exc
+        return self._hf_tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def eos_ids(self) -> set[int]:
+        return set(self.eos)
+
+    def generator(self, max_length: int):
+        import onnxruntime_genai as og
+
+        p = og.GeneratorParams(self.model)
+        p.set_search_options(max_length=int(max_length), do_sample=False)
+        return og.Generator(self.model, p)
+
+    def logits(self, ids) -> np.ndarray:
+        """Full-sequence forward of ``ids``: logits [n, vocab] float32 (position i predicts i+1)."""
+        ids = [int(i) for i in ids]
+        g = self.generator(len(ids) + 1)
+        g.append_tokens(np.asarray(ids, dtype=np.int32))
+        return np.asarray(g.get_output("logits")[0], dtype=np.float32)
+
+    def generate_ids(self, ids: list[int], max_new_tokens: int, stop=None) -> list[int]:
+        """Greedy decoding (og.Generator, KV cache) until EOS, ``max_new_tokens`` or ``stop(new_ids)``."""
+        g = self.generator(len(ids) + max_new_tokens + 1)
+        g.append_tokens(np.asarray(ids, dtype=np.int32))
+        out: list[int] = []
+        while len(out) < max_new_tokens and not g.is_done():
+            g.generate_next_token()
+            t = int(g.get_next_tokens()[0])
+            if t in self.eos:
+                break
+            out.append(t)
+            if stop is not None and stop(out):
+                break
+        return out
+
+
+def open_decoder(model_dir: str | Path, n_threads: int | None = None):
+    """:class:`GenaiDecoder` for an onnxruntime-genai export, else :class:`OnnxDecoder`."""
+    if is_genai_dir(model_dir):
+        return GenaiDecoder.open(model_dir, n_threads)
+    return OnnxDecoder.open(model_dir, n_threads)
+
+
 @contextlib.contextmanager
 def open_onnx(model_dir: str | Path, n_threads: int | None = None):
-    dec = OnnxDecoder.open(model_dir, n_threads)
+    dec = open_decoder(model_dir, n_threads)
     try:
         yield dec
     finally:
@@ -135,6 +244,9 @@ def logits(model_dir: str | Path, texts: list[str], max_tokens: int = 256, n_thr
             toks = dec.encode(text)[:max_tokens]
             if not toks:
                 raise TasaError(f"text {text[:30]!r} produces no tokens")
+            if isinstance(dec, GenaiDecoder):
+                out.append((np.array(toks), dec.logits(toks)))
+                continue
             lg, _ = dec.step(np.array([toks]), dec.empty_past(), 0)
             out.append((np.array(toks), np.asarray(lg[0], dtype=np.float32)))
     return out

@@ -1,6 +1,7 @@
 """ONNX export (MatMulNBits) on the real packaged SmolLM2-135M: numerics, mixed plans, generation.
 
-One float export and a handful of quantized exports are shared per module; texts are short.
+These tests cover the plain onnxruntime graph (``graph="plain"``); the onnxruntime-genai graph
+(the default) is tested in ``test_onnx_genai.py``. One float export and a handful of quantized exports are shared per module; texts are short.
 """
 
 from __future__ import annotations
@@ -186,7 +187,8 @@ def test_tiny_llama_family_models_match_transformers(kind, tmp_path):
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0].numpy()
 
-    res = export_onnx(src, BitPlan.uniform(src, "float", target="onnx"), tmp_path / "float", show_progress=False)
+    res = export_onnx(src, BitPlan.uniform(src, "float", target="onnx"), tmp_path / "float", show_progress=False,
+                      graph="plain")
     dec = OnnxDecoder.open(res.path, n_threads=1)
     pre, _ = dec.step(np.array([ids]), dec.empty_past(), 0)
     _, past = dec.step(np.array([ids[:-1]]), dec.empty_past(), 0)
@@ -195,7 +197,7 @@ def test_tiny_llama_family_models_match_transformers(kind, tmp_path):
     assert np.abs(last[0, -1] - ref[-1]).max() < 1e-4 * np.abs(ref).max()
 
     plan = BitPlan.uniform(src, "uint4_b32", target="onnx")
-    res = export_onnx(src, plan, tmp_path / "q", accuracy_level=0, show_progress=False)
+    res = export_onnx(src, plan, tmp_path / "q", accuracy_level=0, show_progress=False, graph="plain")
     assert res.tensor_bytes == plan.predicted["bytes"]
     with torch.no_grad():
         for name, p in gguf_params(model, src).items():
@@ -221,7 +223,8 @@ def onnx_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def float_export(smollm, onnx_dir):
-    return export_onnx(smollm, BitPlan.uniform(smollm, "float", target="onnx"), onnx_dir / "float", show_progress=False)
+    return export_onnx(smollm, BitPlan.uniform(smollm, "float", target="onnx"), onnx_dir / "float", show_progress=False,
+                       graph="plain")
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +250,7 @@ def exported(smollm, onnx_dir):
         if name not in cache:
             rules = {"mix248": mix248, "mix48": mix48}
             plan = _plan(smollm, rules[name], name) if name in rules else BitPlan.uniform(smollm, name, target="onnx")
-            cache[name] = (plan, export_onnx(smollm, plan, onnx_dir / name, show_progress=False))
+            cache[name] = (plan, export_onnx(smollm, plan, onnx_dir / name, show_progress=False, graph="plain"))
         return cache[name]
 
     return get
@@ -444,5 +447,5 @@ def test_failure_mid_export_leaves_nothing(tmp_path, smollm, monkeypatch):
     monkeypatch.setattr(ox._Builder, "build", boom)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="disk on fire"):
-        export_onnx(smollm, BitPlan.uniform(smollm, "int4_b32", target="onnx"), out, show_progress=False)
+        export_onnx(smollm, BitPlan.uniform(smollm, "int4_b32", target="onnx"), out, show_progress=False, graph="plain")
     assert list(tmp_path.iterdir()) == []
