@@ -109,16 +109,14 @@ def _analyse(model: str, work: str, cfg: AnalysisConfig) -> dict:
     def ours():
         A.collect(model_, tok, params, {"general": samples}, replace(cfg, fisher="factored"), show_progress=False)
 
-    def best_of(fn, n=3):
-        fn()                                           # warm-up
-        runs = []
-        for _ in range(n):
-            w, c = time.perf_counter(), time.process_time()
-            fn()
-            runs.append((time.process_time() - c, time.perf_counter() - w))
-        return min(runs)
+    def timed(fn):
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        return time.process_time() - c, time.perf_counter() - w
 
-    (pc, pw), (oc, ow) = best_of(plain), best_of(ours)
+    plain(), ours()                                    # warm-up
+    runs = [(timed(plain), timed(ours)) for _ in range(3)]   # alternated: a change of load hits both
+    (pc, pw), (oc, ow) = min(r[0] for r in runs), min(r[1] for r in runs)
     k = len(batch)
     out["per_sample"] = {"tokens": [int(ids.shape[1]) for ids in batch], "plain_fwd_bwd_s": pw / k,
                          "gradient_pass_s": ow / k, "plain_cpu_s": pc / k, "gradient_pass_cpu_s": oc / k,

@@ -18,12 +18,11 @@ Unknown keys, wrong types and unknown formats are one-line :class:`TasaError`\\ 
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasa_edge import formats
-from tasa_edge.costmodel import KernelProfile, kernel_profile_from_dict
+from tasa_edge.costmodel import KernelProfile, kernel_profile_from_dict, read_profile_toml
 from tasa_edge.errors import TasaError
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
@@ -94,17 +93,7 @@ def load_profile(spec: str | Path) -> Profile:
             raise TasaError(f"unknown device profile '{s}' (shipped: {', '.join(list_profiles())}; or give a .toml path)")
     if not p.is_file():
         raise TasaError(f"device profile not found: {p}")
-    try:
-        if p.stat().st_size > 1 << 20:
-            raise TasaError(f"{p}: a device profile is a small TOML file (over 1 MiB)")
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise TasaError(f"{p}: invalid TOML ({exc})") from None
-    except RecursionError:
-        raise TasaError(f"{p}: invalid TOML (nested too deeply)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TasaError(f"{p}: cannot read ({exc})") from None
-    return profile_from_dict(data, where=str(p))
+    return profile_from_dict(read_profile_toml(p), where=str(p))
 
 
 def profile_from_dict(data: dict, where: str = "profile") -> Profile:

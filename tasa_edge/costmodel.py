@@ -212,21 +212,26 @@ def kernel_profile_from_dict(data: dict, where: str) -> KernelProfile | None:
     return KernelProfile(str(data.get("name", "")), target, dict(machine), dict(measured), costs, path=where)
 
 
-def load_kernel_profile(path: str | Path) -> KernelProfile:
-    """A measured profile (``tasa-edge profile -o device.toml``); one-line errors otherwise."""
-    p = Path(path)
-    if not p.is_file():
-        raise TasaError(f"profile not found: {p}")
+def read_profile_toml(p: Path) -> dict:
+    """A device profile's TOML (bounded: at most 1 MiB), as a dict; one-line errors otherwise."""
     try:
         if p.stat().st_size > 1 << 20:
             raise TasaError(f"{p}: a device profile is a small TOML file (over 1 MiB)")
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        return tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise TasaError(f"{p}: invalid TOML ({exc})") from None
     except RecursionError:
         raise TasaError(f"{p}: invalid TOML (nested too deeply)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise TasaError(f"{p}: cannot read ({exc})") from None
+
+
+def load_kernel_profile(path: str | Path) -> KernelProfile:
+    """A measured profile (``tasa-edge profile -o device.toml``); one-line errors otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise TasaError(f"profile not found: {p}")
+    data = read_profile_toml(p)
     kp = kernel_profile_from_dict(data, str(p))
     if kp is None:
         raise TasaError(f"{p} has no measured kernel costs ([kernels]): make one with tasa-edge profile -m MODEL -o {p.name}")
