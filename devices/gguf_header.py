@@ -30,6 +30,11 @@ class TensorEntry:
     nbytes: int
 
     @property
+    def src_type(self) -> str:
+        """The ggml type, under the name :class:`tasa_edge.model.TensorInfo` gives it."""
+        return self.type
+
+    @property
     def n_elements(self) -> int:
         n = 1
         for s in self.shape:
