@@ -421,25 +421,26 @@ def sensitivities(src: ModelSource, weights, st: GradStats, menu: dict[str, list
             # row slices: the temporaries (float copies, one roundtrip, squared errors) of e.g.
             # a 150k-row embedding stay at a few MB instead of several copies of the tensor
             step = max(1, SENSITIVITY_CHUNK // cols)
-            stripes = sample_rows(rows, step, cfg.sensitivity_rows, f"{cfg.seed}\0{name}")
-            covered = sum(r1 - r0 for r0, r1 in stripes)
+            mass = None
+            if cfg.sensitivity_rows < 1:
+                masses = [m for m in (st.fisher[k].row_mass(name) for k in ("general", "task")) if m is not None]
+                mass = sum(masses) if masses else None
             sums = {f: [0.0, 0.0, 0.0] for f in fmts}          # ppl, task, squared error
             w2 = 0.0
-            for r0, r1 in stripes:
-                w = weights(name, r0, r1)
-                w2 += float(np.vdot(w, w))
+            for rows_at, k in score_plan(rows, step, cfg.sensitivity_rows, f"{cfg.seed}\0{name}", mass):
+                w = read_rows(weights, name, rows_at)
+                w2 += k * float(np.vdot(w, w))
                 for f in fmts:
                     if f == SOURCE:      # the source's bytes dequantize to the reference itself
                         continue
                     d2 = (spec.roundtrip(w, f, imat.get(name)) - w) ** 2
                     acc = sums[f]
-                    acc[0] += st.fisher["general"].weighted_error(name, r0, d2, st.n["general"])
-                    acc[1] += st.fisher["task"].weighted_error(name, r0, d2, st.n["task"])
-                    acc[2] += float(d2.sum(dtype=np.float64))
-            scale = rows / covered
+                    acc[0] += k * st.fisher["general"].weighted_error(name, rows_at, d2, st.n["general"])
+                    acc[1] += k * st.fisher["task"].weighted_error(name, rows_at, d2, st.n["task"])
+                    acc[2] += k * float(d2.sum(dtype=np.float64))
             wn = math.sqrt(w2) or 1.0
             for f in fmts:
-                table.add(name, f, ppl=0.5 * scale * sums[f][0], task=0.5 * scale * sums[f][1],
+                table.add(name, f, ppl=0.5 * sums[f][0], task=0.5 * sums[f][1],
                           nbytes=spec.tensor_nbytes(f, src.tensors[name]), rel_err=math.sqrt(sums[f][2]) / wn)
             release_freed_memory()
             advance(1)
@@ -460,6 +461,37 @@ SAMPLED_MIN_ROWS = 1024
 #: a sampled tensor is scored on about this many stripes of rows, each at least MIN_STRIPE rows
 SAMPLED_STRIPES = 32
 MIN_STRIPE = 64
+
+
+def score_plan(rows: int, step: int, fraction: float, salt: str,
+               mass: np.ndarray | None = None) -> list[tuple[object, float]]:
+    """The rows the sensitivity pass scores, as chunks (arrays of row indices) of at most ``step``
+    rows, each with the factor its sums are scaled by: consecutive rows (factor 1) when all rows
+    are scored, else a stratified sample of about ``fraction`` of the rows:
+
+    * half the budget: the rows with the largest Fisher mass (``mass``: each row's share of the
+      general + task row sums), scored exactly (factor 1) -- the mass of an embedding or LM head is
+      concentrated on the calibration text's tokens, which a uniform sample mostly misses;
+    * the other half: a systematic sample (:func:`sample_rows`) of the remaining rows, scaled by
+      remaining / sampled, so the sum stays unbiased."""
+    if fraction >= 1 or rows < SAMPLED_MIN_ROWS:
+        return [(np.arange(r0, min(rows, r0 + step)), 1.0) for r0 in range(0, rows, step)]
+    budget = max(1, int(round(fraction * rows)))
+    k = budget // 2 if mass is not None and np.any(mass > 0) else 0
+    certain = np.sort(np.argsort(-np.asarray(mass), kind="stable")[:k]) if k else np.empty(0, dtype=np.int64)
+    rest = np.setdiff1d(np.arange(rows), certain, assume_unique=True)
+    stripes = sample_rows(len(rest), step, min(1.0, max(budget - k, 1) / len(rest)), salt)
+    picked = np.concatenate([rest[a:b] for a, b in stripes])
+    out: list[tuple[object, float]] = [(certain[i:i + step], 1.0) for i in range(0, len(certain), step)]
+    return out + [(picked[i:i + step], len(rest) / len(picked)) for i in range(0, len(picked), step)]
+
+
+def read_rows(weights, name: str, rows_at) -> np.ndarray:
+    """Rows ``rows_at`` (sorted indices) of the reference tensor, read as runs of consecutive rows."""
+    idx = np.asarray(rows_at)
+    runs = np.split(idx, np.flatnonzero(np.diff(idx) != 1) + 1)
+    parts = [weights(name, int(r[0]), int(r[-1]) + 1) for r in runs if len(r)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def sample_rows(rows: int, step: int, fraction: float, salt: str) -> list[tuple[int, int]]:

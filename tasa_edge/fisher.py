@@ -88,25 +88,35 @@ class FisherAccumulator:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for p in self.parts.values() for t in p.values())
 
-    def weighted_error(self, name: str, r0: int, d2: np.ndarray, n_samples: int) -> float:
-        """sum_ij F_ij * d2_ij over rows ``r0 .. r0 + len(d2)`` of tensor ``name`` (F = sum / n)."""
+    def weighted_error(self, name: str, rows, d2: np.ndarray, n_samples: int) -> float:
+        """sum_ij F_ij * d2_ij over the rows of ``d2`` (F = sum / n): ``rows`` is the first row
+        (``d2`` holds rows ``rows .. rows + len(d2)``) or an array of row indices, one per row of ``d2``."""
         p = self.parts[name]
-        r1 = r0 + d2.shape[0]
+        sel = slice(rows, rows + d2.shape[0]) if isinstance(rows, (int, np.integer)) else torch.as_tensor(rows)
         scale = 1.0 / max(1, n_samples)
         if self.form == "exact":
-            f = p["full"][r0:r1].float().cpu().numpy()
+            f = p["full"][sel].float().cpu().numpy()
             return scale * float(np.vdot(f, d2))
         if self.form == "factored":
-            rows = p["rows"].double()
-            total = float(rows.sum()) or 1.0
-            rw = p["rows"][r0:r1].double().cpu().numpy()
+            total = float(p["rows"].double().sum()) or 1.0
+            rw = p["rows"][sel].double().cpu().numpy()
             cw = p["cols"].double().cpu().numpy()
             return scale * float(rw @ (d2.astype(np.float64) @ cw)) / total
-        blocks = p["blocks"][r0:r1].cpu().numpy().astype(np.float64) / BLOCK
+        blocks = p["blocks"][sel].cpu().numpy().astype(np.float64) / BLOCK
         c = d2.shape[1]
         pad = (-c) % BLOCK
         d2b = np.pad(d2, ((0, 0), (0, pad))).reshape(d2.shape[0], -1, BLOCK).sum(-1, dtype=np.float64)
         return scale * float(np.vdot(blocks, d2b))
+
+    def row_mass(self, name: str) -> np.ndarray | None:
+        """Each row's share of the tensor's total Fisher mass (sums to 1; zeros if no gradient)."""
+        p = self.parts.get(name)
+        if p is None:
+            return None
+        r = (p["full"].float().sum(1) if self.form == "exact" else p["rows"] if self.form == "factored"
+             else p["blocks"].sum(1)).double().cpu().numpy()
+        t = r.sum()
+        return r / t if t > 0 else np.zeros_like(r)
 
     # ------------------------------------------------------------------ derived forms
     def compact(self, form: str) -> "FisherAccumulator":
