@@ -143,6 +143,30 @@ def _row_sample_error(work: Path) -> dict:
             "max": float(r.max()), "total": tot_e / tot_f - 1}
 
 
+def _redo_rows(model: str, work: Path, cfg: AnalysisConfig) -> dict:
+    """Re-make the 25%-row table from the saved gradient statistics (after a change of the row
+    sampler) and return its error against the all-rows table."""
+    from tasa_edge import analysis as A
+    from tasa_edge.torch_model import gguf_params, load_torch_model, reference_weights
+
+    an = Analysis.load(work / "analysis.json")
+    cfg = replace(cfg, dtype=an.config["dtype"])
+    src = ModelSource.open(resolve_model(model))
+    model_, _ = load_torch_model(src, dtype=cfg.dtype)
+    params = gguf_params(model_, src)
+    st = A.load_cache(next(work.glob("gradstats-*.safetensors")), list(params), f"{src.fingerprint}/{cfg.key()}", cfg)
+    if st is None:
+        raise SystemExit(f"no gradient statistics of this configuration in {work}")
+    st.fisher = {k: acc.compact("factored") for k, acc in st.fisher.items()}
+    t = time.perf_counter()
+    table = A.sensitivities(src, reference_weights(model_, src, params), st, an.config["formats"],
+                            replace(cfg, fisher="factored", sensitivity_rows=0.25), load_imatrix(an.imatrix_path),
+                            show_progress=False)
+    seconds = time.perf_counter() - t
+    replace(an, table=table).save(work / "analysis-factored-rows25.json")
+    return {"sensitivity_s": seconds, **_row_sample_error(work)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -152,6 +176,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--n-eval", type=int, default=100, help="held-out GSM8K answers for the task KLD")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/scaling"))
+    ap.add_argument("--redo-rows", action="store_true",
+                    help="only re-make the 25%%-row table from the saved statistics and print its error (the plans made "
+                         "from it are dropped, so a later run re-measures them)")
     args = ap.parse_args(argv)
     work = args.out / f"work-{args.model}"
     work.mkdir(parents=True, exist_ok=True)
@@ -166,6 +193,13 @@ def main(argv=None) -> int:
         tmp.write_text(json.dumps(progress, indent=1))
         os.replace(tmp, progress_path)
 
+    if args.redo_rows:
+        rows25 = _redo_rows(args.model, work, cfg)
+        progress["analysis"]["rows25"] = {"sensitivity_s": rows25["sensitivity_s"]}
+        progress["rows"] = [r for r in progress.get("rows", []) if "rows" not in r["form"]]
+        save_progress()
+        print(json.dumps(rows25, indent=1))
+        return 0
     if "analysis" not in progress:
         progress["analysis"] = _child(_analyse, args.model, str(work), cfg)
         save_progress()
