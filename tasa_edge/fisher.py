@@ -109,7 +109,8 @@ class FisherAccumulator:
         return scale * float(np.vdot(blocks, d2b))
 
     def row_mass(self, name: str) -> np.ndarray | None:
-        """Each row's share of the tensor's total Fisher mass (sums to 1; zeros if no gradient)."""
+        """Each row's share of the tensor's total Fisher mass (sums to 1; zeros if all are zero; None
+        before any gradient of the tensor arrived)."""
         p = self.parts.get(name)
         if p is None:
             return None
