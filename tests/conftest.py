@@ -38,3 +38,20 @@ def gguf_tensors(path):
 
     r = GGUFReader(path, "r")
     return {t.name: (t.tensor_type.name, bytes(t.data.tobytes())) for t in r.tensors}
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path):
+    """A syntactically valid GGUF with one tensor (enough to reach the device / connection checks)."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    p = tmp_path / "tiny.gguf"
+    w = GGUFWriter(str(p), "llama")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return p

@@ -135,21 +135,6 @@ def standins(tmp_path, monkeypatch):
     return {"root": root, "log": log, "bin": tools}
 
 
-@pytest.fixture
-def tiny_gguf(tmp_path):
-    """A syntactically valid GGUF with one tensor (enough to reach the device checks)."""
-    from gguf import GGUFWriter
-
-    p = tmp_path / "tiny.gguf"
-    w = GGUFWriter(str(p), "llama")
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return p
-
 
 # ============================================================================ profiles
 def test_shipped_profiles_load_and_validate():

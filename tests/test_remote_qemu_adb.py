@@ -100,18 +100,8 @@ def test_emulation_is_noted_only_across_architectures():
     assert harness._emulation(None, "aarch64") is None and harness._emulation("aarch64", None) is None
 
 
-def test_offline_phone_is_one_line(tmp_path, adb_env, monkeypatch):
-    from gguf import GGUFWriter
-    import numpy as np
-
-    p = tmp_path / "tiny.gguf"
-    w = GGUFWriter(str(p), "llama")
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+def test_offline_phone_is_one_line(tmp_path, adb_env, monkeypatch, tiny_gguf):
+    p = tiny_gguf
     env = {**os.environ, **adb_env["env"], "QEMU_ADB_STATE": "offline", "TASA_NO_PROGRESS": "1",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     out = tmp_path / "out"

@@ -133,21 +133,6 @@ def test_bench_over_real_ssh(tmp_path, monkeypatch, sshd, host_bin, smollm_gguf,
 
 
 # ============================================================================ bad remote states (CLI)
-@pytest.fixture
-def tiny_gguf(tmp_path):
-    """A valid one-tensor GGUF: enough to get to the connection."""
-    import numpy as np
-    from gguf import GGUFWriter
-
-    p = tmp_path / "tiny.gguf"
-    w = GGUFWriter(str(p), "llama")
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return p
 
 
 def test_unreachable_host_closed_port(tmp_path, tiny_gguf):
