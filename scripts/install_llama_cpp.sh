@@ -23,6 +23,8 @@ if ! ls "$CACHE"/llama_cpp_python-"$VERSION"-*.whl >/dev/null 2>&1; then
     "$PY" -m pip wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python -w "$CACHE" "llama-cpp-python==$VERSION"
 fi
 "$PY" -m pip install -q --force-reinstall --no-deps "$CACHE"/llama_cpp_python-"$VERSION"-*.whl
+# its own dependencies (diskcache, jinja2, ...), without re-installing what is already there
+"$PY" -m pip install -q "$CACHE"/llama_cpp_python-"$VERSION"-*.whl
 "$PY" - <<'PYEOF'
 import llama_cpp
 assert "AMX_INT8 = 1" not in llama_cpp.llama_print_system_info().decode(), "llama.cpp still has AMX"
