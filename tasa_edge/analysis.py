@@ -57,6 +57,7 @@ from .memory import peak_rss_bytes, release_freed_memory
 from .model import ModelSource
 from .progress import progress_bar
 from .results import Analysis, AnalysisConfig, Candidate, Mixture, SensitivityTable
+from .torch_model import RowEmbedding
 
 #: The gradient-statistics cache format (safetensors + JSON metadata).
 CACHE_FORMAT = "tasa-edge/gradstats"
@@ -75,6 +76,25 @@ def encode(tok, s: TextSample, max_tokens: int, prefix: list[int]) -> tuple[torc
     if sum(mask[1:]) == 0:
         raise TasaError(f"sample {s.id} has no target tokens within {max_tokens} tokens")
     return torch.tensor([ids]), torch.tensor([mask])
+
+
+#: the gradient pass pads each sample to a multiple of this many tokens (see :func:`pad_to_bucket`)
+PAD_MULTIPLE = 16
+
+
+def pad_to_bucket(ids: torch.Tensor, mask: torch.Tensor, multiple: int = PAD_MULTIPLE) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ids`` and ``mask`` right-padded (token 0, mask 0) to a multiple of ``multiple`` tokens.
+
+    Causal attention keeps the sample's positions blind to the padding and the loss masks it, so
+    the gradients are the sample's own. What it buys: the matmul shapes come from a dozen lengths
+    instead of one per sample. oneDNN (torch's CPU bf16 kernels) JIT-compiles and caches a
+    primitive per shape; with every sample a new length the cache kept growing and the resident
+    set crept by ~5 MB per sample on SmolLM2 (~10 MB on Qwen2.5-1.5B: 0.6 GB over the 60 default
+    samples); with 16-token buckets it stops after the first samples."""
+    pad = (-ids.shape[1]) % multiple
+    if not pad:
+        return ids, mask
+    return (torch.nn.functional.pad(ids, (0, pad), value=0), torch.nn.functional.pad(mask, (0, pad), value=0))
 
 
 def special_prefix(tok) -> list[int]:
@@ -116,7 +136,7 @@ def collect(model, tok, params: dict[str, torch.nn.Parameter], pools: dict[str, 
     resumable through ``cache`` (valid only for the same ``key``: model fingerprint + config).
     With ``ranks``, only this rank's share of the samples (:meth:`~tasa_edge.distributed.Ranks.mine`)."""
     names = list(params)
-    dev = next(model.parameters()).device
+    dev = _device_of(model)
     st = load_cache(cache, names, key, cfg) if cache is not None else None
     if st is None:
         st = GradStats(names, new_fisher(cfg), {"general": 0, "task": 0}, {}, {}, {}, {})
@@ -146,7 +166,7 @@ def collect(model, tok, params: dict[str, torch.nn.Parameter], pools: dict[str, 
                 continue
 
             def hook(m, inp, _out, gname=gname):
-                x = inp[0].detach()
+                x = inp[0].detach()[..., :cur["n"], :]          # the sample's tokens, not the padding
                 # q/k/v (and gate/up) read one input: its sum of squares is taken once per forward
                 # (autograd keeps the inputs alive, so a live address names one tensor)
                 k = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
@@ -160,33 +180,49 @@ def collect(model, tok, params: dict[str, torch.nn.Parameter], pools: dict[str, 
 
     # Per-tensor statistics are taken as soon as autograd has the tensor's gradient, which is then
     # freed: peak memory is the model + the Fisher sums + one gradient, not a second model copy.
-    cur = {"role": "general", "trace": None}
+    cur = {"role": "general", "trace": None, "n": 0}
     idx = {n: j for j, n in enumerate(names)}
+
+    def accumulator():
+        role = cur["role"]
+        return None if role == "target" else st.fisher["task" if role == "task" else "general"]
+
+    def dense_stats(name, shape, slices):
+        """Trace and Fisher sums of a dense gradient given as ``(r0, float32 rows from r0)`` slices."""
+        acc = accumulator()
+        a, b = sk[name]
+        ag = None
+        for r0, gc in slices:
+            ag = a[:, r0:r0 + gc.shape[0]] @ gc if ag is None else ag.addmm_(a[:, r0:r0 + gc.shape[0]], gc)
+            if acc is not None:
+                acc.add_rows(name, r0, gc.square_(), shape)
+            del gc
+        cur["trace"][idx[name]] = (ag @ b).reshape(-1).cpu().numpy()
+
+    def sparse_stats(name, at, vals):
+        """Trace and Fisher sums of a gradient that is zero outside the (distinct) rows ``at``."""
+        with torch.no_grad():
+            a, b = sk[name]
+            cur["trace"][idx[name]] = (a[:, at] @ vals @ b).reshape(-1).cpu().numpy()
+            acc = accumulator()
+            if acc is not None:
+                acc.add_rows_at(name, at, vals.square_(), tuple(params[name].shape))
 
     def grad_hook(p, name):
         g = p.grad
-        role = cur["role"]
-        acc = None if role == "target" else st.fisher["task" if role == "task" else "general"]
         with torch.no_grad():
-            a, b = sk[name]
+            if head is not None and head.tied and name == head_name:   # the embedding's rows join the head's
+                head.embedding_grad = g.coalesce() if g.is_sparse else g
+                p.grad = None
+                return
             rows, cols = g.shape
             if g.is_sparse:                       # the embedding: only the rows of this sample's tokens
                 g = g.coalesce()
-                at, vals = g.indices()[0], g.values().float()
-                cur["trace"][idx[name]] = (a[:, at] @ vals @ b).reshape(-1).cpu().numpy()
-                if acc is not None:
-                    acc.add_rows_at(name, at, vals.square_(), (rows, cols))
+                sparse_stats(name, g.indices()[0], g.values().float())
                 p.grad = None
                 return
-            step = max(1, GRAD_CHUNK // cols)
-            ag = torch.zeros(a.shape[0], cols, device=g.device)
-            for r0 in range(0, rows, step):       # float32 slices, not a float32 copy of g
-                gc = g[r0:r0 + step].float()
-                ag += a[:, r0:r0 + step] @ gc
-                if acc is not None:
-                    acc.add_rows(name, r0, gc.square_(), (rows, cols))
-                del gc
-            cur["trace"][idx[name]] = (ag @ b).reshape(-1).cpu().numpy()
+            step = max(1, GRAD_CHUNK // cols)     # float32 slices, not a float32 copy of g
+            dense_stats(name, (rows, cols), ((r0, g[r0:r0 + step].float()) for r0 in range(0, rows, step)))
         p.grad = None
 
     for n in names:
@@ -198,6 +234,15 @@ def collect(model, tok, params: dict[str, torch.nn.Parameter], pools: dict[str, 
     sparse_emb = isinstance(emb, torch.nn.Embedding) and id(emb.weight) in by_param
     if sparse_emb:
         emb.sparse = True
+    rows_emb = isinstance(emb, RowEmbedding) and id(emb.weight) in by_param
+    if rows_emb:                                  # read from the file by rows: its gradient comes per row
+        emb.on_grad = lambda at, vals, name=by_param[id(emb.weight)]: sparse_stats(name, at, vals)
+    # The LM head's loss and gradient by vocabulary slices (:class:`ChunkedHead`), not through
+    # autograd: no [tokens x vocab] logits chain and no dense vocab x d gradient buffer.
+    head = ChunkedHead.of(model, by_param)
+    head_name = by_param[id(head.weight)] if head is not None else None
+    if head is not None and not head.tied:
+        head.weight.requires_grad_(False)
 
     work = [(role, s) for role, samples in pools.items() for s in samples]
     todo = [(role, s) for role, s in (ranks.mine(work) if ranks else work) if s.id not in st.roles]
@@ -207,23 +252,28 @@ def collect(model, tok, params: dict[str, torch.nn.Parameter], pools: dict[str, 
         with progress_bar("gradient traces", total=len(todo), enabled=show_progress) as advance:
             for i, (role, s) in enumerate(todo):
                 ids, mask = encode(tok, s, cfg.max_tokens, prefix)
+                n_real = cur["n"] = int(ids.shape[1])
+                ids, mask = pad_to_bucket(ids, mask)
                 ids, mask = ids.to(dev), mask.to(dev)
                 act_sum.clear()
                 act_seen.clear()
                 model.zero_grad(set_to_none=True)
                 cur["role"] = role
                 cur["trace"] = np.zeros((len(names), cfg.sketch_k * cfg.sketch_k), dtype=np.float32)
-                logits = model(input_ids=ids).logits[0, :-1].float()
-                tgt = ids[0, 1:]
-                m = mask[0, 1:].bool()
-                loss = torch.nn.functional.cross_entropy(logits[m], tgt[m])
-                del logits
-                loss.backward()
+                if head is None:
+                    logits = model(input_ids=ids).logits[0, :-1].float()
+                    tgt = ids[0, 1:]
+                    m = mask[0, 1:].bool()
+                    loss = torch.nn.functional.cross_entropy(logits[m], tgt[m])
+                    del logits
+                    loss.backward()
+                else:
+                    head.backward(ids, mask, lambda slices: dense_stats(head_name, tuple(head.weight.shape), slices))
                 if role != "target":
                     st.n["task" if role == "task" else "general"] += 1
                 st.traces[s.id] = cur["trace"]
-                st.acts[s.id] = {n: v.cpu().numpy().astype(np.float32) for n, v in act_sum.items()}
-                st.tokens[s.id] = int(ids.shape[1])
+                st.acts[s.id] = _one_block({n: v.cpu().numpy() for n, v in act_sum.items()})
+                st.tokens[s.id] = n_real
                 st.roles[s.id] = role
                 st.computed += 1
                 release_freed_memory()
@@ -233,6 +283,8 @@ def collect(model, tok, params: dict[str, torch.nn.Parameter], pools: dict[str, 
     finally:
         if sparse_emb:
             emb.sparse = False
+        if rows_emb:
+            emb.on_grad = None
         for h in hooks:
             h.remove()
         for p in model.parameters():
@@ -242,6 +294,24 @@ def collect(model, tok, params: dict[str, torch.nn.Parameter], pools: dict[str, 
     if cache is not None:
         save_cache(st, cache, key)
     return st
+
+
+def _device_of(model) -> torch.device:
+    """Where the model computes (its first parameter that has storage)."""
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
+def _one_block(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``arrays`` copied into one float32 allocation (views into it): a sample's importance sums
+    are kept for the whole pass, as one block instead of a few hundred small ones among the heap's
+    transient memory."""
+    buf = np.empty(sum(a.size for a in arrays.values()), dtype=np.float32)
+    out, i = {}, 0
+    for n, a in arrays.items():
+        out[n] = buf[i:i + a.size].reshape(a.shape)
+        out[n][...] = a
+        i += a.size
+    return out
 
 
 def save_cache(st: GradStats, cache: Path, key: str) -> None:
@@ -329,6 +399,101 @@ def reduce_stats(st: GradStats, ranks: distributed.Ranks, shapes: dict[str, tupl
     for sid in sorted(merged):
         out.traces[sid], out.acts[sid], out.tokens[sid], out.roles[sid] = merged[sid]
     return out
+
+
+class ChunkedHead:
+    """Mean next-token NLL of the target positions and its gradients, with the LM head (logits =
+    h W^T) done by hand in slices of the vocabulary: ``backward`` runs the decoder forward, fills one
+    [targets x vocab] float32 buffer slice by slice with logits, turns it into dlogits (softmax -
+    one-hot, / targets) in place, back-propagates dh = dlogits W through the decoder, and hands the
+    head's gradient dW = dlogits^T h to ``on_head`` as float32 row slices, computed in the weights'
+    dtype as autograd would. Autograd's way holds the logits 5-6 times over (bf16, float32, the
+    target rows, log-softmax, their gradients) plus a dense vocab x d gradient: ~1 GiB for a
+    150k vocabulary, versus one buffer of ~0.1 GiB here. With tied embeddings the token
+    embedding's (sparse) gradient, which autograd delivers into ``embedding_grad``, is added to the
+    head's rows before the statistics are taken, as autograd's accumulation would."""
+
+    #: elements of one [vocab slice x d] or [targets x vocab slice] piece
+    CHUNK = 1 << 22
+
+    def __init__(self, model, decoder, weight: torch.nn.Parameter, tied: bool):
+        self.model, self.decoder, self.weight, self.tied = model, decoder, weight, tied
+        self.embedding_grad = None
+
+    @classmethod
+    def of(cls, model, by_param: dict) -> "ChunkedHead | None":
+        """The head of ``model`` when its logits are a plain bias-free linear map of the decoder's
+        last hidden state (no soft-capping or scaling: those models keep autograd's path)."""
+        head = model.get_output_embeddings()
+        cfg = getattr(model, "config", None)
+        get_decoder = getattr(model, "get_decoder", None)
+        if (not isinstance(head, torch.nn.Linear) or head.bias is not None or id(head.weight) not in by_param
+                or get_decoder is None or getattr(cfg, "final_logit_softcapping", None)
+                or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0)):
+            return None
+        emb = model.get_input_embeddings()
+        return cls(model, get_decoder(), head.weight, emb is not None and emb.weight is head.weight)
+
+    def _slices(self, n: int) -> range:
+        v, d = self.weight.shape
+        return range(0, v, max(1, self.CHUNK // max(n, d)))
+
+    def backward(self, ids: torch.Tensor, mask: torch.Tensor, on_head) -> float:
+        h = self.decoder(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
+        m = mask[0, 1:].bool()
+        tgt = ids[0, 1:][m]
+        w = self.weight.detach()
+        v, d = w.shape
+        with torch.no_grad():
+            hm = h.detach()[m]
+            n = hm.shape[0]
+            step = self._slices(n).step
+            dl = torch.empty(n, v, dtype=torch.float32, device=h.device)
+            for v0 in range(0, v, step):
+                dl[:, v0:v0 + step] = hm @ w[v0:v0 + step].T
+            mx = dl.amax(1, keepdim=True)
+            se = torch.zeros_like(mx)
+            for v0 in range(0, v, step):
+                se += torch.exp(dl[:, v0:v0 + step] - mx).sum(1, keepdim=True)
+            lse = mx + se.log()
+            rows = torch.arange(n, device=h.device)
+            loss = float((lse[:, 0] - dl[rows, tgt]).mean())
+            for v0 in range(0, v, step):
+                c = dl[:, v0:v0 + step]
+                c.sub_(lse).exp_()
+            dl[rows, tgt] -= 1.0
+            dl /= n
+            dh = torch.zeros(n, d, dtype=torch.float32, device=h.device)
+            for v0 in range(0, v, step):
+                dh += dl[:, v0:v0 + step].to(w.dtype) @ w[v0:v0 + step]
+            grad_h = torch.zeros_like(h)
+            grad_h[m] = dh.to(h.dtype)
+            del dh
+        self.embedding_grad = None
+        h.backward(grad_h)
+        del h, grad_h
+        emb = self.embedding_grad
+        self.embedding_grad = None
+        if emb is not None and emb.is_sparse:
+            at, vals = emb.indices()[0], emb.values().float()
+            order = torch.argsort(at)
+            at, vals = at[order], vals[order]
+        vstep = max(1, self.CHUNK // d)
+
+        def slices():
+            with torch.no_grad():
+                for v0 in range(0, v, vstep):
+                    g = (dl[:, v0:v0 + vstep].T.to(w.dtype) @ hm).float()
+                    if emb is not None and not emb.is_sparse:
+                        g += emb[v0:v0 + g.shape[0]].float()
+                    elif emb is not None:
+                        lo, hi = torch.searchsorted(at, torch.tensor([v0, v0 + g.shape[0]], device=at.device)).tolist()
+                        if hi > lo:
+                            g.index_add_(0, at[lo:hi] - v0, vals[lo:hi])
+                    yield v0, g
+
+        on_head(slices())
+        return loss
 
 
 # ---------------------------------------------------------------------------- level 1: mixture
@@ -570,7 +735,7 @@ def analyze(src: ModelSource, out_dir: Path, cfg: AnalysisConfig, *, device: str
     if ranks:
         ids = "\0".join(f"{role}:{s.id}" for role, ss in pools.items() for s in ss)
         distributed.agree(ranks, "model, configuration or sample pools", f"{key}\0{ids}")
-    model, tok = load_torch_model(src, device=device, dtype=cfg.dtype)
+    model, tok = load_torch_model(src, device=device, dtype=cfg.dtype, embedding_rows=True)
     t_load = time.perf_counter() - t0
     params = gguf_params(model, src)
     stem = f"gradstats-{src.fingerprint.split(':')[1][:12]}-{cfg.key()}"
@@ -621,7 +786,7 @@ def _collect_distributed(model, tok, params, pools, cfg: AnalysisConfig, ranks: 
     if all(distributed.all_gather(complete, "cache state")):
         done.computed = 0
         return done
-    dev = next(model.parameters()).device
+    dev = _device_of(model)
     mine = collect(model, tok, params, pools, cfg, cache=shard_cache, show_progress=show_progress, key=key,
                    ranks=ranks)
     st = reduce_stats(mine, ranks, {n: tuple(p.shape) for n, p in params.items()}, dev)

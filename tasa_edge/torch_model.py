@@ -88,9 +88,11 @@ def pick_dtype(dev: torch.device, dtype: str | torch.dtype | None = "auto") -> t
     return getattr(torch, dtype)
 
 
-def load_torch_model(src: ModelSource, device: str | None = None, dtype: str | torch.dtype | None = "float32"):
+def load_torch_model(src: ModelSource, device: str | None = None, dtype: str | torch.dtype | None = "float32",
+                     embedding_rows: bool = False):
     """(model, tokenizer) for analysis: weights in :func:`pick_dtype`'s dtype, on CUDA with
-    device_map="auto" (layers spread over the GPUs, then the host)."""
+    device_map="auto" (layers spread over the GPUs, then the host). ``embedding_rows`` (CPU): an
+    untied token embedding is not loaded but read row by row as the tokens ask (:class:`RowEmbedding`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = pick_device(device)
@@ -98,7 +100,7 @@ def load_torch_model(src: ModelSource, device: str | None = None, dtype: str | t
     kwargs = {}
     dtype = pick_dtype(dev, dtype)
     if dev.type == "cpu":
-        model = _load_streamed(d, dtype)
+        model = _load_streamed(d, dtype, embedding_rows)
         return model, AutoTokenizer.from_pretrained(d)
     if dev.type == "cuda":
         kwargs["device_map"] = "auto"
@@ -132,6 +134,27 @@ class SafetensorsRows:
     def shape(self, key: str) -> tuple[int, ...]:
         return self.entries[key][3]
 
+    def read_index(self, key: str, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (sorted, distinct indices of the first axis) of a 2-D tensor as float32,
+        read with one open file as runs of consecutive rows."""
+        f, off, dt, shape = self.entries[key]
+        if dt not in self._DTYPES or len(shape) != 2:
+            raise TasaError(f"{f.name}: tensor {key} is not a 2-D F32, F16 or BF16 matrix")
+        item, row = self._DTYPES[dt], shape[1]
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), row), dtype=np.float32)
+        runs = np.split(np.arange(len(rows)), np.flatnonzero(np.diff(rows) != 1) + 1)
+        with open(f, "rb") as fh:
+            for run in runs:
+                if not len(run):
+                    continue
+                fh.seek(off + int(rows[run[0]]) * row * item.itemsize)
+                a = np.fromfile(fh, dtype=item, count=len(run) * row)
+                if dt == "BF16":
+                    a = (a.astype(np.uint32) << 16).view(np.float32)
+                out[run[0]:run[-1] + 1] = a.reshape(len(run), row)
+        return out
+
     def read(self, key: str, r0: int = 0, r1: int | None = None) -> np.ndarray:
         """Rows ``r0:r1`` (first axis) of tensor ``key`` as float32."""
         f, off, dt, shape = self.entries[key]
@@ -149,10 +172,42 @@ class SafetensorsRows:
         return a.astype(np.float32, copy=False).reshape((r1 - r0, *shape[1:]) if shape else ())
 
 
-def _load_streamed(d: Path, dtype: torch.dtype):
+class RowEmbedding(torch.nn.Module):
+    """A token embedding that is not held in memory: each forward reads the rows of its tokens from
+    the safetensors file (float32 there, cast to the model's dtype) -- the same values a loaded
+    embedding gives. ``weight`` is a shape-only (meta) parameter standing for the tensor; when it
+    requires grad, the rows get a gradient and ``on_grad(rows, grad)`` receives it (the distinct
+    row indices and their summed float gradient: the sparse gradient of the whole tensor). An
+    untied 150k x 1.5k embedding is 0.47 GB in bf16 that the gradient pass never needs whole."""
+
+    def __init__(self, store: SafetensorsRows, key: str, dtype: torch.dtype, padding_idx=None):
+        super().__init__()
+        shape = store.shape(key)
+        self.weight = torch.nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"), requires_grad=False)
+        self.store, self.key, self.padding_idx = store, key, padding_idx
+        self.num_embeddings, self.embedding_dim = shape
+        self.on_grad = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        u, inv = torch.unique(ids, sorted=True, return_inverse=True)
+        rows = torch.from_numpy(self.store.read_index(self.key, u.cpu().numpy())).to(self.weight.dtype)
+        if self.weight.requires_grad and torch.is_grad_enabled():
+            rows.requires_grad_(True)
+
+            def hook(t, u=u):
+                if self.on_grad is not None:
+                    self.on_grad(u, t.grad.float())
+                t.grad = None
+
+            rows.register_post_accumulate_grad_hook(hook)
+        return torch.nn.functional.embedding(inv, rows)
+
+
+def _load_streamed(d: Path, dtype: torch.dtype, embedding_rows: bool = False):
     """The model built empty (accelerate's ``init_empty_weights``) and filled tensor by tensor from
     the safetensors files, cast on the way: peak memory is the model in ``dtype`` plus one float32
-    tensor, not a float32 copy of the whole model (what ``from_pretrained`` holds while casting)."""
+    tensor, not a float32 copy of the whole model (what ``from_pretrained`` holds while casting).
+    ``embedding_rows``: an untied plain ``nn.Embedding`` becomes a :class:`RowEmbedding`."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -161,16 +216,23 @@ def _load_streamed(d: Path, dtype: torch.dtype):
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     store = SafetensorsRows(d)
+    skip = None
+    emb = model.get_input_embeddings()
+    if embedding_rows and type(emb) is torch.nn.Embedding and not getattr(cfg, "tie_word_embeddings", False):
+        key = next((n for n, p in model.named_parameters(remove_duplicate=False) if p is emb.weight), None)
+        if key in store:
+            model.set_input_embeddings(RowEmbedding(store, key, dtype, emb.padding_idx))
+            skip = key
     names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     for key in store.entries:
-        if key in names:
+        if key in names and key != skip:
             set_module_tensor_to_device(model, key, "cpu", value=torch.from_numpy(store.read(key)), dtype=dtype)
     inp, outp = model.get_input_embeddings(), model.get_output_embeddings()
     if getattr(cfg, "tie_word_embeddings", False) and outp is not None:
         if inp.weight.device.type == "meta":           # stored once, under the output name
             inp.weight = outp.weight
         model.tie_weights()
-    empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    empty = [n for n, p in model.named_parameters() if p.device.type == "meta" and n != skip]
     if empty:
         raise TasaError(f"{d}: no stored weights for {len(empty)} parameter(s), e.g. {empty[0]}")
     model.eval()

@@ -27,38 +27,64 @@ def tiny_llama_tied(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("form,fisher_dtype,tied", [("exact", "float32", False), ("exact", "bfloat16", False),
-                                                    ("factored", "float32", False), ("block", "float32", False),
-                                                    ("exact", "float32", True), ("factored", "float32", True)])
-def test_collect_matches_plain_backward_and_frees_gradients(tiny_llama, tiny_llama_tied, form, fisher_dtype, tied):  # noqa: F811
+@pytest.mark.parametrize("form,fisher_dtype,tied,head", [
+    ("exact", "float32", False, "slices"), ("exact", "bfloat16", False, "slices"),
+    ("factored", "float32", False, "slices"), ("block", "float32", False, "whole"),
+    ("exact", "float32", True, "slices"), ("factored", "float32", True, "whole"),
+    ("exact", "float32", True, "autograd"), ("exact", "float32", False, "autograd"),
+    ("exact", "float32", True, "slices-bf16"), ("factored", "float32", False, "slices-bf16"),
+    ("exact", "float32", False, "slices-rows"), ("factored", "float32", False, "slices-rows-bf16"),
+    ("exact", "float32", True, "slices-rows")])
+def test_collect_matches_plain_backward_and_frees_gradients(tiny_llama, tiny_llama_tied, monkeypatch, form,
+                                                            fisher_dtype, tied, head):  # noqa: F811
     """Traces and Fisher statistics equal those of a plain dense backward per sample, for an
-    untied embedding (sparse rows) and a tied one (LM head gradient + the embedding's rows)."""
+    untied embedding (sparse rows) and a tied one (LM head gradient + the embedding's rows); the
+    LM head done by hand in vocabulary slices of a few rows, in one slice, or through autograd."""
     import torch
 
+    from tasa_edge import analysis
     from tasa_edge.analysis import collect, encode, special_prefix
+
+    dtype = "bfloat16" if head.endswith("-bf16") else "float32"
+    head = head.removesuffix("-bf16")
+    emb_rows = head.endswith("-rows")          # the untied embedding read from the file by rows
+    head = head.removesuffix("-rows")
+    if head == "slices":
+        monkeypatch.setattr(analysis.ChunkedHead, "CHUNK", 300)     # 4-5 vocabulary rows per slice
+    elif head == "autograd":
+        monkeypatch.setattr(analysis.ChunkedHead, "of", classmethod(lambda cls, model, by_param: None))
+    calls = []
+    by_hand = analysis.ChunkedHead.backward
+    monkeypatch.setattr(analysis.ChunkedHead, "backward", lambda self, *a: calls.append(1) or by_hand(self, *a))
     from tasa_edge.results import AnalysisConfig
     from tasa_edge.data import TextSample
     from tasa_edge.model import ModelSource
     from tasa_edge.torch_model import gguf_params, load_torch_model
 
     src = ModelSource.open(tiny_llama_tied if tied else tiny_llama)
-    model, tok = load_torch_model(src, device="cpu", dtype="float32")
+    model, tok = load_torch_model(src, device="cpu", dtype=dtype, embedding_rows=emb_rows)
     params = gguf_params(model, src)
     assert ("output.weight" in params) != tied and "token_embd.weight" in params
+    # (a tied embedding is the LM head: always loaded whole)
+    assert (params["token_embd.weight"].device.type == "meta") == (emb_rows and not tied)
     pools = {
         "general": [TextSample("enwiki", "g:1", "", "The quick brown fox jumps over the lazy dog."),
                     TextSample("enwiki", "g:2", "", "Paris is the capital of France, and Berlin of Germany.")],
         "task": [TextSample("gsm8k", "t:1", "Question: 2 and 2?\nAnswer:", " 2 + 2 = 4\n#### 4")],
         "target": [TextSample("gsm8k", "t:2", "Question: 3 and 3?\nAnswer:", " 3 + 3 = 6\n#### 6")],
     }
-    cfg = AnalysisConfig(max_tokens=32, sketch_k=4, fisher=form, fisher_dtype=fisher_dtype, dtype="float32")
+    cfg = AnalysisConfig(max_tokens=32, sketch_k=4, fisher=form, fisher_dtype=fisher_dtype, dtype=dtype)
     st = collect(model, tok, params, pools, cfg, cache=None, show_progress=False)
 
     # nothing is left behind: no gradient buffers, no parameter requiring grad
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())
     assert st.n == {"general": 2, "task": 1}
     assert set(st.roles) == {"g:1", "g:2", "t:1", "t:2"}
+    assert len(calls) == (0 if head == "autograd" else 4)
 
+    # the reference: a plainly loaded model's dense gradients
+    model, _ = load_torch_model(src, device="cpu", dtype=dtype)
+    params = gguf_params(model, src)
     names = list(params)
     gen = torch.Generator().manual_seed(cfg.seed)
     sk = {}
@@ -69,21 +95,34 @@ def test_collect_matches_plain_backward_and_frees_gradients(tiny_llama, tiny_lla
     for p in params.values():
         p.requires_grad_(True)
     want = {"general": {n: 0.0 for n in names}, "task": {n: 0.0 for n in names}}
+    seen = {}     # the input of the first q projection: its per-column sum of squares (imatrix)
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda m, inp, out: seen.__setitem__("x2", inp[0].detach().float().square().sum((0, 1))))
+    lengths = set()
     for role, samples in pools.items():
         for s in samples:
             ids, mask = encode(tok, s, cfg.max_tokens, special_prefix(tok))
+            lengths.add(ids.shape[1] % analysis.PAD_MULTIPLE)
+            assert st.tokens[s.id] == ids.shape[1]          # the sample's tokens, not its padding
             model.zero_grad(set_to_none=True)
-            logits = model(input_ids=ids).logits[0, :-1]
+            logits = model(input_ids=ids).logits[0, :-1].float()
             m = mask[0, 1:].bool()
             torch.nn.functional.cross_entropy(logits[m], ids[0, 1:][m]).backward()
+            x2 = torch.from_numpy(st.acts[s.id]["blk.0.attn_q.weight"])
+            assert torch.allclose(x2, seen["x2"], rtol=1e-3 if dtype == "float32" else 2e-2), s.id
             for j, n in enumerate(names):
-                g = params[n].grad
+                g = params[n].grad.float()
                 a, b = sk[n]
-                trace = torch.from_numpy(st.traces[s.id][j])
-                assert torch.allclose(trace, (a @ g @ b).reshape(-1), rtol=1e-4, atol=1e-6), (s.id, n)
+                trace, want_trace = torch.from_numpy(st.traces[s.id][j]), (a @ g @ b).reshape(-1)
+                # bf16 weights: both ways compute in bf16 but round at other points (the head's
+                # dh is summed in float32 here), which the backward amplifies to a few % of the
+                # largest entry: a check that the bf16 path runs and is not off by a term or a scale
+                rt = 1e-4 if dtype == "float32" else 5e-2
+                assert torch.allclose(trace, want_trace, rtol=rt, atol=max(1e-6, rt * float(want_trace.abs().max()))), (s.id, n)
                 if role != "target":
                     want[role][n] = want[role][n] + g * g
-    tol = 1e-4 if fisher_dtype == "float32" else 1e-2   # float32 summation order (sparse + dense rows)
+    assert lengths != {0}              # the gradient pass padded these samples (to a multiple of 16)
+    tol = 1e-4 if fisher_dtype == "float32" and dtype == "float32" else 1e-2 if dtype == "float32" else 5e-2
     for role in ("general", "task"):
         for n in names:
             got, w = st.fisher[role].parts[n], want[role][n]
@@ -92,7 +131,10 @@ def test_collect_matches_plain_backward_and_frees_gradients(tiny_llama, tiny_lla
             assert set(got) == set(expect)
             for part, v in expect.items():
                 assert got[part].dtype == (getattr(torch, fisher_dtype) if form == "exact" else torch.float32)
-                assert torch.allclose(got[part].float(), v, rtol=tol, atol=1e-12), (role, n, part)
+                # float32 summation order (the head's dlogits by slices, sparse + dense rows): errors
+                # relative to the tensor's largest entry
+                assert torch.allclose(got[part].float(), v, rtol=tol, atol=tol * (0.1 if dtype == "float32" else 1) * float(v.abs().max())), \
+                    (role, n, part, float((got[part].float() - v).abs().max()), float(v.abs().max()))
 
 
 @pytest.mark.parametrize("form", ["exact", "factored", "block"])
