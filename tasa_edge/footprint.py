@@ -6,28 +6,25 @@ needed: LLaMA-3-8B's config alone is enough), and predicts for the chosen device
     peak = runtime + weights + Fisher statistics + one sample's working set
 
 * runtime: the interpreter with torch and transformers (:data:`RUNTIME_BYTES`; a GGUF source's
-  header is read without gguf-py's reader, whose parsed vocabulary would cost ~3.3 kB per token);
-* weights: every distinct parameter once (tied embeddings once) in the gradient-pass dtype;
+  header is read without gguf-py's reader, whose parsed vocabulary would cost ~3.3 kB per token)
+  and the tokenizer (:data:`TOKENIZER_BYTES_PER_TOKEN` per vocabulary entry);
+* weights: every distinct parameter once (tied embeddings once) in the gradient-pass dtype; on the
+  CPU an untied token embedding is not held (``RowEmbedding`` reads its rows from the file);
 * Fisher statistics of both sources in the chosen form (:mod:`tasa_edge.fisher`);
 * working set of one forward+backward: the activations autograd keeps, per token and layer
   :data:`ACT_PER_TOKEN_D` x d_model + :data:`ACT_PER_TOKEN_FF` x d_ff values plus the attention
-  scores (heads x tokens); the logits chain (:data:`LOGIT_COPIES` float32 copies of tokens x vocab);
-  the backward pass of the largest matrix (vocab x d): with untied embeddings the embedding's
-  gradient is sparse (the sample's rows) and only the LM head's dense gradient remains,
-  :data:`GRAD_BYTES_UNTIED` bytes per element; a tied embedding also adds its rows into that
-  gradient, :data:`GRAD_BYTES_TIED`; plus one float32 slice per statistic (``GRAD_CHUNK``).
+  scores (heads x tokens); the LM head done by hand in vocabulary slices (``ChunkedHead``): one
+  float32 [tokens x vocab] buffer (:data:`LOGIT_COPIES`) and a few float32 slices of its gradient
+  (:data:`HEAD_SLICES` x ``GRAD_CHUNK``); the largest block matrix's gradient in the weights' dtype
+  (autograd's, freed by the statistics hook as it arrives).
 
-The coefficients were measured on this CPU with bf16 weights (one sample through ``collect``,
-VmHWM over the resident set before it): SmolLM2 (tied, 49152 x 576 embedding) needed 253 MB at
-64 tokens and 655 MB at 256 -- ~2.1 MB per token, about 8 float32 copies of a logits row over
-the 30 layers' activations; a random untied 2-layer llama with a 64000 x 1024 vocabulary ~2.6
-bytes per embedding element beside; a 16-layer one with a small vocabulary 207 MB for 205 M
-parameters (per-tensor gradients are freed as they come). The tied-embedding coefficient was then
-fitted to whole analyses of the packaged models (peak RSS of ``analyze`` at 4 + 4 + 2 samples of 128
-tokens: SmolLM2 1130 MiB, gemma-3 2340 MiB; Qwen2.5-Coder at the CLI defaults 6818 MiB, untied):
-the predictions are within -6%, +2% and -11%.
+The coefficients were measured on this CPU with bf16 weights. Activations: one sample through
+``collect``, VmHWM over the resident set before it (SmolLM2 253 MB at 64 tokens, 655 MB at 256
+before the head was sliced; a 16-layer model with a small vocabulary 207 MB for 205 M parameters).
+Whole analyses of the packaged models (peak RSS of ``analyze`` at 4 + 4 + 2 samples of 128 tokens:
+SmolLM2 930 MiB, gemma-3 1522 MiB; Qwen2.5-Coder at the CLI defaults: the README's scaling
+section) are checked against the prediction by ``tests/test_footprint.py``.
 Not measured on CUDA (no GPU here): the device may allocate differently.
-``tests/test_footprint.py`` runs a real analysis and compares.
 On CUDA the weights, statistics and working set live on the GPU; the host keeps the runtime.
 
 Time per sample = (6 x tokens x matmul parameters + 12 x layers x tokens^2 x heads x head_dim)
@@ -48,11 +45,13 @@ from .names import is_quantizable
 
 GIB = 1 << 30
 RUNTIME_BYTES = int(0.40 * GIB)
+#: the tokenizer's share of the runtime, per vocabulary entry (fitted: Qwen2.5's 151,936-token
+#: fast tokenizer added 130 MB to the process)
+TOKENIZER_BYTES_PER_TOKEN = 1000
 ACT_PER_TOKEN_D = 16
 ACT_PER_TOKEN_FF = 4
-LOGIT_COPIES = 8
-GRAD_BYTES_TIED = 2
-GRAD_BYTES_UNTIED = 3
+LOGIT_COPIES = 1
+HEAD_SLICES = 3
 GRAD_CHUNK = 1 << 22
 #: FLOPs a matmul benchmark reaches vs a whole forward+backward of a transformer block
 MODEL_EFFICIENCY = 0.5
@@ -176,16 +175,19 @@ def predict(shapes: Shapes, *, tokens: int, samples: int, device: str = "cpu", d
     """Peak memory (on the device that holds the model) and time per sample of an analysis."""
     wb = 2 if dtype == "bfloat16" else 4
     q = shapes.quantizable()
+    # on the CPU an untied token embedding is read by rows from the file (RowEmbedding), not held
+    held = shapes.n_params - (shapes.vocab * shapes.d_model if device == "cpu" and not shapes.tied else 0)
     parts = {
-        "runtime": RUNTIME_BYTES,
-        "weights": shapes.n_params * wb,
+        "runtime": RUNTIME_BYTES + TOKENIZER_BYTES_PER_TOKEN * shapes.vocab,
+        "weights": held * wb,
         "fisher": fisher_bytes(shapes, fisher, fisher_dtype),
     }
     act = tokens * shapes.n_layer * (ACT_PER_TOKEN_D * shapes.d_model + ACT_PER_TOKEN_FF * shapes.d_ff
                                      + shapes.n_head * tokens) * wb
     logits = LOGIT_COPIES * tokens * shapes.vocab * 4
-    largest = max(n_elements(s) for s in q.values())
-    grads = largest * (GRAD_BYTES_TIED if shapes.tied else GRAD_BYTES_UNTIED) + 2 * GRAD_CHUNK * 4
+    # the largest dense gradient autograd materialises: a block matrix (the LM head's comes in slices)
+    largest = max(n_elements(s) for n, s in q.items() if n.startswith("blk."))
+    grads = largest * wb + HEAD_SLICES * GRAD_CHUNK * 4
     parts["working_set"] = act + logits + grads
     if device == "cuda":
         host = parts.pop("runtime")
