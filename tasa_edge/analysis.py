@@ -440,15 +440,15 @@ class ChunkedHead:
 
     def backward(self, ids: torch.Tensor, mask: torch.Tensor, on_head) -> float:
         h = self.decoder(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
-        m = mask[0, 1:].bool()
-        tgt = ids[0, 1:][m]
+        m = mask[0, 1:].bool().to(h.device)
         w = self.weight.detach()
+        tgt = ids[0, 1:].to(h.device)[m].to(w.device)
         v, d = w.shape
         with torch.no_grad():
-            hm = h.detach()[m]
+            hm = h.detach()[m].to(w.device)          # (device_map may put the head elsewhere)
             n = hm.shape[0]
             step = self._slices(n).step
-            dl = torch.empty(n, v, dtype=torch.float32, device=h.device)
+            dl = torch.empty(n, v, dtype=torch.float32, device=w.device)
             for v0 in range(0, v, step):
                 dl[:, v0:v0 + step] = hm @ w[v0:v0 + step].T
             mx = dl.amax(1, keepdim=True)
@@ -456,18 +456,18 @@ class ChunkedHead:
             for v0 in range(0, v, step):
                 se += torch.exp(dl[:, v0:v0 + step] - mx).sum(1, keepdim=True)
             lse = mx + se.log()
-            rows = torch.arange(n, device=h.device)
+            rows = torch.arange(n, device=w.device)
             loss = float((lse[:, 0] - dl[rows, tgt]).mean())
             for v0 in range(0, v, step):
                 c = dl[:, v0:v0 + step]
                 c.sub_(lse).exp_()
             dl[rows, tgt] -= 1.0
             dl /= n
-            dh = torch.zeros(n, d, dtype=torch.float32, device=h.device)
+            dh = torch.zeros(n, d, dtype=torch.float32, device=w.device)
             for v0 in range(0, v, step):
                 dh += dl[:, v0:v0 + step].to(w.dtype) @ w[v0:v0 + step]
             grad_h = torch.zeros_like(h)
-            grad_h[m] = dh.to(h.dtype)
+            grad_h[m] = dh.to(device=h.device, dtype=h.dtype)
             del dh
         self.embedding_grad = None
         h.backward(grad_h)
