@@ -22,8 +22,10 @@ The coefficients were measured on this CPU with bf16 weights. Activations: one s
 ``collect``, VmHWM over the resident set before it (SmolLM2 253 MB at 64 tokens, 655 MB at 256
 before the head was sliced; a 16-layer model with a small vocabulary 207 MB for 205 M parameters).
 Whole analyses of the packaged models (peak RSS of ``analyze`` at 4 + 4 + 2 samples of 128 tokens:
-SmolLM2 930 MiB, gemma-3 1522 MiB; Qwen2.5-Coder at the CLI defaults: the README's scaling
-section) are checked against the prediction by ``tests/test_footprint.py``.
+SmolLM2 1047 MiB, gemma-3 1638 MiB, predicted 910 and 1437: −13%, −12%; Qwen2.5-Coder at the
+CLI defaults 4983 MiB, predicted 4339: −13%) are checked against the prediction by
+``tests/test_footprint.py``. What the model leaves out: the per-sample records (traces,
+importance sums: ~2 MB per sample on Qwen) and the random sketches.
 Not measured on CUDA (no GPU here): the device may allocate differently.
 On CUDA the weights, statistics and working set live on the GPU; the host keeps the runtime.
 
