@@ -416,8 +416,8 @@ class ChunkedHead:
     #: elements of one [vocab slice x d] or [targets x vocab slice] piece
     CHUNK = 1 << 22
 
-    def __init__(self, model, decoder, weight: torch.nn.Parameter, tied: bool):
-        self.model, self.decoder, self.weight, self.tied = model, decoder, weight, tied
+    def __init__(self, decoder, weight: torch.nn.Parameter, tied: bool):
+        self.decoder, self.weight, self.tied = decoder, weight, tied
         self.embedding_grad = None
 
     @classmethod
@@ -432,11 +432,7 @@ class ChunkedHead:
                 or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0)):
             return None
         emb = model.get_input_embeddings()
-        return cls(model, get_decoder(), head.weight, emb is not None and emb.weight is head.weight)
-
-    def _slices(self, n: int) -> range:
-        v, d = self.weight.shape
-        return range(0, v, max(1, self.CHUNK // max(n, d)))
+        return cls(get_decoder(), head.weight, emb is not None and emb.weight is head.weight)
 
     def backward(self, ids: torch.Tensor, mask: torch.Tensor, on_head) -> float:
         h = self.decoder(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
@@ -447,7 +443,7 @@ class ChunkedHead:
         with torch.no_grad():
             hm = h.detach()[m].to(w.device)          # (device_map may put the head elsewhere)
             n = hm.shape[0]
-            step = self._slices(n).step
+            step = max(1, self.CHUNK // max(n, d))     # vocabulary rows per slice
             dl = torch.empty(n, v, dtype=torch.float32, device=w.device)
             for v0 in range(0, v, step):
                 dl[:, v0:v0 + step] = hm @ w[v0:v0 + step].T
