@@ -200,6 +200,8 @@ class ModelSource:
     def raw_gguf_field(self, key: str):
         if self.kind != "gguf":
             return None
+        if self.header is not None and key not in self.header.kv:
+            return None        # absent: not worth gguf-py's reader (it parses the whole vocabulary)
         v = _scalar(self.header, key) if self.header is not None else None
         return v if v is not None else _field(self.reader, key)
 
