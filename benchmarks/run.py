@@ -93,7 +93,7 @@ def _token_scaling(name: str, lengths: tuple[int, ...], fisher_dtype: str) -> li
     the activation bytes autograd saves for the backward pass."""
     import torch
 
-    from tasa_edge.analysis import collect
+    from tasa_edge.analysis import collect, encode_pools
     from tasa_edge.data import TextSample
     from tasa_edge.torch_model import gguf_params, load_torch_model
 
@@ -118,7 +118,9 @@ def _token_scaling(name: str, lengths: tuple[int, ...], fisher_dtype: str) -> li
             saved[0] = 0
             sample = TextSample("general", f"scaling:{n}:{rep}", "", text)
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                st = collect(model, tok, params, {"general": [sample]}, cfg, cache=None, show_progress=False)
+                pools = {"general": [sample]}
+                st = collect(model, encode_pools(tok, pools, cfg.max_tokens), params, pools, cfg, cache=None,
+                             show_progress=False)
             if rep:
                 times.append(st.seconds)
         out.append({"tokens": n, "seconds": sum(times) / len(times), "activation_bytes": saved[0]})

@@ -29,6 +29,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -93,8 +94,12 @@ def _analyse(model: str, work: str, cfg: AnalysisConfig, forms: list[str], rows:
                      "stat_bytes": sum(a.nbytes() for a in st.fisher.values())}
     del exact
     st.fisher = {}
-    out["per_sample"] = _per_sample(model_, tok, params, cfg)
+    out["per_sample"] = _per_sample(model_, tok, params, A.resolve_checkpoint(src, cfg))
     return out
+
+
+#: alternated timing rounds of the per-sample measurement
+ROUNDS = 5
 
 
 def _per_sample(model_, tok, params, cfg: AnalysisConfig) -> dict:
@@ -123,8 +128,10 @@ def _per_sample(model_, tok, params, cfg: AnalysisConfig) -> dict:
         for p in params.values():
             p.requires_grad_(False)
 
+    encoded = A.encode_pools(tok, {"general": samples}, cfg.max_tokens)
+
     def ours():
-        A.collect(model_, tok, params, {"general": samples}, replace(cfg, fisher="factored"), show_progress=False)
+        A.collect(model_, encoded, params, {"general": samples}, replace(cfg, fisher="factored"), show_progress=False)
 
     def plain_batched():
         """The same samples as one right-padded batch (what batching would buy a plain pass; the
@@ -151,23 +158,31 @@ def _per_sample(model_, tok, params, cfg: AnalysisConfig) -> dict:
         return time.process_time() - c, time.perf_counter() - w
 
     plain(), ours(), plain_batched()                   # warm-up
-    runs = [(timed(plain), timed(ours), timed(plain_batched)) for _ in range(3)]   # alternated: load hits all
-    (pc, pw), (oc, ow), (bc, bw) = (min(r[i] for r in runs) for i in range(3))
+    # alternated rounds (a slow spell of the machine hits all three); the plain pass' time varies
+    # by ±20% between rounds (its dense embedding gradient and logits chain are fresh allocations),
+    # so the figures are medians over the rounds, with the range of the per-round ratio
+    runs = [(timed(plain), timed(ours), timed(plain_batched)) for _ in range(ROUNDS)]
+    (pc, pw), (oc, ow), (bc, bw) = ((statistics.median(r[i][0] for r in runs), statistics.median(r[i][1] for r in runs))
+                                    for i in range(3))
+    per_round = sorted(r[1][1] / r[0][1] for r in runs)
     k = len(batch)
     return {"tokens": [int(ids.shape[1]) for ids in batch], "plain_fwd_bwd_s": pw / k,
                          "gradient_pass_s": ow / k, "plain_cpu_s": pc / k, "gradient_pass_cpu_s": oc / k,
                          "ratio": ow / pw, "ratio_cpu": oc / pc, "plain_batched_s": bw / k,
-                         "batched_vs_one_by_one": bw / pw}
+                         "batched_vs_one_by_one": bw / pw, "rounds": ROUNDS,
+                         "ratio_range": [per_round[0], per_round[-1]]}
 
 
 def _per_sample_alone(model: str, cfg: AnalysisConfig) -> dict:
     """:func:`_per_sample` in a fresh process on the freshly loaded model (``--per-sample-only``)."""
+    from tasa_edge import analysis as A
     from tasa_edge.torch_model import gguf_params, load_torch_model, pick_device, pick_dtype
 
     src = ModelSource.open(resolve_model(model))
     cfg = replace(cfg, dtype=str(pick_dtype(pick_device("auto"), cfg.dtype)).removeprefix("torch."))
+    cfg = A.resolve_checkpoint(src, cfg)
     model_, tok = load_torch_model(src, dtype=cfg.dtype)
-    return {**_per_sample(model_, tok, gguf_params(model_, src), cfg), "dtype": cfg.dtype}
+    return {**_per_sample(model_, tok, gguf_params(model_, src), cfg), "dtype": cfg.dtype, "checkpoint": cfg.checkpoint}
 
 
 def _row_sample_error(work: Path) -> dict:
@@ -242,7 +257,7 @@ def _defaults_run(model: str, work: Path, rows: float) -> dict:
     cache = sum(f.stat().st_size for f in out.glob("gradstats-*.safetensors"))
     t = an["timings"]
     return {"command": "tasa-edge analyze " + " ".join(cmd[4:]).replace(str(out), "OUT"), "wall_s": wall,
-            "timings": t, "n_params": n, "peak_rss_mb": t["peak_rss_mb"],
+            "timings": t, "n_params": n, "peak_rss_mb": t["peak_rss_mb"], "checkpoint": an["config"].get("checkpoint"),
             "bytes_per_param": t["peak_rss_mb"] * 2**20 / n, "cache_bytes": cache, "cache_share_f32": cache / (4 * n),
             "samples": t["n_backward"], "seconds_per_sample": t["gradients_s"] / max(1, t["n_backward"])}
 
@@ -380,7 +395,9 @@ def main(argv=None) -> int:
            + "".join(f", {labels[f]} {a[f]['stat_bytes'] / 2**20:.2f} MiB" for f in args.forms if f in a) + ".",
            f"Per sample ({ps['tokens']} tokens): gradient pass {ps['gradient_pass_s']:.2f} s vs plain forward+backward "
            f"{ps['plain_fwd_bwd_s']:.2f} s: ratio {ps['ratio']:.2f} wall, "
-           f"{ps.get('ratio_cpu', float('nan')):.2f} in process CPU time. The same samples as one padded batch "
+           f"{ps.get('ratio_cpu', float('nan')):.2f} in process CPU time"
+           + (f" (medians of {ps['rounds']} alternated rounds; per-round ratio {ps['ratio_range'][0]:.2f}-{ps['ratio_range'][1]:.2f})"
+              if "rounds" in ps else "") + f"{'; layers checkpointed' if ps.get('checkpoint') == 'on' else ''}. The same samples as one padded batch "
            f"(plain forward+backward): {ps.get('batched_vs_one_by_one', float('nan')):.2f}x the time of one by one.",
            "Sensitivity pass: " + ", ".join(f"{labels[f]} {a[f]['sensitivity_s']:.0f} s" for f in args.forms if f in a) + "."]
     if "factored" in a and "factored-rows" in a:

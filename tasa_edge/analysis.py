@@ -34,6 +34,7 @@ checked against the model fingerprint and the configuration key before use; noth
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -57,7 +58,7 @@ from .memory import peak_rss_bytes, release_freed_memory
 from .model import ModelSource
 from .progress import progress_bar
 from .results import Analysis, AnalysisConfig, Candidate, Mixture, SensitivityTable
-from .torch_model import RowEmbedding
+from .torch_model import RowEmbedding, layer_checkpointing
 
 #: The gradient-statistics cache format (safetensors + JSON metadata).
 CACHE_FORMAT = "tasa-edge/gradstats"
@@ -76,6 +77,13 @@ def encode(tok, s: TextSample, max_tokens: int, prefix: list[int]) -> tuple[torc
     if sum(mask[1:]) == 0:
         raise TasaError(f"sample {s.id} has no target tokens within {max_tokens} tokens")
     return torch.tensor([ids]), torch.tensor([mask])
+
+
+def encode_pools(tok, pools: dict[str, list[TextSample]], max_tokens: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every pool sample's :func:`encode`, by sample id: the gradient pass needs no tokenizer (the
+    analysis frees it before the model is loaded)."""
+    prefix = special_prefix(tok)
+    return {s.id: encode(tok, s, max_tokens, prefix) for samples in pools.values() for s in samples}
 
 
 #: the gradient pass pads each sample to a multiple of this many tokens (see :func:`pad_to_bucket`)
@@ -129,12 +137,15 @@ class GradStats:
 #: elements per float32 slice of a gradient while its statistics are taken
 GRAD_CHUNK = 1 << 22
 
-def collect(model, tok, params: dict[str, torch.nn.Parameter], pools: dict[str, list[TextSample]],
-            cfg: AnalysisConfig, cache: Path | None = None, show_progress: bool = True,
-            key: str = "", ranks: distributed.Ranks | None = None) -> GradStats:
-    """Per-sample forward+backward over all pools (``params``: GGUF name -> the model's parameter);
-    resumable through ``cache`` (valid only for the same ``key``: model fingerprint + config).
-    With ``ranks``, only this rank's share of the samples (:meth:`~tasa_edge.distributed.Ranks.mine`)."""
+def collect(model, encoded: dict[str, tuple[torch.Tensor, torch.Tensor]], params: dict[str, torch.nn.Parameter],
+            pools: dict[str, list[TextSample]], cfg: AnalysisConfig, cache: Path | None = None,
+            show_progress: bool = True, key: str = "", ranks: distributed.Ranks | None = None) -> GradStats:
+    """Per-sample forward+backward over all pools (``encoded``: :func:`encode_pools`; ``params``:
+    GGUF name -> the model's parameter); resumable through ``cache`` (valid only for the same
+    ``key``: model fingerprint + config). With ``ranks``, only this rank's share of the samples
+    (:meth:`~tasa_edge.distributed.Ranks.mine`). ``cfg.checkpoint == "on"``: the decoder layers
+    are recomputed in the backward pass (:func:`~tasa_edge.torch_model.layer_checkpointing`);
+    ``auto`` is resolved by :func:`analyze`, here it means off."""
     names = list(params)
     dev = _device_of(model)
     st = load_cache(cache, names, key, cfg) if cache is not None else None
@@ -166,6 +177,8 @@ def collect(model, tok, params: dict[str, torch.nn.Parameter], pools: dict[str, 
                 continue
 
             def hook(m, inp, _out, gname=gname):
+                if recomputing is not None and recomputing[0]:  # a checkpointed layer run again
+                    return
                 x = inp[0].detach()[..., :cur["n"], :]          # the sample's tokens, not the padding
                 # q/k/v (and gate/up) read one input: its sum of squares is taken once per forward
                 # (autograd keeps the inputs alive, so a live address names one tensor)
@@ -246,50 +259,50 @@ def collect(model, tok, params: dict[str, torch.nn.Parameter], pools: dict[str, 
 
     work = [(role, s) for role, samples in pools.items() for s in samples]
     todo = [(role, s) for role, s in (ranks.mine(work) if ranks else work) if s.id not in st.roles]
-    prefix = special_prefix(tok)
     t0 = time.perf_counter()
-    try:
-        with progress_bar("gradient traces", total=len(todo), enabled=show_progress) as advance:
-            for i, (role, s) in enumerate(todo):
-                ids, mask = encode(tok, s, cfg.max_tokens, prefix)
-                n_real = cur["n"] = int(ids.shape[1])
-                ids, mask = pad_to_bucket(ids, mask)
-                ids, mask = ids.to(dev), mask.to(dev)
-                act_sum.clear()
-                act_seen.clear()
-                model.zero_grad(set_to_none=True)
-                cur["role"] = role
-                cur["trace"] = np.zeros((len(names), cfg.sketch_k * cfg.sketch_k), dtype=np.float32)
-                if head is None:
-                    logits = model(input_ids=ids).logits[0, :-1].float()
-                    tgt = ids[0, 1:]
-                    m = mask[0, 1:].bool()
-                    loss = torch.nn.functional.cross_entropy(logits[m], tgt[m])
-                    del logits
-                    loss.backward()
-                else:
-                    head.backward(ids, mask, lambda slices: dense_stats(head_name, tuple(head.weight.shape), slices))
-                if role != "target":
-                    st.n["task" if role == "task" else "general"] += 1
-                st.traces[s.id] = cur["trace"]
-                st.acts[s.id] = _one_block({n: v.cpu().numpy() for n, v in act_sum.items()})
-                st.tokens[s.id] = n_real
-                st.roles[s.id] = role
-                st.computed += 1
-                release_freed_memory()
-                advance(1)
-                if cache is not None and (i + 1) % 16 == 0:
-                    save_cache(st, cache, key)
-    finally:
-        if sparse_emb:
-            emb.sparse = False
-        if rows_emb:
-            emb.on_grad = None
-        for h in hooks:
-            h.remove()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.zero_grad(set_to_none=True)
+    with layer_checkpointing(model, cfg.checkpoint == "on") as recomputing:
+        try:
+            with progress_bar("gradient traces", total=len(todo), enabled=show_progress) as advance:
+                for i, (role, s) in enumerate(todo):
+                    ids, mask = encoded[s.id]
+                    n_real = cur["n"] = int(ids.shape[1])
+                    ids, mask = pad_to_bucket(ids, mask)
+                    ids, mask = ids.to(dev), mask.to(dev)
+                    act_sum.clear()
+                    act_seen.clear()
+                    model.zero_grad(set_to_none=True)
+                    cur["role"] = role
+                    cur["trace"] = np.zeros((len(names), cfg.sketch_k * cfg.sketch_k), dtype=np.float32)
+                    if head is None:
+                        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+                        tgt = ids[0, 1:]
+                        m = mask[0, 1:].bool()
+                        loss = torch.nn.functional.cross_entropy(logits[m], tgt[m])
+                        del logits
+                        loss.backward()
+                    else:
+                        head.backward(ids, mask, lambda slices: dense_stats(head_name, tuple(head.weight.shape), slices))
+                    if role != "target":
+                        st.n["task" if role == "task" else "general"] += 1
+                    st.traces[s.id] = cur["trace"]
+                    st.acts[s.id] = _one_block({n: v.cpu().numpy() for n, v in act_sum.items()})
+                    st.tokens[s.id] = n_real
+                    st.roles[s.id] = role
+                    st.computed += 1
+                    release_freed_memory()
+                    advance(1)
+                    if cache is not None and (i + 1) % 16 == 0:
+                        save_cache(st, cache, key)
+        finally:
+            if sparse_emb:
+                emb.sparse = False
+            if rows_emb:
+                emb.on_grad = None
+            for h in hooks:
+                h.remove()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            model.zero_grad(set_to_none=True)
     st.seconds += time.perf_counter() - t0
     if cache is not None:
         save_cache(st, cache, key)
@@ -443,8 +456,12 @@ class ChunkedHead:
         with torch.no_grad():
             hm = h.detach()[m].to(w.device)          # (device_map may put the head elsewhere)
             n = hm.shape[0]
-            step = max(1, self.CHUNK // max(n, d))     # vocabulary rows per slice
-            dl = torch.empty(n, v, dtype=torch.float32, device=w.device)
+            # the target rows padded with zero rows to a multiple of PAD_MULTIPLE (their dlogits are
+            # zeroed): the head's matmul shapes then come from a few sizes, not one per target count
+            # (oneDNN compiles and keeps kernels per shape: ~10 MB per new count on Qwen's head)
+            hm = torch.nn.functional.pad(hm, (0, 0, 0, (-n) % PAD_MULTIPLE))
+            step = max(1, self.CHUNK // max(hm.shape[0], d))     # vocabulary rows per slice
+            dl = torch.empty(hm.shape[0], v, dtype=torch.float32, device=w.device)
             for v0 in range(0, v, step):
                 dl[:, v0:v0 + step] = hm @ w[v0:v0 + step].T
             mx = dl.amax(1, keepdim=True)
@@ -453,17 +470,18 @@ class ChunkedHead:
                 se += torch.exp(dl[:, v0:v0 + step] - mx).sum(1, keepdim=True)
             lse = mx + se.log()
             rows = torch.arange(n, device=w.device)
-            loss = float((lse[:, 0] - dl[rows, tgt]).mean())
+            loss = float((lse[:n, 0] - dl[rows, tgt]).mean())
             for v0 in range(0, v, step):
                 c = dl[:, v0:v0 + step]
                 c.sub_(lse).exp_()
+            dl[n:] = 0.0
             dl[rows, tgt] -= 1.0
             dl /= n
-            dh = torch.zeros(n, d, dtype=torch.float32, device=w.device)
+            dh = torch.zeros(hm.shape[0], d, dtype=torch.float32, device=w.device)
             for v0 in range(0, v, step):
                 dh += dl[:, v0:v0 + step].to(w.dtype) @ w[v0:v0 + step]
             grad_h = torch.zeros_like(h)
-            grad_h[m] = dh.to(device=h.device, dtype=h.dtype)
+            grad_h[m] = dh[:n].to(device=h.device, dtype=h.dtype)
             del dh
         self.embedding_grad = None
         h.backward(grad_h)
@@ -709,6 +727,16 @@ def samples_record(pools: dict[str, list[TextSample]], chat: ChatTemplate | None
             "task_prompt_example": first.prompt[-400:] if first else None}
 
 
+def resolve_checkpoint(src: ModelSource, cfg: AnalysisConfig) -> AnalysisConfig:
+    """``cfg`` with ``checkpoint`` on or off for ``src`` (``auto``: :func:`~tasa_edge.footprint.checkpoint_layers`
+    for the gradient pass' dtype, which ``cfg.dtype`` must already name)."""
+    from .footprint import checkpoint_layers, shapes_from_source
+
+    wb = 2 if cfg.dtype == "bfloat16" else 4
+    on = checkpoint_layers(shapes_from_source(src), cfg.max_tokens, wb, cfg.checkpoint)
+    return replace(cfg, checkpoint="on" if on else "off")
+
+
 def analyze(src: ModelSource, out_dir: Path, cfg: AnalysisConfig, *, device: str | None = None,
             lam: float | None = None, task: list[TextSample] | None = None,
             general: list[TextSample] | None = None, show_progress: bool = True,
@@ -717,7 +745,7 @@ def analyze(src: ModelSource, out_dir: Path, cfg: AnalysisConfig, *, device: str
     (:func:`tasa_edge.chat.model_template`; None: lm-eval's ``Question:/Answer:`` format). With
     ``ranks`` (:func:`tasa_edge.distributed.init`) data-parallel over the job's ranks, rank 0 writing
     the outputs (the others return the same result, unwritten)."""
-    from .torch_model import gguf_params, load_torch_model, pick_device, pick_dtype, reference_weights
+    from .torch_model import gguf_params, load_tokenizer, load_torch_model, pick_device, pick_dtype, reference_weights
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -726,23 +754,31 @@ def analyze(src: ModelSource, out_dir: Path, cfg: AnalysisConfig, *, device: str
     # the dtype the gradients are taken in is part of the statistics' identity (cache key, report)
     cfg = replace(cfg, dtype=str(pick_dtype(pick_device(device), cfg.dtype)).removeprefix("torch."),
                   chat_template=chat is not None)
+    cfg = resolve_checkpoint(src, cfg)
     pools = build_pools(cfg, task, general, chat)
     key = f"{src.fingerprint}/{cfg.key()}"
     if ranks:
         ids = "\0".join(f"{role}:{s.id}" for role, ss in pools.items() for s in ss)
         distributed.agree(ranks, "model, configuration or sample pools", f"{key}\0{ids}")
-    model, tok = load_torch_model(src, device=device, dtype=cfg.dtype, embedding_rows=True)
+    tok = load_tokenizer(src)           # tokenized up front, then freed: the tokenizer (~130 MB for a
+    encoded = encode_pools(tok, pools, cfg.max_tokens)      # 150k vocabulary) is not held by the gradient pass
+    del tok
+    release_freed_memory()
+    model, _ = load_torch_model(src, device=device, dtype=cfg.dtype, embedding_rows=True, tokenizer=False)
     t_load = time.perf_counter() - t0
     params = gguf_params(model, src)
     stem = f"gradstats-{src.fingerprint.split(':')[1][:12]}-{cfg.key()}"
     cache = out_dir / f"{stem}.safetensors"
     menu = format_menu(src, cfg)   # bad --formats fail before the gradient pass
     if ranks is None:
-        st = collect(model, tok, params, pools, cfg, cache=cache, show_progress=show_progress, key=key)
+        st = collect(model, encoded, params, pools, cfg, cache=cache, show_progress=show_progress, key=key)
     else:
-        st = _collect_distributed(model, tok, params, pools, cfg, ranks, cache,
+        st = _collect_distributed(model, encoded, params, pools, cfg, ranks, cache,
                                   out_dir / f"{stem}.rank{ranks.rank}of{ranks.world}.safetensors", key, show_progress)
     weights = reference_weights(model, src, params)
+    del model, params                   # the sensitivity pass reads the reference weights from the file
+    gc.collect()
+    release_freed_memory()
     t1 = time.perf_counter()
     mixture = mixture_search(st, pools, cfg)
     imatrix = mixture_imatrix(st, mixture.chosen.members)
@@ -770,7 +806,7 @@ def analyze(src: ModelSource, out_dir: Path, cfg: AnalysisConfig, *, device: str
     return res
 
 
-def _collect_distributed(model, tok, params, pools, cfg: AnalysisConfig, ranks: distributed.Ranks,
+def _collect_distributed(model, encoded, params, pools, cfg: AnalysisConfig, ranks: distributed.Ranks,
                          cache: Path, shard_cache: Path, key: str, show_progress: bool) -> GradStats:
     """The whole pool's statistics: from the merged cache of an earlier job when every rank has it,
     else each rank's share (resumable through its own shard cache), reduced over the ranks; rank 0
@@ -783,7 +819,7 @@ def _collect_distributed(model, tok, params, pools, cfg: AnalysisConfig, ranks: 
         done.computed = 0
         return done
     dev = _device_of(model)
-    mine = collect(model, tok, params, pools, cfg, cache=shard_cache, show_progress=show_progress, key=key,
+    mine = collect(model, encoded, params, pools, cfg, cache=shard_cache, show_progress=show_progress, key=key,
                    ranks=ranks)
     st = reduce_stats(mine, ranks, {n: tuple(p.shape) for n, p in params.items()}, dev)
     if ranks.main:

@@ -198,6 +198,7 @@ def analyze(
     fisher_dtype: str = typer.Option("float32", "--fisher-dtype", help="Storage of exact Fisher sums: float32, or bfloat16 to halve them."),
     dtype: str = typer.Option("auto", "--dtype", help="Weights during the gradient pass: auto (bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else float32), float32 or bfloat16. Quantization errors are always taken on the exact weights."),
     sensitivity_rows: float = typer.Option(1.0, "--sensitivity-rows", help="Fraction of each large tensor's rows the sensitivity pass scores (a systematic sample; 1 = all)."),
+    checkpoint: str = typer.Option("auto", "--checkpoint", help="Recompute each decoder layer's forward during the backward pass (activation checkpointing: about one more forward per sample, the activations of one layer instead of all): auto (when all layers' would exceed 256 MiB), on or off."),
     seed: int = typer.Option(0),
     dry_run: bool = typer.Option(False, "--dry-run", help="Read only shapes (GGUF header or config.json) and print the predicted peak memory and time per sample; run nothing."),
     device_memory: Optional[str] = typer.Option(None, "--device-memory", help="--dry-run: memory of the device, e.g. 24GB (default: this machine's RAM on cpu)."),
@@ -219,7 +220,7 @@ def analyze(
     spec = registry.get(target)
     if dry_run:
         _dry_run(model, device, dtype, fisher, fisher_dtype, max_tokens, n_general + n_task + n_target,
-                 device_memory, device_tflops)
+                 device_memory, device_tflops, checkpoint)
         return
     if formats and profile:
         raise TasaError("give --formats or --profile, not both")
@@ -233,6 +234,8 @@ def analyze(
         raise TasaError(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
     if not 0 < sensitivity_rows <= 1:
         raise TasaError(f"--sensitivity-rows must be in (0, 1], got {sensitivity_rows}")
+    if checkpoint not in ("auto", "on", "off"):
+        raise TasaError(f"--checkpoint must be auto, on or off, got {checkpoint!r}")
     guards.output_dir(out_dir, "--out")
     src = _open_model(model)
     fm = tuple(spec.parse(f.strip()) for f in formats.split(",")) if formats else None
@@ -245,7 +248,7 @@ def analyze(
     chat = model_template(src.path) if chat_template else None
     cfg = AnalysisConfig(n_general=n_general, n_task=n_task, n_target=n_target, max_tokens=max_tokens,
                          beta=beta, target=target, formats=fm, seed=seed, fisher=fisher, fisher_dtype=fisher_dtype,
-                         dtype=dtype, sensitivity_rows=sensitivity_rows)
+                         dtype=dtype, sensitivity_rows=sensitivity_rows, checkpoint=checkpoint)
     if dist_timeout <= 0:
         raise TasaError(f"--dist-timeout must be positive, got {dist_timeout:g}")
     ranks = distributed.init(device, dist_timeout)
@@ -273,7 +276,7 @@ def analyze(
 
 
 def _dry_run(model: str, device: str, dtype: str, fisher: str, fisher_dtype: str, tokens: int, samples: int,
-             device_memory: Optional[str], device_tflops: Optional[float]) -> None:
+             device_memory: Optional[str], device_tflops: Optional[float], checkpoint: str = "auto") -> None:
     from . import footprint
     from .units import parse_bytes
     from .zoo import resolve_model
@@ -304,9 +307,9 @@ def _dry_run(model: str, device: str, dtype: str, fisher: str, fisher_dtype: str
     if mem is None and dev == "cpu":
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     pr = footprint.predict(shapes, tokens=tokens, samples=samples, device=dev, dtype=dtype, fisher=fisher,
-                           fisher_dtype=fisher_dtype, throughput_flops=thr, device_memory=mem)
+                           fisher_dtype=fisher_dtype, throughput_flops=thr, device_memory=mem, checkpoint=checkpoint)
     out.print(f"dry run: {p.name} ({shapes.arch}, {shapes.n_params / 1e9:.2f}B params) on {dev}, {dtype}, "
-              f"{samples} samples x {tokens} tokens, Fisher {fisher}")
+              f"{samples} samples x {tokens} tokens, Fisher {fisher}, layer checkpointing {'on' if pr.checkpoint else 'off'}")
     t = Table()
     t.add_column("part")
     t.add_column("GiB", justify="right")

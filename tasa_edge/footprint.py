@@ -13,7 +13,8 @@ needed: LLaMA-3-8B's config alone is enough), and predicts for the chosen device
 * Fisher statistics of both sources in the chosen form (:mod:`tasa_edge.fisher`);
 * working set of one forward+backward: the activations autograd keeps, per token and layer
   :data:`ACT_PER_TOKEN_D` x d_model + :data:`ACT_PER_TOKEN_FF` x d_ff values plus the attention
-  scores (heads x tokens); the LM head done by hand in vocabulary slices (``ChunkedHead``): one
+  scores (heads x tokens) -- with layer checkpointing (``--checkpoint``; ``auto`` turns it on above
+  :data:`CHECKPOINT_ABOVE`) each layer's input and one layer's activations instead; the LM head done by hand in vocabulary slices (``ChunkedHead``): one
   float32 [tokens x vocab] buffer (:data:`LOGIT_COPIES`) and a few float32 slices of its gradient
   (:data:`HEAD_SLICES` x ``GRAD_CHUNK``); the largest block matrix's gradient in the weights' dtype
   (autograd's, freed by the statistics hook as it arrives).
@@ -29,7 +30,8 @@ importance sums: ~2 MB per sample on Qwen) and the random sketches.
 Not measured on CUDA (no GPU here): the device may allocate differently.
 On CUDA the weights, statistics and working set live on the GPU; the host keeps the runtime.
 
-Time per sample = (6 x tokens x matmul parameters + 12 x layers x tokens^2 x heads x head_dim)
+Time per sample = (6 x tokens x matmul parameters + 12 x layers x tokens^2 x heads x head_dim,
+plus one more forward of the layers when they are checkpointed)
 FLOPs / the device's sustained throughput in the gradient-pass dtype: measured with one matmul of
 the model's own width on this machine (``measure_throughput``), or given (``--device-tflops``).
 """
@@ -57,6 +59,10 @@ HEAD_SLICES = 3
 GRAD_CHUNK = 1 << 22
 #: FLOPs a matmul benchmark reaches vs a whole forward+backward of a transformer block
 MODEL_EFFICIENCY = 0.5
+#: ``--checkpoint auto`` recomputes the layers when keeping all their activations would cost more
+#: than this (Qwen2.5-1.5B at 192 tokens: ~0.63 GiB, on; SmolLM2 and gemma-3-270m: < 0.2 GiB, off --
+#: the recompute costs about one more forward per sample)
+CHECKPOINT_ABOVE = 256 << 20
 
 
 @dataclass
@@ -162,6 +168,7 @@ class Prediction:
     throughput_flops: float
     seconds_per_sample: float
     n_params: int
+    checkpoint: bool = False
 
     @property
     def bytes_per_param(self) -> float:
@@ -171,9 +178,33 @@ class Prediction:
         return {**asdict(self), "bytes_per_param": self.bytes_per_param}
 
 
+def layer_activation_bytes(shapes: Shapes, tokens: int, wb: int) -> int:
+    """The activations autograd keeps for one decoder layer and one sample of ``tokens`` tokens."""
+    return tokens * (ACT_PER_TOKEN_D * shapes.d_model + ACT_PER_TOKEN_FF * shapes.d_ff + shapes.n_head * tokens) * wb
+
+
+def checkpoint_layers(shapes: Shapes, tokens: int, wb: int, mode: str = "auto") -> bool:
+    """Whether the gradient pass recomputes each decoder layer in the backward pass (``on`` /
+    ``off``, or ``auto``: when the whole stack's activations would exceed :data:`CHECKPOINT_ABOVE`)."""
+    if mode not in ("auto", "on", "off"):
+        raise TasaError(f"--checkpoint must be auto, on or off, got {mode!r}")
+    if mode != "auto":
+        return mode == "on"
+    return shapes.n_layer * layer_activation_bytes(shapes, tokens, wb) > CHECKPOINT_ABOVE
+
+
+def activation_bytes(shapes: Shapes, tokens: int, wb: int, checkpoint: bool) -> int:
+    """Peak activations of one forward+backward: every layer's, or with layer checkpointing each
+    layer's input (the hidden state) plus the one layer being recomputed."""
+    per_layer = layer_activation_bytes(shapes, tokens, wb)
+    if not checkpoint:
+        return shapes.n_layer * per_layer
+    return shapes.n_layer * tokens * shapes.d_model * wb + per_layer
+
+
 def predict(shapes: Shapes, *, tokens: int, samples: int, device: str = "cpu", dtype: str = "float32",
             fisher: str = "factored", fisher_dtype: str = "float32", throughput_flops: float,
-            device_memory: int | None = None) -> Prediction:
+            device_memory: int | None = None, checkpoint: str = "auto") -> Prediction:
     """Peak memory (on the device that holds the model) and time per sample of an analysis."""
     wb = 2 if dtype == "bfloat16" else 4
     q = shapes.quantizable()
@@ -184,8 +215,8 @@ def predict(shapes: Shapes, *, tokens: int, samples: int, device: str = "cpu", d
         "weights": held * wb,
         "fisher": fisher_bytes(shapes, fisher, fisher_dtype),
     }
-    act = tokens * shapes.n_layer * (ACT_PER_TOKEN_D * shapes.d_model + ACT_PER_TOKEN_FF * shapes.d_ff
-                                     + shapes.n_head * tokens) * wb
+    ck = checkpoint_layers(shapes, tokens, wb, checkpoint)
+    act = activation_bytes(shapes, tokens, wb, ck)
     logits = LOGIT_COPIES * tokens * shapes.vocab * 4
     # the largest dense gradient autograd materialises: a block matrix (the LM head's comes in slices)
     largest = max(n_elements(s) for n, s in q.items() if n.startswith("blk."))
@@ -198,11 +229,14 @@ def predict(shapes: Shapes, *, tokens: int, samples: int, device: str = "cpu", d
     else:
         peak = sum(parts.values())
     matmul = sum(n_elements(s) for s in q.values())
-    flops = 6.0 * tokens * matmul + 12.0 * shapes.n_layer * tokens ** 2 * shapes.n_head * shapes.head_dim
+    attn = 4.0 * shapes.n_layer * tokens ** 2 * shapes.n_head * shapes.head_dim     # one forward's
+    flops = 6.0 * tokens * matmul + 3 * attn
+    if ck:                                  # the layers' forward once more
+        flops += 2.0 * tokens * sum(n_elements(s) for n, s in q.items() if n.startswith("blk.")) + attn
     sec = flops / max(1.0, throughput_flops * MODEL_EFFICIENCY)
     fits = None if device_memory is None else peak <= device_memory
     return Prediction(device, dtype, tokens, samples, parts, int(peak), device_memory, fits, flops,
-                      throughput_flops, sec, shapes.n_params)
+                      throughput_flops, sec, shapes.n_params, ck)
 
 
 def measure_throughput(d_model: int, d_ff: int, tokens: int, dtype: str = "float32", seconds: float = 0.5) -> float:

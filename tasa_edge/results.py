@@ -45,12 +45,13 @@ class AnalysisConfig:
     dtype: str = "auto"          # weights during the gradient pass: auto | float32 | bfloat16
     sensitivity_rows: float = 1.0    # fraction of each large tensor's rows the sensitivity pass samples
     chat_template: bool = False  # task samples rendered with the model's chat template (tasa_edge.chat)
+    checkpoint: str = "auto"     # layer checkpointing in the gradient pass: auto | on | off (same statistics)
 
     def key(self) -> str:
         """Identity of the gradient statistics (not of the format menu, mixture scoring or the
         sensitivity pass)."""
         d = asdict(self)
-        for k in ("formats", "beta", "ratios", "sizes", "target", "sensitivity_rows"):
+        for k in ("formats", "beta", "ratios", "sizes", "target", "sensitivity_rows", "checkpoint"):
             d.pop(k)
         if not d["chat_template"]:
             d.pop("chat_template")   # the key of a template-less analysis is what it was before templates

@@ -8,6 +8,7 @@ through :meth:`ModelSource.gguf_name`, the same mapping the exporters use.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -89,11 +90,12 @@ def pick_dtype(dev: torch.device, dtype: str | torch.dtype | None = "auto") -> t
 
 
 def load_torch_model(src: ModelSource, device: str | None = None, dtype: str | torch.dtype | None = "float32",
-                     embedding_rows: bool = False):
+                     embedding_rows: bool = False, tokenizer: bool = True):
     """(model, tokenizer) for analysis: weights in :func:`pick_dtype`'s dtype, on CUDA with
     device_map="auto" (layers spread over the GPUs, then the host). ``embedding_rows`` (CPU): an
-    untied token embedding is not loaded but read row by row as the tokens ask (:class:`RowEmbedding`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    untied token embedding is not loaded but read row by row as the tokens ask (:class:`RowEmbedding`).
+    ``tokenizer=False``: (model, None), for callers that tokenized first (:func:`load_tokenizer`)."""
+    from transformers import AutoModelForCausalLM
 
     dev = pick_device(device)
     d = hf_dir_for(src)
@@ -101,15 +103,66 @@ def load_torch_model(src: ModelSource, device: str | None = None, dtype: str | t
     dtype = pick_dtype(dev, dtype)
     if dev.type == "cpu":
         model = _load_streamed(d, dtype, embedding_rows)
-        return model, AutoTokenizer.from_pretrained(d)
-    if dev.type == "cuda":
-        kwargs["device_map"] = "auto"
-    model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, **kwargs)
-    if dev.type != "cuda":
-        model.to(dev)
-    model.eval()
-    tok = AutoTokenizer.from_pretrained(d)
-    return model, tok
+    else:
+        if dev.type == "cuda":
+            kwargs["device_map"] = "auto"
+        model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, **kwargs)
+        if dev.type != "cuda":
+            model.to(dev)
+        model.eval()
+    return model, (load_tokenizer(src) if tokenizer else None)
+
+
+def load_tokenizer(src: ModelSource):
+    """The model's tokenizer (transformers, from the HF directory of :func:`hf_dir_for`)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(hf_dir_for(src))
+
+
+@contextlib.contextmanager
+def layer_checkpointing(model, enabled: bool = True):
+    """Activation checkpointing of ``model``'s decoder layers (transformers'
+    ``GradientCheckpointingLayer``s) for the duration of the block, in eval mode and without
+    touching the model's class: each layer's forward runs under torch's non-reentrant
+    ``checkpoint``, which keeps only the layer's inputs and runs the layer again when the backward
+    pass reaches it. Yields a one-element list whose value is non-zero while a layer is being
+    recomputed (forward hooks that accumulate statistics must skip those calls), or None when
+    nothing is checkpointed (``enabled`` false, or no such layers)."""
+    from torch.utils.checkpoint import checkpoint
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)] if enabled else []
+    if not layers:
+        yield None
+        return
+    recomputing = [0]
+
+    def wrap(forward):
+        def run_checkpointed(*args, **kwargs):
+            calls = [0]
+
+            def run(*a, **k):
+                calls[0] += 1
+                if calls[0] == 1:                 # the forward pass itself
+                    return forward(*a, **k)
+                recomputing[0] += 1                # the backward pass recomputing the layer
+                try:
+                    return forward(*a, **k)
+                finally:
+                    recomputing[0] -= 1
+
+            return checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+        return run_checkpointed
+
+    for m in layers:
+        m.forward = wrap(m.forward)
+    try:
+        yield recomputing
+    finally:
+        for m in layers:
+            del m.forward                          # the class's forward again
 
 
 class SafetensorsRows:

@@ -34,17 +34,21 @@ def tiny_llama_tied(tmp_path_factory):
     ("exact", "float32", True, "autograd"), ("exact", "float32", False, "autograd"),
     ("exact", "float32", True, "slices-bf16"), ("factored", "float32", False, "slices-bf16"),
     ("exact", "float32", False, "slices-rows"), ("factored", "float32", False, "slices-rows-bf16"),
-    ("exact", "float32", True, "slices-rows")])
+    ("exact", "float32", True, "slices-rows"), ("exact", "float32", False, "slices-rows-ckpt"),
+    ("factored", "float32", True, "autograd-ckpt"), ("exact", "float32", True, "slices-bf16-ckpt")])
 def test_collect_matches_plain_backward_and_frees_gradients(tiny_llama, tiny_llama_tied, monkeypatch, form,
                                                             fisher_dtype, tied, head):  # noqa: F811
     """Traces and Fisher statistics equal those of a plain dense backward per sample, for an
     untied embedding (sparse rows) and a tied one (LM head gradient + the embedding's rows); the
-    LM head done by hand in vocabulary slices of a few rows, in one slice, or through autograd."""
+    LM head done by hand in vocabulary slices of a few rows, in one slice, or through autograd;
+    with the decoder layers checkpointed (recomputed in the backward pass) or not."""
     import torch
 
     from tasa_edge import analysis
-    from tasa_edge.analysis import collect, encode, special_prefix
+    from tasa_edge.analysis import collect, encode, encode_pools, special_prefix
 
+    ckpt = head.endswith("-ckpt")
+    head = head.removesuffix("-ckpt")
     dtype = "bfloat16" if head.endswith("-bf16") else "float32"
     head = head.removesuffix("-bf16")
     emb_rows = head.endswith("-rows")          # the untied embedding read from the file by rows
@@ -73,11 +77,17 @@ def test_collect_matches_plain_backward_and_frees_gradients(tiny_llama, tiny_lla
         "task": [TextSample("gsm8k", "t:1", "Question: 2 and 2?\nAnswer:", " 2 + 2 = 4\n#### 4")],
         "target": [TextSample("gsm8k", "t:2", "Question: 3 and 3?\nAnswer:", " 3 + 3 = 6\n#### 6")],
     }
-    cfg = AnalysisConfig(max_tokens=32, sketch_k=4, fisher=form, fisher_dtype=fisher_dtype, dtype=dtype)
-    st = collect(model, tok, params, pools, cfg, cache=None, show_progress=False)
+    cfg = AnalysisConfig(max_tokens=32, sketch_k=4, fisher=form, fisher_dtype=fisher_dtype, dtype=dtype,
+                         checkpoint="on" if ckpt else "off")
+    runs = []
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *a: runs.append(1))
+    st = collect(model, encode_pools(tok, pools, cfg.max_tokens), params, pools, cfg, cache=None, show_progress=False)
 
-    # nothing is left behind: no gradient buffers, no parameter requiring grad
+    # checkpointed: the layer ran again in each backward pass (and the imatrix below counts it once)
+    assert len(runs) == (8 if ckpt else 4)
+    # nothing is left behind: no gradient buffers, no parameter requiring grad, no wrapped forward
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    assert all("forward" not in vars(m) for m in model.modules())
     assert st.n == {"general": 2, "task": 1}
     assert set(st.roles) == {"g:1", "g:2", "t:1", "t:2"}
     assert len(calls) == (0 if head == "autograd" else 4)
@@ -159,7 +169,8 @@ def test_sensitivities_are_fisher_weighted_roundtrip_error(tiny_llama, monkeypat
     pools = {"general": [TextSample("enwiki", "g:1", "", "The quick brown fox jumps over the lazy dog.")],
              "task": [TextSample("gsm8k", "t:1", "Question: 2 and 2?\nAnswer:", " 2 + 2 = 4\n#### 4")]}
     cfg = AnalysisConfig(max_tokens=32, sketch_k=4, formats=("Q4_0", "Q8_0", "IQ4_NL"), fisher="exact", dtype="bfloat16")
-    st = collect(model, tok, params, pools, cfg, cache=None, show_progress=False)
+    st = collect(model, analysis.encode_pools(tok, pools, cfg.max_tokens), params, pools, cfg, cache=None,
+                 show_progress=False)
     exact = {k: acc for k, acc in st.fisher.items()}
     st.fisher = {k: acc.compact(form) for k, acc in exact.items()}
     menu = format_menu(src, cfg)

@@ -44,6 +44,34 @@ def test_llama3_8b_fits_a_24gb_gpu_with_compact_statistics_only(tmp_path):
     assert compact.peak_bytes < exact.peak_bytes - 50 * 2**30
 
 
+def test_layer_checkpointing_trades_one_more_forward_for_the_stacks_activations(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
+    sh = footprint.shapes_from_config(tmp_path)
+    kw = dict(tokens=192, samples=60, device="cuda", dtype="bfloat16", throughput_flops=100e12)
+    on, off, auto = (footprint.predict(sh, checkpoint=m, **kw) for m in ("on", "off", "auto"))
+    assert on.checkpoint and not off.checkpoint and auto.checkpoint     # 8B at 192 tokens: ~1.6 GB of activations
+    layer = footprint.layer_activation_bytes(sh, 192, 2)
+    saved = off.parts["working_set"] - on.parts["working_set"]
+    assert saved == (sh.n_layer - 1) * layer - sh.n_layer * 192 * sh.d_model * 2
+    assert 1.2 < on.flops_per_sample / off.flops_per_sample < 1.4      # one more forward of the layers
+    small = footprint.Shapes("llama", 2, 64, 128, 100, 4, 2, 16, True, {})
+    assert not footprint.checkpoint_layers(small, 192, 2, "auto") and footprint.checkpoint_layers(small, 192, 2, "on")
+    with pytest.raises(footprint.TasaError, match="--checkpoint must be auto, on or off"):
+        footprint.checkpoint_layers(small, 192, 2, "sometimes")
+
+
+def test_gguf_shapes_do_not_parse_the_vocabulary():
+    """Absent optional keys (Qwen2's attention.key_length) are answered from the checked header:
+    gguf-py's reader, which parses every metadata array (~500 MB for a 152k vocabulary), stays shut."""
+    from tasa_edge.model import ModelSource
+    from tasa_edge.zoo import resolve_model
+
+    src = ModelSource.open(resolve_model("smollm2-135m"))
+    sh = footprint.shapes_from_source(src)
+    assert src.raw_gguf_field(f"{src.arch}.attention.key_length") is None and sh.head_dim == 64
+    assert src._reader is None
+
+
 def test_dry_run_cli_needs_no_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
     r = subprocess.run([sys.executable, "-m", "tasa_edge.cli", "analyze", str(tmp_path), "--dry-run", "--device", "cuda",
