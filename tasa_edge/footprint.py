@@ -6,16 +6,18 @@ needed: LLaMA-3-8B's config alone is enough), and predicts for the chosen device
     peak = runtime + weights + Fisher statistics + one sample's working set
 
 * runtime: the interpreter with torch and transformers (:data:`RUNTIME_BYTES`; a GGUF source's
-  header is read without gguf-py's reader, whose parsed vocabulary would cost ~3.3 kB per token)
-  and the tokenizer (:data:`TOKENIZER_BYTES_PER_TOKEN` per vocabulary entry);
+  header is read without gguf-py's reader, whose parsed vocabulary would cost ~3.3 kB per token;
+  the tokenizer encodes every sample before the model loads and is freed);
 * weights: every distinct parameter once (tied embeddings once) in the gradient-pass dtype; on the
   CPU an untied token embedding is not held (``RowEmbedding`` reads its rows from the file);
-* Fisher statistics of both sources in the chosen form (:mod:`tasa_edge.fisher`);
+* Fisher statistics of both sources in the chosen form (:mod:`tasa_edge.fisher`), the random
+  sketches of the gradient traces (:data:`SKETCH_K` x (rows + cols) per tensor), and per sample its
+  records (the k x k trace of every tensor, the importance sums of every block matrix's input);
 * working set of one forward+backward: the activations autograd keeps, per token and layer
   :data:`ACT_PER_TOKEN_D` x d_model + :data:`ACT_PER_TOKEN_FF` x d_ff values plus the attention
-  scores (heads x tokens) -- with layer checkpointing (``--checkpoint``; ``auto`` turns it on above
-  :data:`CHECKPOINT_ABOVE`) each layer's input and one layer's activations instead; the LM head done by hand in vocabulary slices (``ChunkedHead``): one
-  float32 [tokens x vocab] buffer (:data:`LOGIT_COPIES`) and a few float32 slices of its gradient
+  scores (heads x tokens) -- with layer checkpointing (``--checkpoint``; ``auto`` turns it on
+  above :data:`CHECKPOINT_ABOVE`) each layer's input and one layer's activations instead; the LM
+  head done by hand in vocabulary slices (``ChunkedHead``): one float32 [tokens x vocab] buffer (:data:`LOGIT_COPIES`) and a few float32 slices of its gradient
   (:data:`HEAD_SLICES` x ``GRAD_CHUNK``); the largest block matrix's gradient in the weights' dtype
   (autograd's, freed by the statistics hook as it arrives).
 
@@ -23,12 +25,13 @@ The coefficients were measured on this CPU with bf16 weights. Activations: one s
 ``collect``, VmHWM over the resident set before it (SmolLM2 253 MB at 64 tokens, 655 MB at 256
 before the head was sliced; a 16-layer model with a small vocabulary 207 MB for 205 M parameters).
 Whole analyses of the packaged models (peak RSS of ``analyze`` at 4 + 4 + 2 samples of 128 tokens:
-SmolLM2 1047 MiB, gemma-3 1638 MiB, predicted 910 and 1437: −13%, −12%; Qwen2.5-Coder at the
-CLI defaults 4983 MiB, predicted 4339: −13%) are checked against the prediction by
-``tests/test_footprint.py``. What the model leaves out: the per-sample records (traces,
-importance sums: ~2 MB per sample on Qwen) and the random sketches.
+SmolLM2 969 MiB, gemma-3 1377 MiB, predicted 893 and 1223: −8%, −11%) are checked against the
+prediction by ``tests/test_footprint.py``; Qwen2.5-Coder at the CLI defaults, layers checkpointed
+(``benchmarks/scaling.py --defaults-run``): 4110 MiB, predicted 3809, −7%. What the model leaves out: the kernels oneDNN compiles
+for each new (16-token bucket) sample length, ~20-30 MB each on Qwen.
 Not measured on CUDA (no GPU here): the device may allocate differently.
-On CUDA the weights, statistics and working set live on the GPU; the host keeps the runtime.
+On CUDA the weights, statistics, sketches and working set live on the GPU; the host keeps the
+runtime and the per-sample records.
 
 Time per sample = (6 x tokens x matmul parameters + 12 x layers x tokens^2 x heads x head_dim,
 plus one more forward of the layers when they are checkpointed)
@@ -49,9 +52,8 @@ from .names import is_quantizable
 
 GIB = 1 << 30
 RUNTIME_BYTES = int(0.40 * GIB)
-#: the tokenizer's share of the runtime, per vocabulary entry (fitted: Qwen2.5's 151,936-token
-#: fast tokenizer added 130 MB to the process)
-TOKENIZER_BYTES_PER_TOKEN = 1000
+#: the gradient-trace sketch size (:class:`~tasa_edge.results.AnalysisConfig`'s ``sketch_k``)
+SKETCH_K = 16
 ACT_PER_TOKEN_D = 16
 ACT_PER_TOKEN_FF = 4
 LOGIT_COPIES = 1
@@ -211,10 +213,15 @@ def predict(shapes: Shapes, *, tokens: int, samples: int, device: str = "cpu", d
     # on the CPU an untied token embedding is read by rows from the file (RowEmbedding), not held
     held = shapes.n_params - (shapes.vocab * shapes.d_model if device == "cpu" and not shapes.tied else 0)
     parts = {
-        "runtime": RUNTIME_BYTES + TOKENIZER_BYTES_PER_TOKEN * shapes.vocab,
+        "runtime": RUNTIME_BYTES,       # the tokenizer encodes every sample first and is freed
         "weights": held * wb,
         "fisher": fisher_bytes(shapes, fisher, fisher_dtype),
+        # float32 random sketches of every tensor's gradient (k x rows and cols x k)
+        "sketches": SKETCH_K * 4 * sum(s[0] + s[-1] for s in q.values()),
     }
+    # kept per sample on the host: the trace sketch (k x k per tensor) and the importance sums
+    # (one float32 per input column of every block matrix)
+    records = samples * 4 * (SKETCH_K * SKETCH_K * len(q) + sum(s[-1] for n, s in q.items() if n.startswith("blk.")))
     ck = checkpoint_layers(shapes, tokens, wb, checkpoint)
     act = activation_bytes(shapes, tokens, wb, ck)
     logits = LOGIT_COPIES * tokens * shapes.vocab * 4
@@ -226,7 +233,9 @@ def predict(shapes: Shapes, *, tokens: int, samples: int, device: str = "cpu", d
         host = parts.pop("runtime")
         peak = sum(parts.values())
         parts["host_runtime"] = host
+        parts["host_records"] = records
     else:
+        parts["records"] = records
         peak = sum(parts.values())
     matmul = sum(n_elements(s) for s in q.values())
     attn = 4.0 * shapes.n_layer * tokens ** 2 * shapes.n_head * shapes.head_dim     # one forward's
