@@ -262,6 +262,20 @@ def _defaults_run(model: str, work: Path, rows: float) -> dict:
             "samples": t["n_backward"], "seconds_per_sample": t["gradients_s"] / max(1, t["n_backward"])}
 
 
+def _dry_run_peak(model: str) -> int:
+    """``tasa-edge analyze MODEL --dry-run``'s predicted peak (bytes) at the CLI's defaults on this CPU."""
+    from tasa_edge import footprint
+    from tasa_edge.results import AnalysisConfig as C
+    from tasa_edge.torch_model import pick_device, pick_dtype
+
+    c = C()
+    dtype = str(pick_dtype(pick_device("cpu"), c.dtype)).removeprefix("torch.")
+    pred = footprint.predict(footprint.shapes_from_source(ModelSource.open(resolve_model(model))), tokens=c.max_tokens,
+                             samples=c.n_general + c.n_task + c.n_target, device="cpu", dtype=dtype, fisher=c.fisher,
+                             throughput_flops=1e12)
+    return pred.peak_bytes
+
+
 def _llama3_dry_run(work: Path) -> dict:
     """The dry-run prediction for LLaMA-3-8B (config only) on a 24 GB GPU, at the CLI's defaults."""
     from tasa_edge import footprint
@@ -328,6 +342,9 @@ def main(argv=None) -> int:
         os.replace(tmp, defaults_path)
     if defaults_path.is_file():
         res.update(json.loads(defaults_path.read_text()))
+        # shapes-only predictions: cheap, so made from the current memory model at every report
+        res["llama3_8b_dry_run"] = _llama3_dry_run(work)
+        res["defaults"]["dry_run_peak_mb"] = _dry_run_peak(args.model) / 2**20
         print(json.dumps({k: res[k] for k in ("defaults", "llama3_8b_dry_run")}, indent=1), flush=True)
     if args.only_defaults:
         return 0
@@ -383,7 +400,10 @@ def main(argv=None) -> int:
                f"(load {t['load_s']:.0f} s, gradient pass {t['gradients_s']:.0f} s = {d['seconds_per_sample']:.2f} s per "
                f"sample over {d['samples']} samples, sensitivity pass {t['sensitivity_s']:.0f} s); peak RSS "
                f"{d['peak_rss_mb']:.0f} MiB = {d['bytes_per_param']:.2f} bytes per parameter ({d['n_params'] / 1e9:.2f} B); "
-               f"gradient cache {d['cache_bytes'] / 1e6:.1f} MB = {100 * d['cache_share_f32']:.1f}% of the float32 weights.",
+               f"gradient cache {d['cache_bytes'] / 1e6:.1f} MB = {100 * d['cache_share_f32']:.1f}% of the float32 weights"
+               + (f"; layers checkpointed: {d['checkpoint']}" if d.get("checkpoint") else "")
+               + (f"; `--dry-run` predicted {d['dry_run_peak_mb']:.0f} MiB ({100 * (d['dry_run_peak_mb'] / d['peak_rss_mb'] - 1):+.0f}%)"
+                  if "dry_run_peak_mb" in d else "") + ".",
                "", f"LLaMA-3-8B dry-run (config only, CUDA bf16, 24 GB): {ll['peak_gib']:.2f} GiB peak, "
                f"{ll['bytes_per_param']:.2f} bytes/parameter, fits: {ll['fits_24gb']}.", ""]
     md += ["| statistics | bpw | task KLD (± se) | vs exact |", "|---|---|---|---|"]
