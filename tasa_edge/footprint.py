@@ -17,8 +17,8 @@ needed: LLaMA-3-8B's config alone is enough), and predicts for the chosen device
   :data:`ACT_PER_TOKEN_D` x d_model + :data:`ACT_PER_TOKEN_FF` x d_ff values plus the attention
   scores (heads x tokens) -- with layer checkpointing (``--checkpoint``; ``auto`` turns it on
   above :data:`CHECKPOINT_ABOVE`) each layer's input and one layer's activations instead; the LM
-  head done by hand in vocabulary slices (``ChunkedHead``): one float32 [tokens x vocab] buffer (:data:`LOGIT_COPIES`) and a few float32 slices of its gradient
-  (:data:`HEAD_SLICES` x ``GRAD_CHUNK``); the largest block matrix's gradient in the weights' dtype
+  head done by hand in vocabulary slices (``ChunkedHead``): one float32 [tokens x vocab] buffer
+  (:data:`LOGIT_COPIES`) and a few float32 slices of its gradient (:data:`HEAD_SLICES` x ``GRAD_CHUNK``); the largest block matrix's gradient in the weights' dtype
   (autograd's, freed by the statistics hook as it arrives).
 
 The coefficients were measured on this CPU with bf16 weights. Activations: one sample through
@@ -27,8 +27,8 @@ before the head was sliced; a 16-layer model with a small vocabulary 207 MB for 
 Whole analyses of the packaged models (peak RSS of ``analyze`` at 4 + 4 + 2 samples of 128 tokens:
 SmolLM2 969 MiB, gemma-3 1377 MiB, predicted 893 and 1223: −8%, −11%) are checked against the
 prediction by ``tests/test_footprint.py``; Qwen2.5-Coder at the CLI defaults, layers checkpointed
-(``benchmarks/scaling.py --defaults-run``): 4110 MiB, predicted 3809, −7%. What the model leaves out: the kernels oneDNN compiles
-for each new (16-token bucket) sample length, ~20-30 MB each on Qwen.
+(``benchmarks/scaling.py --defaults-run``): 4110 MiB, predicted 3807, −7%. What the model leaves
+out: the kernels oneDNN compiles for each new (16-token bucket) sample length, ~20-30 MB each on Qwen.
 Not measured on CUDA (no GPU here): the device may allocate differently.
 On CUDA the weights, statistics, sketches and working set live on the GPU; the host keeps the
 runtime and the per-sample records.
