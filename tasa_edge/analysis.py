@@ -58,7 +58,7 @@ from .memory import peak_rss_bytes, release_freed_memory
 from .model import ModelSource
 from .progress import progress_bar
 from .results import Analysis, AnalysisConfig, Candidate, Mixture, SensitivityTable
-from .torch_model import RowEmbedding, layer_checkpointing
+from .torch_model import RowEmbedding, layer_checkpointing, row_runs
 
 #: The gradient-statistics cache format (safetensors + JSON metadata).
 CACHE_FORMAT = "tasa-edge/gradstats"
@@ -200,16 +200,17 @@ def collect(model, encoded: dict[str, tuple[torch.Tensor, torch.Tensor]], params
         role = cur["role"]
         return None if role == "target" else st.fisher["task" if role == "task" else "general"]
 
-    def dense_stats(name, shape, slices):
+    def dense_stats(name, slices):
         """Trace and Fisher sums of a dense gradient given as ``(r0, float32 rows from r0)`` slices."""
         acc = accumulator()
         a, b = sk[name]
+        shape = tuple(params[name].shape)
         ag = None
-        for r0, gc in slices:
-            ag = a[:, r0:r0 + gc.shape[0]] @ gc if ag is None else ag.addmm_(a[:, r0:r0 + gc.shape[0]], gc)
+        for r0, part in slices:
+            ag = a[:, r0:r0 + part.shape[0]] @ part if ag is None else ag.addmm_(a[:, r0:r0 + part.shape[0]], part)
             if acc is not None:
-                acc.add_rows(name, r0, gc.square_(), shape)
-            del gc
+                acc.add_rows(name, r0, part.square_(), shape)
+            del part
         cur["trace"][idx[name]] = (ag @ b).reshape(-1).cpu().numpy()
 
     def sparse_stats(name, at, vals):
@@ -235,7 +236,7 @@ def collect(model, encoded: dict[str, tuple[torch.Tensor, torch.Tensor]], params
                 p.grad = None
                 return
             step = max(1, GRAD_CHUNK // cols)     # float32 slices, not a float32 copy of g
-            dense_stats(name, (rows, cols), ((r0, g[r0:r0 + step].float()) for r0 in range(0, rows, step)))
+            dense_stats(name, ((r0, g[r0:r0 + step].float()) for r0 in range(0, rows, step)))
         p.grad = None
 
     for n in names:
@@ -281,7 +282,7 @@ def collect(model, encoded: dict[str, tuple[torch.Tensor, torch.Tensor]], params
                         del logits
                         loss.backward()
                     else:
-                        head.backward(ids, mask, lambda slices: dense_stats(head_name, tuple(head.weight.shape), slices))
+                        head.backward(ids, mask, lambda slices: dense_stats(head_name, slices))
                     if role != "target":
                         st.n["task" if role == "task" else "general"] += 1
                     st.traces[s.id] = cur["trace"]
@@ -668,8 +669,7 @@ def score_plan(rows: int, step: int, fraction: float, salt: str,
 def read_rows(weights, name: str, rows_at) -> np.ndarray:
     """Rows ``rows_at`` (sorted indices) of the reference tensor, read as runs of consecutive rows."""
     idx = np.asarray(rows_at)
-    runs = np.split(idx, np.flatnonzero(np.diff(idx) != 1) + 1)
-    parts = [weights(name, int(r[0]), int(r[-1]) + 1) for r in runs if len(r)]
+    parts = [weights(name, int(idx[i]), int(idx[j - 1]) + 1) for i, j in row_runs(idx)]
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 

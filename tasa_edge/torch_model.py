@@ -165,6 +165,16 @@ def layer_checkpointing(model, enabled: bool = True):
             del m.forward                          # the class's forward again
 
 
+def row_runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """Runs of consecutive values in sorted, distinct row indices, as position ranges ``[i, j)``:
+    each run is one contiguous read."""
+    rows = np.asarray(rows)
+    if not len(rows):
+        return []
+    cuts = (np.flatnonzero(np.diff(rows) != 1) + 1).tolist()
+    return list(zip([0, *cuts], [*cuts, len(rows)]))
+
+
 class SafetensorsRows:
     """Row slices of the tensors of a safetensors directory, read with plain file reads (no
     mmap: a streamed tensor costs its rows' memory only, and no file pages stay mapped)."""
@@ -196,16 +206,13 @@ class SafetensorsRows:
         item, row = self._DTYPES[dt], shape[1]
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), row), dtype=np.float32)
-        runs = np.split(np.arange(len(rows)), np.flatnonzero(np.diff(rows) != 1) + 1)
         with open(f, "rb") as fh:
-            for run in runs:
-                if not len(run):
-                    continue
-                fh.seek(off + int(rows[run[0]]) * row * item.itemsize)
-                a = np.fromfile(fh, dtype=item, count=len(run) * row)
+            for i, j in row_runs(rows):
+                fh.seek(off + int(rows[i]) * row * item.itemsize)
+                a = np.fromfile(fh, dtype=item, count=(j - i) * row)
                 if dt == "BF16":
                     a = (a.astype(np.uint32) << 16).view(np.float32)
-                out[run[0]:run[-1] + 1] = a.reshape(len(run), row)
+                out[i:j] = a.reshape(j - i, row)
         return out
 
     def read(self, key: str, r0: int = 0, r1: int | None = None) -> np.ndarray:
