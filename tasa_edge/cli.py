@@ -500,6 +500,7 @@ def eval_cmd(
     max_gen_tokens: Optional[int] = typer.Option(None, "--max-gen-tokens", help="Tokens generated per question (gsm8k 256, humaneval 512)."),
     ctx: int = typer.Option(2048, "--ctx", help="llama.cpp context size."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="llama.cpp threads (default: all cores)."),
+    parallel: int = typer.Option(8, "--parallel", help="Questions generated together in one llama.cpp batch (continuous batching; 1: one at a time)."),
 ):
     """Task accuracy of a GGUF on held-out questions, with a Wilson 95% interval; writes per-question results."""
     from . import lmeval
@@ -517,6 +518,8 @@ def eval_cmd(
         raise TasaError(f"--ctx must be within [64, 131072], got {ctx}")
     if threads is not None and threads < 1:
         raise TasaError(f"--threads must be >= 1, got {threads}")
+    if not 1 <= parallel <= 64:
+        raise TasaError(f"--parallel must be within [1, 64], got {parallel}")
     path = resolve_model(model)
     if path.suffix.lower() != ".gguf":
         raise TasaError(f"{path}: eval runs GGUF files (export one first)")
@@ -524,9 +527,10 @@ def eval_cmd(
     guards.output_dir(out_dir, "--out-dir")
     if task == "gsm8k":
         res = lmeval.eval_gsm8k(path, out_dir, limit=limit, num_fewshot=num_fewshot, n_ctx=ctx, n_threads=threads,
-                                max_gen_toks=max_gen_tokens or lmeval.GSM8K_MAX_GEN_TOKENS)
+                                max_gen_toks=max_gen_tokens or lmeval.GSM8K_MAX_GEN_TOKENS, n_parallel=parallel)
     else:
-        res = lmeval.eval_humaneval(path, out_dir, limit=limit, n_ctx=ctx, n_threads=threads, max_gen_toks=max_gen_tokens)
+        res = lmeval.eval_humaneval(path, out_dir, limit=limit, n_ctx=ctx, n_threads=threads, max_gen_toks=max_gen_tokens,
+                                    n_parallel=parallel)
     for name, s in res.scores.items():
         out.print(f"{task} {name}: {s}  (Wilson 95%)")
     out.print(f"{len(res.ids)} held-out questions, {res.n_generated} generated, {res.n_resumed} resumed; "

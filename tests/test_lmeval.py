@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tasa_edge.data import load_gsm8k
@@ -121,5 +122,49 @@ def test_lm_class_loglikelihood_agrees_with_greedy(smollm_path, tmp_path):
         assert greedy and lp < 0 and not greedy2 and lp2 < lp
         (roll,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (ctx + cont,), 0)])
         assert roll < lp
+    finally:
+        gen.close()
+
+
+@pytest.mark.slow
+def test_batched_generation_is_greedy_and_shares_the_prefix(smollm_path, tmp_path):
+    """Continuous batching: alone (n_parallel=1) it is llama-cpp-python's greedy create_completion
+    token for token; batched, every generated token is the argmax of llama.cpp's sequential logits
+    for that sequence up to rounding, so no sequence saw another's cells or a wrong position."""
+    from tasa_edge.lmeval import BatchDecoder, Journal, LlamaGenerator
+
+    shots = "".join(s.prompt + s.target + "\n\n" for s in load_gsm8k("calib")[:2])
+    prompts = [shots + s.prompt for s in load_gsm8k("eval")[:6]]  # a common prefix: the shots
+    gen = LlamaGenerator(smollm_path, Journal(tmp_path / "g.jsonl"), n_ctx=1024, max_gen_toks=12)
+    try:
+        llm = gen.llm()
+        toks = [gen.tokenize(p, add_bos=True) for p in prompts]
+        alone = [llm.create_completion(t, max_tokens=12, temperature=0.0, top_k=1, top_p=1.0, min_p=0.0,
+                                       repeat_penalty=1.0)["choices"][0]["text"] for t in toks]
+        for n_parallel in (1, 3):
+            dec = BatchDecoder(llm, gen.n_threads, n_parallel)
+            try:
+                got = {i: (text, out) for i, text, out in dec.run([(t, [], 12) for t in toks])}
+            finally:
+                dec.close()
+            assert sorted(got) == list(range(len(prompts)))
+            if n_parallel == 1:
+                assert [got[i][0] for i in range(len(prompts))] == alone
+                continue
+            assert sum(len(got[i][1]) > 0 for i in got) >= 4
+            for i, t in enumerate(toks):
+                out = got[i][1]  # empty: the model's first choice was end-of-generation
+                assert len(out) <= 12 and got[i][0] == llm.detokenize(out).decode("utf-8", "ignore")
+                if not out:
+                    continue
+                lp, _ = gen.logprob_tokens(t + out, len(t))  # the scorer: one sequence, logits of every position
+                sc = np.asarray(gen._scorer.scores[len(t) - 1: len(t) + len(out) - 1])
+                gap = sc.max(axis=1) - sc[np.arange(len(out)), out]
+                assert gap.max() < 0.3, (i, gap)  # chosen token within rounding of the argmax
+                assert np.isfinite(lp)
+        # until strings cut the text before them; the journal keys the completions
+        texts = gen.generate([(i, p, ["\n"], 12) for i, p in enumerate(prompts)])
+        assert all("\n" not in x for x in texts) and gen.n_generated == len(prompts)
+        assert gen.generate([(0, prompts[0], ["\n"], 12)]) == texts[:1] and gen.n_resumed == 1
     finally:
         gen.close()
