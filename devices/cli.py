@@ -258,6 +258,8 @@ def profile(
                   f"pp {100 * fitq['max_abs_pp_err']:.1f}%" + (
                       f"; held-out random mixes (fit on the uniform files): tg {100 * m['holdout']['max_abs_tg_err']:.1f}%, "
                       f"pp {100 * m['holdout']['max_abs_pp_err']:.1f}%" if m.get("holdout") else ""), highlight=False)
+    if m.get("emulated"):
+        console.print(f"[yellow]emulated[/]: {m['emulated']}", highlight=False)
     console.print(f"usable RAM {((m.get('usable_ram_bytes') or 0) / 2**30):.2f} GiB, read bandwidth "
                   f"{((m.get('bandwidth_bytes_per_s') or 0) / 1e9):.1f} GB/s, load average {m.get('load_before')} -> "
                   f"{m.get('load_after')}; wrote {output}", highlight=False)

@@ -190,6 +190,7 @@ def measure_profile(src: ModelSource, *, target: str = "local", menu: list[str] 
     designs = design_plans(src, menu, n_random=n_random)
     load_before = _loadavg() if target == "local" else None
     tools = None
+    emulation = None
     if target == "local":
         exe = require_tool("llama-bench")
         threads = threads or usable_cores()
@@ -218,6 +219,9 @@ def measure_profile(src: ModelSource, *, target: str = "local", menu: list[str] 
         tools.setup()
         ident = {"cpu": mach["cpu"], "features": mach["features"], "arch": mach["arch"], "cores": mach["cores"],
                  "ram_bytes": mach["ram_bytes"]}
+        from .harness import _emulation
+
+        emulation = _emulation(tools.binary_arch(), mach.get("arch"))
         band = None
 
         def bench(path: Path, tag: str) -> dict:
@@ -269,6 +273,7 @@ def measure_profile(src: ModelSource, *, target: str = "local", menu: list[str] 
         "usable_ram_bytes": avail, "bandwidth_bytes_per_s": (band or {}).get("read_bytes_per_s"),
         "load_before": load_before, "load_after": _loadavg() if target == "local" else None,
         "seconds": round(seconds, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "emulated": emulation["note"] if emulation else None,
     }
     uniform = [r for r in runs if r.label.startswith("uniform")]
     held = [r for r in runs if not r.label.startswith("uniform")]

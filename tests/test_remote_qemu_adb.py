@@ -151,3 +151,36 @@ def test_bench_on_emulated_aarch64_phone(tmp_path, adb_env):
     print("\nemulated aarch64 (qemu-user, not device figures):",
           json.dumps({"pp8": round(sp["pp"]["ts_mean"], 2), "tg2": round(sp["tg"]["ts_mean"], 2),
                       "rss_MiB": round(e["peak_rss_bytes"] / 2**20)}))
+
+
+def test_profile_on_emulated_aarch64_phone(tmp_path, adb_env):
+    """`tasa-edge profile --target adb`: the design files go through the stand-in adb to the
+    "phone", the cross-built aarch64 llama-bench times them under qemu; the profile records the
+    emulation (its costs are the emulator's) and no design file stays on the device."""
+    import tomllib
+
+    bindir = aarch64_bin()
+    if qemu() is None:
+        pytest.skip("qemu-user not installed (apt-get install qemu-user)")
+    if not (bindir / "llama-bench").is_file():
+        pytest.skip(f"aarch64 llama-bench not built in {bindir}: run `make tools-aarch64`")
+    out = tmp_path / "phone.toml"
+    env = {**os.environ, **adb_env["env"], "TASA_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "tasa_edge.cli", "profile", "-m", "smollm2-135m", "-o", str(out),
+                        "--target", "adb", "--bin-dir", str(bindir), "--formats", "Q8_0,Q4_0", "-t", "2",
+                        "-p", "8", "-n", "2", "-r", "1", "--random-mixes", "0"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert "emulated" in r.stdout
+    d = tomllib.loads(out.read_text())
+    assert d["target"] == "adb" and d["measured"]["target"] == "adb"
+    assert "aarch64 binaries ran under emulation" in d["measured"]["emulated"]
+    assert set(d["measured"]["design_tg_ts"]) == {"uniform Q8_0", "uniform Q4_0"}
+    assert all(v > 0 for v in d["measured"]["design_pp_ts"].values())
+    info = json.loads((bindir.parent / "BUILD_INFO.json").read_text())
+    assert info["llama_cpp_commit"].startswith(d["machine"]["llama_cpp_commit"])
+    dev = adb_env["root"] / "data/local/tmp/tasa-edge"
+    assert (dev / "bin/llama-bench").read_bytes()[18] == 183
+    assert not list((dev / "models").glob("profile-*.gguf"))
+    log = adb_env["log"].read_text()
+    assert "push " in log and "/models/profile-0.gguf" in log and "-p 8 -n 2 -r 1 -t 2" in log

@@ -132,6 +132,51 @@ def test_bench_over_real_ssh(tmp_path, monkeypatch, sshd, host_bin, smollm_gguf,
                                      "device_top1": dq["top1"], "host_task_kld": round(q["task"]["kld"], 4)}))
 
 
+@pytest.mark.slow
+def test_profile_over_real_ssh_then_plan_with_it(tmp_path, sshd, host_bin, smollm_gguf):
+    """`tasa-edge profile --target ssh`: design files exported here, pushed through sshd, timed by
+    the real llama-bench on the "board", removed there; the profile carries the board's identity
+    and transport, and `plan --profile` solves with its decode-time limit."""
+    rdir = tmp_path / "board"
+    prof = tmp_path / "board.profile.toml"
+    r = cli(["profile", "-m", str(smollm_gguf), "-o", str(prof), "--target", "ssh", "--host", sshd.host,
+             "--bin-dir", str(host_bin), "--remote-dir", str(rdir), "--formats", "Q8_0,Q4_0", "-t", "1",
+             "-p", "16", "-n", "4", "-r", "1", "--random-mixes", "1"], sshd.env)
+    assert r.returncode == 0, r.stderr
+    import tomllib
+
+    from tasa_edge.costmodel import load_kernel_profile
+
+    d = tomllib.loads(prof.read_text())
+    assert d["target"] == "ssh" and d["transport"]["port"] == sshd.port and d["transport"]["remote_dir"] == str(rdir)
+    assert d["machine"]["arch"] == os.uname().machine and d["machine"]["cores"] >= 1
+    assert d["machine"]["llama_cpp_commit"] == build_info(host_bin / "llama-bench").commit
+    m = d["measured"]
+    assert m["target"] == "ssh" and m["threads"] == 1 and (m["pp"], m["tg"], m["reps"]) == (16, 4, 1)
+    assert set(m["design_tg_ts"]) == {"uniform Q8_0", "uniform Q4_0", "random mix 1"}
+    assert all(v > 0 for v in m["design_tg_ts"].values()) and all(v > 0 for v in m["design_pp_ts"].values())
+    kp = load_kernel_profile(prof)
+    assert set(kp.costs) == {"Q8_0", "Q4_0"}
+    assert all(c.decode_ns_per_weight >= 0 and c.prefill_ns_per_weight >= 0 for c in kp.costs.values())
+    assert any(c.decode_ns_per_weight > 0 for c in kp.costs.values())
+    assert not list((rdir / "models").glob("profile-*.gguf"))   # design files removed from the board
+    log = sshd.log.read_text()
+    assert "Accepted publickey for" in log and log.count("Starting session: subsystem 'sftp'") >= 3
+    # the profile plans (a remote profile: no check against this machine), with a decode-time limit
+    from test_pins import synthetic_analysis
+
+    from tasa_edge.model import ModelSource
+
+    src = ModelSource.open(smollm_gguf)
+    an = synthetic_analysis(src, tmp_path / "analysis.json")
+    fast = kp.predict(src, {t.name: "Q4_0" for t in src.quantizable}).decode_ms
+    r = cli(["plan", "smollm2-135m", "-a", str(an), "--bpw", "8.5", "--profile", str(prof),
+             "--max-decode-ms", f"{fast * 1.05:.4f}", "-o", str(tmp_path / "plan.json")], {})
+    assert r.returncode == 0, r.stderr
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["predicted"]["decode_ms"] <= fast * 1.05 + 1e-6
+
+
 # ============================================================================ bad remote states (CLI)
 
 
