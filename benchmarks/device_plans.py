@@ -73,6 +73,8 @@ def main() -> None:
                     help="llama.cpp mixes (Q3_K_S Q3_K_M) to compare with (+ the analysis' imatrix): measured speed, "
                          "and task KLD of the mix, the speed-blind and the speed-aware TASA plan at its bytes")
     ap.add_argument("--n-eval", type=int, default=6, help="--win: held-out GSM8K eval answers for task KLD")
+    ap.add_argument("--speed-margin", type=float, default=0.0,
+                    help="--win: the speed-aware plan's predicted decode and prefill times at most (1 - margin) x the mix's")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/device"))
     a = ap.parse_args()
 
@@ -132,9 +134,34 @@ def kl_tokens(ref, path: Path) -> np.ndarray:
     return np.concatenate(out)
 
 
+def file_types(path: Path) -> dict[str, str]:
+    """tensor -> ggml type name of the matrices of a GGUF file."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    return {t.name: t.tensor_type.name for t in r.tensors if len(t.shape) >= 2}
+
+
+def predict_file(kp, src, path: Path):
+    """The profile's prediction for an existing file (a llama.cpp mix); a type the profile did not
+    measure is costed as the measured format nearest in bits per weight (returned: type -> stand-in)."""
+    from tasa_edge.formats import ggml
+
+    known = list(kp.costs)
+    tensors, approx = {}, {}
+    for name, t in file_types(path).items():
+        if name not in src.tensors:
+            continue
+        if t not in known:
+            approx[t] = min(known, key=lambda f: abs(ggml.bits_per_weight(f) - ggml.bits_per_weight(t)))
+        tensors[name] = approx.get(t, t)
+    return kp.predict(src, tensors), approx
+
+
 def win(a, src, kp, an, res, res_path, work) -> None:
-    """Item 4: at each llama.cpp mix's bytes, a speed-aware TASA plan limited to the mix's measured
-    tg and pp (predicted), against the mix and the speed-blind plan: measured speed and task KLD."""
+    """Item 4: at each llama.cpp mix's bytes, a speed-aware TASA plan whose predicted decode and
+    prefill times are at most the mix's (predicted by the same profile), against the mix and the
+    speed-blind plan: measured speed and task KLD."""
     from tasa_edge.imatrix import load_imatrix
 
     held = None
@@ -150,12 +177,18 @@ def win(a, src, kp, an, res, res_path, work) -> None:
         nbytes = inspect_gguf(lf)["bytes"]
         rows = {}
         m = measure(lf, kp, a.reps)
-        rows["llama.cpp"] = {"bpw": inspect_gguf(lf)["bpw"], **m, "kl": kl_tokens(held, lf)}
+        pred, approx = predict_file(kp, src, lf)
+        counts: dict[str, int] = {}
+        for t in file_types(lf).values():
+            counts[t] = counts.get(t, 0) + 1
+        rows["llama.cpp"] = {"bpw": inspect_gguf(lf)["bpw"], **m, "kl": kl_tokens(held, lf), "types": counts,
+                             "pred_tg_ts": pred.tg_ts, "pred_pp_ts": pred.pp_ts, "approximated": approx}
         lf.unlink()
-        pp = kp.pp
+        # the speed-aware plan may take no more *predicted* time than the mix's prediction: the cost
+        # model's bias on this machine cancels (both sides predicted by the same profile)
         for label, dev in (("TASA speed-blind", DeviceLimits(kp)),
-                           ("TASA speed-aware", DeviceLimits(kp, max_decode_ms=1000.0 / m["tg_ts"],
-                                                             max_prefill_ms=1000.0 * pp / m["pp_ts"]))):
+                           ("TASA speed-aware", DeviceLimits(kp, max_decode_ms=pred.decode_ms * (1 - a.speed_margin),
+                                                             max_prefill_ms=pred.prefill_ms * (1 - a.speed_margin)))):
             try:
                 plan = make_plan(an, src, nbytes=nbytes, device=dev)
             except TasaError as exc:       # the limits may be infeasible at this budget
@@ -179,26 +212,36 @@ def win(a, src, kp, an, res, res_path, work) -> None:
             rows["TASA speed-aware"].update(dkld_vs_blind=float(d.mean()), dkld_vs_blind_ci95=1.96 * quality.std_error(d))
         for r in rows.values():
             r.pop("kl")
-        res["win"][mix] = {"bytes": nbytes, "n_eval": a.n_eval, "rows": rows}
+        res["win"][mix] = {"bytes": nbytes, "n_eval": a.n_eval, "speed_margin": a.speed_margin, "rows": rows}
         atomic_write_text(res_path, json.dumps(res, indent=1) + "\n")
         print(win_table({"win": {mix: res["win"][mix]}}), flush=True)
 
 
 def win_table(res: dict) -> str:
-    lines = ["", "| llama.cpp budget | file | bits/weight | tg measured (x llama.cpp) | pp measured (x llama.cpp) | "
-                 "task KLD ± se | Δ task KLD vs llama.cpp (95% CI, paired) | Δ vs speed-blind TASA |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["", "| llama.cpp budget | file | bits/weight | tg predicted | tg measured (x llama.cpp) | pp predicted | "
+                 "pp measured (x llama.cpp) | task KLD ± se | Δ task KLD vs llama.cpp (95% CI, paired) | Δ vs speed-blind TASA |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    verdicts = []
     for mix, w in res["win"].items():
         if mix == "errors":
-            lines += [f"| {k} | infeasible: {v} |  |  |  |  |  |  |" for k, v in w.items()]
+            lines += [f"| {k} | infeasible: {v} |  |  |  |  |  |  |  |  |" for k, v in w.items()]
             continue
         for label, r in w["rows"].items():
             vs_blind = f"{r['dkld_vs_blind']:+.4f} ± {r['dkld_vs_blind_ci95']:.4f}" if "dkld_vs_blind" in r else ""
             vs_llama = "" if label == "llama.cpp" else f"{r['dkld_vs_llama']:+.4f} ± {r['dkld_vs_llama_ci95']:.4f}"
-            lines.append(f"| {mix} | {label} | {r['bpw']:.3f} | {r['tg_ts']:.2f} ({r['tg_ratio']:.3f}) | "
+            pred = (f"{r['pred_tg_ts']:.2f}", f"{r['pred_pp_ts']:.2f}") if "pred_tg_ts" in r else ("", "")
+            lines.append(f"| {mix} | {label} | {r['bpw']:.3f} | {pred[0]} | {r['tg_ts']:.2f} ({r['tg_ratio']:.3f}) | {pred[1]} | "
                          f"{r['pp_ts']:.2f} ({r['pp_ratio']:.3f}) | {r['task_kld']:.4f} ± {r['task_kld_se']:.4f} | "
                          f"{vs_llama} | {vs_blind} |")
-    return "\n".join(lines) + "\n"
+        r = w["rows"].get("TASA speed-aware")
+        if r:
+            fast = r["tg_ratio"] >= 0.98 and r["pp_ratio"] >= 0.98
+            better = r["dkld_vs_llama"] + r["dkld_vs_llama_ci95"] < 0
+            verdicts.append(f"- {mix} (speed margin {w.get('speed_margin', 0):g}): speed-aware TASA at tg {r['tg_ratio']:.3f}x, "
+                            f"pp {r['pp_ratio']:.3f}x llama.cpp's mix ({'both' if fast else 'NOT both'} >= 0.98), task KLD "
+                            f"{'significantly lower' if better else 'NOT significantly lower'} than the mix's: "
+                            f"{'met' if fast and better else 'not met'}")
+    return "\n".join(lines + ([""] + verdicts if verdicts else [])) + "\n"
 
 
 def table(model: str, res: dict, kp) -> str:

@@ -247,16 +247,17 @@ def profile(
     write_profile(output, text)
     t = Table(title=f"kernel costs on {kp.machine.get('cpu') or target}, {kp.measured['threads']} threads "
                     f"(llama.cpp {kp.machine.get('llama_cpp_commit') or '?'})")
-    for c in ("format", "decode ns/weight", "prefill ns/weight/token"):
+    for c in ("format", "decode ns/weight", "LM head decode ns/weight", "prefill ns/weight/token"):
         t.add_column(c, justify="left" if c == "format" else "right")
     for f, c in kp.costs.items():
-        t.add_row(f, f"{c.decode_ns_per_weight:.4f}", f"{c.prefill_ns_per_weight:.5f}")
+        head = "(same)" if c.output_decode_ns_per_weight is None else f"{c.output_decode_ns_per_weight:.4f}"
+        t.add_row(f, f"{c.decode_ns_per_weight:.4f}", head, f"{c.prefill_ns_per_weight:.5f}")
     console.print(t)
     m = kp.measured
     fitq = m["fit"]
     console.print(f"fit over {fitq['files']} files: max |error| tg {100 * fitq['max_abs_tg_err']:.1f}%, "
                   f"pp {100 * fitq['max_abs_pp_err']:.1f}%" + (
-                      f"; held-out random mixes (fit on the uniform files): tg {100 * m['holdout']['max_abs_tg_err']:.1f}%, "
+                      f"; held-out random mixes (fit on the designed files): tg {100 * m['holdout']['max_abs_tg_err']:.1f}%, "
                       f"pp {100 * m['holdout']['max_abs_pp_err']:.1f}%" if m.get("holdout") else ""), highlight=False)
     if m.get("emulated"):
         console.print(f"[yellow]emulated[/]: {m['emulated']}", highlight=False)

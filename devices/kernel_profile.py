@@ -2,11 +2,12 @@
 
 For every format of the menu, a GGUF of the model is exported (tasa-edge's exporter, llama.cpp's
 quantization kernels) with every tensor that fits the format in that format and the rest in a
-fallback format (Q8_0 when the menu has it); two more files mix the menu's formats at random per
-tensor. ``llama-bench`` times each file on the device (``tg`` decode, ``pp`` prefill, the
+fallback format (Q8_0 when the menu has it); for every other format the LM head takes, one file
+with only the head in it (the layers in the fallback: the head's own decode cost); two more files
+mix the menu's formats at random per tensor. ``llama-bench`` times each file on the device (``tg`` decode, ``pp`` prefill, the
 device's own kernels: repacked / interleaved CPU kernels show up as what they cost), and one
-non-negative least-squares coefficient per format is fitted for decode and one for prefill
-(:mod:`tasa_edge.costmodel`). The random mixes are also predicted by a fit on the uniform files
+non-negative least-squares coefficient per format is fitted for decode (and one for the LM head in
+that format, where the head files measured it) and one for prefill (:mod:`tasa_edge.costmodel`). The random mixes are also predicted by a fit on the uniform files
 alone (``[measured.holdout]``): how well the model predicts a mix it has not seen.
 
 The profile TOML is a device profile (``devices/profiles.py``: name, target, cpu, memory, formats
@@ -69,6 +70,11 @@ def design_plans(src: ModelSource, menu: list[str], seed: int = 0, n_random: int
         if not any(v == f for v in tensors.values()):
             raise TasaError(f"format {f} fits no tensor of {src.name}: leave it out of --formats")
         out.append((f"uniform {f}", tensors))
+    # the LM head alone in each other format it takes (layers in the fallback): its own decode cost
+    heads = [t for t in qt if role(src, t.name) == "output"]
+    for f in menu:
+        if heads and f != fallback and all(spec.fits(f, t.shape) for t in heads):
+            out.append((f"output {f}", {t.name: f if role(src, t.name) == "output" else fallback for t in qt}))
     rng = random.Random(seed)
     for i in range(n_random):
         out.append((f"random mix {i + 1}", {t.name: rng.choice([f for f in menu if spec.fits(f, t.shape)]) for t in qt}))
@@ -76,15 +82,17 @@ def design_plans(src: ModelSource, menu: list[str], seed: int = 0, n_random: int
 
 
 def features(src: ModelSource, tensors: dict[str, str], menu: list[str], pp: int) -> tuple[np.ndarray, np.ndarray]:
-    """Regressors of one file: decode weights per format, prefill weights (x pp) per format of the
-    layer tensors, and the LM head's weights per format (decode-costed in the pp test)."""
+    """Regressors of one file: decode weights per format of the layer tensors then of the LM head
+    (``2 * len(menu)`` columns), and prefill weights (x pp) per format of the layer tensors (the
+    head is decode-costed in the pp test)."""
     idx = {f: i for i, f in enumerate(menu)}
-    dec, pre = np.zeros(len(menu)), np.zeros(len(menu))
+    k = len(menu)
+    dec, pre = np.zeros(2 * k), np.zeros(k)
     for name, fmt in tensors.items():
         r, n = role(src, name), src.tensors[name].n_elements
         if r == "embed":
             continue
-        dec[idx[fmt]] += n
+        dec[idx[fmt] + (k if r == "output" else 0)] += n
         if r == "layer":
             pre[idx[fmt]] += n * pp
     return dec, pre
@@ -94,22 +102,34 @@ def fit(src: ModelSource, runs: list[DesignRun], menu: list[str], pp: int) -> di
     """Non-negative least squares, decode then prefill (ns per weight)."""
     from scipy.optimize import nnls
 
+    k = len(menu)
     xd = np.array([features(src, r.tensors, menu, pp)[0] for r in runs])
     yd = np.array([1e9 / r.tg_ts for r in runs])              # ns per token
+    # the head's own column only where some file puts the head in that format without putting all
+    # the layers there too (else it cannot be told from the layers': one coefficient, as before)
+    own = [j for j in range(k) if any(x[k + j] > 0 and x[j] == 0 for x in xd)]
+    cols = list(range(k)) + [k + j for j in own]
+    x = xd.copy()
+    for j in range(k):
+        if j not in own:
+            x[:, j] += x[:, k + j]
+    x = x[:, cols]
     # scale columns so that nnls is well conditioned
-    sd = xd.max(axis=0)
+    sd = x.max(axis=0)
     sd[sd == 0] = 1
-    a, _ = nnls(xd / sd, yd)
-    a = a / sd
+    sol, _ = nnls(x / sd, yd)
+    sol = sol / sd
+    a = sol[:k]
+    a_out = {j: float(sol[k + i]) for i, j in enumerate(own)}
     xp = np.array([features(src, r.tensors, menu, pp)[1] for r in runs])
-    head = np.array([sum(a[menu.index(f)] * src.tensors[n].n_elements for n, f in r.tensors.items()
-                         if role(src, n) == "output") for r in runs])
+    head = np.array([sum(a_out.get(menu.index(f), a[menu.index(f)]) * src.tensors[n].n_elements
+                         for n, f in r.tensors.items() if role(src, n) == "output") for r in runs])
     yp = np.array([1e9 * pp / r.pp_ts for r in runs]) - head     # ns for pp tokens, less the LM head
     sp = xp.max(axis=0)
     sp[sp == 0] = 1
     b, _ = nnls(xp / sp, yp)
     b = b / sp
-    return {f: FormatCost(float(a[i]), float(b[i])) for i, f in enumerate(menu)}
+    return {f: FormatCost(float(a[i]), float(b[i]), a_out.get(i)) for i, f in enumerate(menu)}
 
 
 def _errors(kp: KernelProfile, src: ModelSource, runs: list[DesignRun]) -> dict:
@@ -275,8 +295,8 @@ def measure_profile(src: ModelSource, *, target: str = "local", menu: list[str] 
         "seconds": round(seconds, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "emulated": emulation["note"] if emulation else None,
     }
-    uniform = [r for r in runs if r.label.startswith("uniform")]
-    held = [r for r in runs if not r.label.startswith("uniform")]
+    uniform = [r for r in runs if not r.label.startswith("random")]   # the designed files
+    held = [r for r in runs if r.label.startswith("random")]
     kp = KernelProfile(name or f"{target}-{src.name}", "gguf", ident, measured, fit(src, uniform, menu, pp))
     if held:
         errs = _errors(kp, src, held)

@@ -4,7 +4,12 @@
 on the device, files of the model whose tensors take the formats of the menu in a few designed
 mixes, and fits one coefficient per format (least squares, non-negative):
 
-* **decode** (``tg``, one token: mat-vec): ``ms/token = sum over matmul tensors of a[fmt] * n_weights``;
+* **decode** (``tg``, one token: mat-vec): ``ms/token = sum over matmul tensors of a[fmt] * n_weights``,
+  the LM head with its own ``a_out[fmt]`` where the profile measured one (design files that change
+  only the head's format): llama.cpp's CPU backend repacks layer matrices of some formats (Q4_0,
+  IQ4_NL) into interleaved kernels, but not a tied head (the token embedding, also read by
+  ``get_rows``), so one coefficient per format mispredicts mixes that put the head and the layers in
+  different formats;
 * **prefill** (``pp`` tokens, mat-mat): ``ms = pp * sum over layer tensors of b[fmt] * n_weights``
   ``+ sum over the LM head of a[fmt] * n_weights`` (llama-bench asks for the last token's logits
   only, so the LM head runs once, as a mat-vec).
@@ -23,6 +28,7 @@ The profile is a TOML file; the keys this module reads (the rest is the device p
     [measured]  model = "..."  fingerprint = "sha256:..."  threads = 2  pp = 512  tg = 128
                 usable_ram_bytes = 123  bandwidth_bytes_per_s = 2.5e10  ...
     [kernels.gguf.Q4_0]  decode_ns_per_weight = 0.21  prefill_ns_per_weight = 0.012
+                         output_decode_ns_per_weight = 0.35    # optional: the LM head's own
 
 The resulting per-tensor costs are linear, so the allocation stays an exact MILP with a time row
 (:func:`tasa_edge.allocate.solve`'s ``resources``).
@@ -45,6 +51,14 @@ TOKEN_EMBD = "token_embd.weight"
 class FormatCost:
     decode_ns_per_weight: float     # per decoded token (mat-vec), weights of the tensor
     prefill_ns_per_weight: float    # per prompt token (mat-mat)
+    #: the LM head's own decode cost in this format, when measured (else ``decode_ns_per_weight``):
+    #: a tied head is the token embedding, which llama.cpp's CPU backend does not repack
+    output_decode_ns_per_weight: float | None = None
+
+    def decode(self, role_: str) -> float:
+        if role_ == "output" and self.output_decode_ns_per_weight is not None:
+            return self.output_decode_ns_per_weight
+        return self.decode_ns_per_weight
 
 
 @dataclass
@@ -124,7 +138,7 @@ class KernelProfile:
         r = role(src, name)
         if r == "embed":
             return 0.0, 0.0
-        dec = c.decode_ns_per_weight * n * 1e-6
+        dec = c.decode(r) * n * 1e-6
         if r == "output":
             return dec, dec
         return dec, c.prefill_ns_per_weight * n * self.pp * 1e-6
@@ -150,6 +164,8 @@ class KernelProfile:
         for fmt, c in self.costs.items():
             lines += ["", f"[kernels.{self.target}.{fmt}]", f"decode_ns_per_weight = {c.decode_ns_per_weight!r}",
                       f"prefill_ns_per_weight = {c.prefill_ns_per_weight!r}"]
+            if c.output_decode_ns_per_weight is not None:
+                lines.append(f"output_decode_ns_per_weight = {c.output_decode_ns_per_weight!r}")
         return "\n".join(lines) + "\n"
 
 
@@ -195,11 +211,16 @@ def kernel_profile_from_dict(data: dict, where: str) -> KernelProfile | None:
         raise TasaError(f"{where}: [kernels.{target}]: the target must be gguf or onnx")
     costs = {}
     for fmt, row in table.items():
-        if not isinstance(row, dict) or set(row) != {"decode_ns_per_weight", "prefill_ns_per_weight"}:
-            raise TasaError(f"{where}: [kernels.{target}.{fmt}] must have decode_ns_per_weight and prefill_ns_per_weight")
+        keys = {"decode_ns_per_weight", "prefill_ns_per_weight"}
+        if not isinstance(row, dict) or not keys <= set(row) <= keys | {"output_decode_ns_per_weight"}:
+            raise TasaError(f"{where}: [kernels.{target}.{fmt}] must have decode_ns_per_weight and prefill_ns_per_weight"
+                            " (and optionally output_decode_ns_per_weight), nothing else")
         vals = []
-        for k in ("decode_ns_per_weight", "prefill_ns_per_weight"):
-            v = row[k]
+        for k in ("decode_ns_per_weight", "prefill_ns_per_weight", "output_decode_ns_per_weight"):
+            v = row.get(k)          # the two required keys are there (checked above)
+            if v is None:
+                vals.append(None)
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < 1e6):
                 raise TasaError(f"{where}: kernels.{target}.{fmt}.{k} must be a number >= 0, got {v!r}")
             vals.append(float(v))

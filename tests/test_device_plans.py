@@ -128,6 +128,62 @@ def test_roles_and_prediction_are_linear_in_weights(src, tmp_path):
     assert p.tg_ts == pytest.approx(1000 / p.decode_ms)
 
 
+def test_head_cost_of_its_own_round_trips_and_applies_to_the_head_only(src, tmp_path):
+    from tasa_edge.costmodel import FormatCost
+
+    p = write_profile(tmp_path / "p.toml", src, COSTS)
+    text = p.read_text().replace("[kernels.gguf.Q4_0]\ndecode_ns_per_weight = 0.01\n",
+                                 "[kernels.gguf.Q4_0]\ndecode_ns_per_weight = 0.01\noutput_decode_ns_per_weight = 0.04\n")
+    assert text != p.read_text()
+    p.write_text(text)
+    kp = load_kernel_profile(p)
+    assert kp.costs["Q4_0"] == FormatCost(0.01, 0.001, 0.04) and kp.costs["Q8_0"].output_decode_ns_per_weight is None
+    assert "output_decode_ns_per_weight = 0.04" in kp.to_toml()
+    n_head = src.tensors["token_embd.weight"].n_elements
+    assert kp.tensor_costs(src, "token_embd.weight", "Q4_0") == pytest.approx((0.04e-6 * n_head, 0.04e-6 * n_head))
+    n = src.tensors["blk.0.ffn_up.weight"].n_elements
+    assert kp.tensor_costs(src, "blk.0.ffn_up.weight", "Q4_0") == pytest.approx((0.01e-6 * n, 0.001e-6 * n * 512))
+    p.write_text(text.replace("output_decode_ns_per_weight = 0.04", "output_decode_ns_per_weight = 0.04\nspeed = 3"))
+    with pytest.raises(TasaError, match=r"\[kernels.gguf.Q4_0\] must have .* nothing else"):
+        load_kernel_profile(p)
+
+
+def test_fit_recovers_the_heads_own_cost_from_the_design_files(src):
+    """Timings made from known costs (a tied head slower than the repacked layers in Q4_0 / IQ4_NL):
+    the fit over the designed files recovers every coefficient, and one coefficient per format could
+    not (the random mix it then mispredicts)."""
+    from devices.kernel_profile import DesignRun, design_plans, fit
+    from tasa_edge.costmodel import FormatCost
+
+    menu = ["Q8_0", "Q4_0", "IQ4_NL", "Q4_K"]
+    layer = {"Q8_0": 0.080, "Q4_0": 0.038, "IQ4_NL": 0.035, "Q4_K": 0.052}
+    head = {"Q8_0": 0.080, "Q4_0": 0.078, "IQ4_NL": 0.093, "Q4_K": 0.052}
+    pre = {"Q8_0": 0.015, "Q4_0": 0.011, "IQ4_NL": 0.011, "Q4_K": 0.009}
+    designs = design_plans(src, menu, n_random=1)
+    labels = [d[0] for d in designs]
+    assert labels == ["uniform Q8_0", "uniform Q4_0", "uniform IQ4_NL", "uniform Q4_K", "output Q4_0", "output IQ4_NL",
+                      "random mix 1"]    # Q4_K does not fit the 576-wide head
+    truth = KernelProfile("t", "gguf", {}, {"pp": 512}, {f: FormatCost(layer[f], pre[f], head[f]) for f in menu})
+
+    def run(label, tensors):
+        p = truth.predict(src, tensors)
+        return DesignRun(label, tensors, p.tg_ts, p.pp_ts, 0.0, 0.0, 0)
+
+    runs = [run(*d) for d in designs]
+    got = fit(src, runs[:-1], menu, 512)
+    for f in ("Q4_0", "IQ4_NL"):
+        assert got[f].decode_ns_per_weight == pytest.approx(layer[f], rel=1e-6)
+        assert got[f].output_decode_ns_per_weight == pytest.approx(head[f], rel=1e-6)
+        assert got[f].prefill_ns_per_weight == pytest.approx(pre[f], rel=1e-6)
+    assert got["Q4_K"].output_decode_ns_per_weight is None and got["Q8_0"].output_decode_ns_per_weight is None
+    kp = KernelProfile("f", "gguf", {}, {"pp": 512}, got)
+    mix = runs[-1]
+    assert kp.predict(src, mix.tensors).tg_ts == pytest.approx(mix.tg_ts, rel=1e-6)
+    # the same data through one coefficient per format (the head designs dropped): the mix is mispredicted
+    one = KernelProfile("o", "gguf", {}, {"pp": 512}, fit(src, runs[:4], menu, 512))
+    assert abs(one.predict(src, mix.tensors).tg_ts / mix.tg_ts - 1) > 0.02
+
+
 def test_kv_cache_size_from_gguf_metadata(src):
     # SmolLM2-135M: 30 layers, 3 KV heads of 64 (F16 K and V): 90 MiB at 4096 tokens, as llama.cpp reports
     assert kv_cache_bytes(src, 4096) == 30 * 4096 * 3 * (64 + 64) * 2 == 90 * 2**20
