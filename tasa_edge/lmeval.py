@@ -29,8 +29,8 @@ Resume and outputs
 Questions are generated together (``n_parallel``, default 8; :class:`BatchDecoder`): continuous
 batching in one llama.cpp context, the few-shot prefix decoded once and shared in the KV cache
 (lm-eval's ``first_n`` few-shot sampler: every question gets the same first 5 calibration rows as
-examples, so the prefix is common).  On 2 cores this takes Qwen2.5-1.5B's GSM8K from ~24 s to ~6 s a
-question.  Greedy tokens are the argmax of llama.cpp's logits either way, but the logits of a
+examples, so the prefix is common).  On 2 cores this takes Qwen2.5-1.5B's GSM8K from ~22 s to ~7.5 s a
+question (``benchmarks/eval_speed.py``).  Greedy tokens are the argmax of llama.cpp's logits either way, but the logits of a
 sequence batched with others differ from its logits alone by rounding (summation order), so a
 near-tie can go the other way: with ``n_parallel=1`` the completions are llama-cpp-python's
 ``create_completion`` exactly.
@@ -68,7 +68,7 @@ GSM8K_FEWSHOT = 5
 GSM8K_MAX_GEN_TOKENS = 256  # lm-eval's default max_gen_toks
 GSM8K_SAMPLER = "first_n"  # lm-eval's sampler: the same 5 shots for every question (one shared KV prefix)
 Z95 = 1.959963984540054
-N_PARALLEL = 8  # sequences decoded together: 2-core CPU decodes 8 tokens in ~1/3 the time of 8 steps
+N_PARALLEL = 8  # sequences decoded together (on 2 cores, 8 tokens in one step cost ~1/3 of 8 steps)
 
 
 def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:

@@ -330,7 +330,7 @@ def test_cli_profile_measures_through_llama_bench(src, tmp_path):
     assert data["machine"]["cpu"] == _here_identity()["cpu"]
     assert data["machine"]["llama_cpp_commit"] == _here_identity()["llama_cpp_commit"]
     assert data["measured"]["fingerprint"] == src.fingerprint and data["measured"]["threads"] == 1
-    assert set(data["measured"]["design_tg_ts"]) == {"uniform Q8_0", "uniform Q4_0", "uniform Q4_K", "random mix 1"}
+    assert set(data["measured"]["design_tg_ts"]) == {"uniform Q8_0", "uniform Q4_0", "uniform Q4_K", "output Q4_0", "random mix 1"}
     assert all(v > 0 for v in data["measured"]["design_tg_ts"].values())
     assert load_profile(out).kernels.costs.keys() == {"Q8_0", "Q4_0", "Q4_K"}
     an = synthetic_analysis(src, tmp_path / "analysis.json")

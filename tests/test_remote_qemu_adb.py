@@ -175,7 +175,7 @@ def test_profile_on_emulated_aarch64_phone(tmp_path, adb_env):
     d = tomllib.loads(out.read_text())
     assert d["target"] == "adb" and d["measured"]["target"] == "adb"
     assert "aarch64 binaries ran under emulation" in d["measured"]["emulated"]
-    assert set(d["measured"]["design_tg_ts"]) == {"uniform Q8_0", "uniform Q4_0"}
+    assert set(d["measured"]["design_tg_ts"]) == {"uniform Q8_0", "uniform Q4_0", "output Q4_0"}
     assert all(v > 0 for v in d["measured"]["design_pp_ts"].values())
     info = json.loads((bindir.parent / "BUILD_INFO.json").read_text())
     assert info["llama_cpp_commit"].startswith(d["machine"]["llama_cpp_commit"])

@@ -153,7 +153,7 @@ def test_profile_over_real_ssh_then_plan_with_it(tmp_path, sshd, host_bin, smoll
     assert d["machine"]["llama_cpp_commit"] == build_info(host_bin / "llama-bench").commit
     m = d["measured"]
     assert m["target"] == "ssh" and m["threads"] == 1 and (m["pp"], m["tg"], m["reps"]) == (16, 4, 1)
-    assert set(m["design_tg_ts"]) == {"uniform Q8_0", "uniform Q4_0", "random mix 1"}
+    assert set(m["design_tg_ts"]) == {"uniform Q8_0", "uniform Q4_0", "output Q4_0", "random mix 1"}
     assert all(v > 0 for v in m["design_tg_ts"].values()) and all(v > 0 for v in m["design_pp_ts"].values())
     kp = load_kernel_profile(prof)
     assert set(kp.costs) == {"Q8_0", "Q4_0"}
