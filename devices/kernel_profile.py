@@ -2,12 +2,13 @@
 
 For every format of the menu, a GGUF of the model is exported (tasa-edge's exporter, llama.cpp's
 quantization kernels) with every tensor that fits the format in that format and the rest in a
-fallback format (Q8_0 when the menu has it); for every other format the LM head takes, one file
-with only the head in it (the layers in the fallback: the head's own decode cost); two more files
-mix the menu's formats at random per tensor. ``llama-bench`` times each file on the device (``tg`` decode, ``pp`` prefill, the
-device's own kernels: repacked / interleaved CPU kernels show up as what they cost), and one
-non-negative least-squares coefficient per format is fitted for decode (and one for the LM head in
-that format, where the head files measured it) and one for prefill (:mod:`tasa_edge.costmodel`). The random mixes are also predicted by a fit on the uniform files
+fallback format (Q8_0 when the menu has it); for every other format the LM head takes, one file with
+only the head in it (the layers in the fallback: the head's own decode cost); two more files mix the
+menu's formats at random per tensor. ``llama-bench`` times each file on the device (``tg`` decode,
+``pp`` prefill, the device's own kernels: repacked / interleaved CPU kernels show up as what they
+cost), and one non-negative least-squares coefficient per format is fitted for decode (and one for
+the LM head in that format, where the head files measured it) and one for prefill
+(:mod:`tasa_edge.costmodel`). The random mixes are also predicted by a fit on the designed files
 alone (``[measured.holdout]``): how well the model predicts a mix it has not seen.
 
 The profile TOML is a device profile (``devices/profiles.py``: name, target, cpu, memory, formats

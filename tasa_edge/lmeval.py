@@ -27,13 +27,13 @@ problem's tests in a limited child process (:func:`tasa_edge.humaneval.check_com
 Resume and outputs
 ------------------
 Questions are generated together (``n_parallel``, default 8; :class:`BatchDecoder`): continuous
-batching in one llama.cpp context, the few-shot prefix decoded once and shared in the KV cache
-(lm-eval's ``first_n`` few-shot sampler: every question gets the same first 5 calibration rows as
-examples, so the prefix is common).  On 2 cores this takes Qwen2.5-1.5B's GSM8K from ~22 s to ~7.5 s a
-question (``benchmarks/eval_speed.py``).  Greedy tokens are the argmax of llama.cpp's logits either way, but the logits of a
-sequence batched with others differ from its logits alone by rounding (summation order), so a
-near-tie can go the other way: with ``n_parallel=1`` the completions are llama-cpp-python's
-``create_completion`` exactly.
+batching in one llama.cpp context, the few-shot prefix decoded once and shared in the KV cache (lm-
+eval's ``first_n`` few-shot sampler: every question gets the same first 5 calibration rows as
+examples, so the prefix is common). On 2 cores this takes Qwen2.5-1.5B's GSM8K from ~22 s to ~7.5 s
+a question (``benchmarks/eval_speed.py``). Greedy tokens are the argmax of llama.cpp's logits either
+way, but the logits of a sequence batched with others differ from its logits alone by rounding
+(summation order), so a near-tie can go the other way: with ``n_parallel=1`` the completions are
+llama-cpp-python's ``create_completion`` exactly.
 
 Every completion is appended to ``generations.jsonl`` in the run directory as soon as it exists
 (keyed by a hash of the prompt and the generation settings); a re-run of the same command skips
