@@ -134,22 +134,20 @@ def kl_tokens(ref, path: Path) -> np.ndarray:
     return np.concatenate(out)
 
 
-def file_types(path: Path) -> dict[str, str]:
-    """tensor -> ggml type name of the matrices of a GGUF file."""
-    import gguf
-
-    r = gguf.GGUFReader(str(path))
-    return {t.name: t.tensor_type.name for t in r.tensors if len(t.shape) >= 2}
+def file_types(rep: dict) -> dict[str, str]:
+    """tensor -> ggml type name of the matrices of a file (from its :func:`inspect_gguf` report)."""
+    return {r["name"]: r["type"] for r in rep["tensors"] if len(r["shape"]) >= 2}
 
 
-def predict_file(kp, src, path: Path):
-    """The profile's prediction for an existing file (a llama.cpp mix); a type the profile did not
-    measure is costed as the measured format nearest in bits per weight (returned: type -> stand-in)."""
+def predict_file(kp, src, types: dict[str, str]):
+    """The profile's prediction for an existing file (a llama.cpp mix; ``types``: :func:`file_types`);
+    a type the profile did not measure is costed as the measured format nearest in bits per weight
+    (returned: type -> stand-in)."""
     from tasa_edge.formats import ggml
 
     known = list(kp.costs)
     tensors, approx = {}, {}
-    for name, t in file_types(path).items():
+    for name, t in types.items():
         if name not in src.tensors:
             continue
         if t not in known:
@@ -174,14 +172,16 @@ def win(a, src, kp, an, res, res_path, work) -> None:
         im = load_imatrix(an.imatrix["path"]) if an.imatrix else None
         lf = work / f"llama-{mix}.gguf"
         quantize_baseline(reference_gguf(src), lf, mix, imatrix=im)
-        nbytes = inspect_gguf(lf)["bytes"]
+        rep = inspect_gguf(lf)
+        nbytes = rep["bytes"]
         rows = {}
         m = measure(lf, kp, a.reps)
-        pred, approx = predict_file(kp, src, lf)
+        types = file_types(rep)
+        pred, approx = predict_file(kp, src, types)
         counts: dict[str, int] = {}
-        for t in file_types(lf).values():
+        for t in types.values():
             counts[t] = counts.get(t, 0) + 1
-        rows["llama.cpp"] = {"bpw": inspect_gguf(lf)["bpw"], **m, "kl": kl_tokens(held, lf), "types": counts,
+        rows["llama.cpp"] = {"bpw": rep["bpw"], **m, "kl": kl_tokens(held, lf), "types": counts,
                              "pred_tg_ts": pred.tg_ts, "pred_pp_ts": pred.pp_ts, "approximated": approx}
         lf.unlink()
         # the speed-aware plan may take no more *predicted* time than the mix's prediction: the cost

@@ -242,16 +242,10 @@ class Run:
             return {r["id"]: bool(r["flexible-extract"]["exact_match"]) for r in rows}
         return {r["id"]: bool(r["passed"]) for r in rows}
 
-    def strict(self, name: str) -> dict[str, bool] | None:
-        f = self.eval_dir(name, "gsm8k") / "samples.jsonl"
-        if not (self.eval_dir(name, "gsm8k") / "results.json").exists():
-            return None
-        return {r["id"]: bool(r["strict-match"]["exact_match"]) for r in map(json.loads, f.read_text().splitlines())}
-
     # ------------------------------------------------------------------ the run
     def steps(self):
         """(description, callable) in order; each is skipped when its output exists."""
-        a, mid = self.args, self.args.bpw[1]
+        mid = self.args.bpw[1]
         head = [n for n in self.specs if "seed" not in n and n != f"humaneval-{mid}"]
         yield "files", lambda: [self.make(n) for n in head]
         yield "KLD gsm8k", lambda: self.kld(head, "gsm8k")
@@ -268,7 +262,6 @@ class Run:
         seeds = [n for n in self.specs if "seed" in n]
         yield "seed files", lambda: [self.make(n) for n in seeds]
         yield "KLD gsm8k (seeds)", lambda: self.kld(seeds, "gsm8k")
-        del a
 
     def run(self) -> int:
         log(f"== {self.src.name}: {len(self.specs)} files -> {self.out}")
