@@ -189,7 +189,8 @@ def profile(
     model: str = typer.Option(..., "--model", "-m", help="The model whose tensor shapes are measured (GGUF, HF directory or packaged name)."),
     output: Path = typer.Option(..., "--output", "-o", help="Profile TOML to write (a device profile with measured kernel costs)."),
     target: str = typer.Option("local", "--target", help="local (this machine), adb (Android phone) or ssh (board)."),
-    formats_: Optional[str] = typer.Option(None, "--formats", help="Comma-separated GGUF formats to measure (default: the analysis' default menu)."),
+    kernels: str = typer.Option("gguf", "--format", "-f", help="gguf (llama.cpp's kernels, timed by llama-bench) or onnx (onnxruntime's MatMulNBits on this machine, the ONNX exporter's default graph)."),
+    formats_: Optional[str] = typer.Option(None, "--formats", help="Comma-separated formats to measure (default: the analysis' default menu for --format)."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Threads (default: all usable cores / the device's cores)."),
     n_prompt: int = typer.Option(512, "--n-prompt", "-p", help="pp test size (prefill tokens), as llama-bench -p."),
     n_gen: int = typer.Option(128, "--n-gen", "-n", help="tg test size (decoded tokens), as llama-bench -n."),
@@ -241,12 +242,12 @@ def profile(
     err = Console(stderr=True)
     show = not os.environ.get("TASA_NO_PROGRESS")
     kp, runs, text = measure_profile(
-        src, target=target, menu=menu, threads=threads, pp=n_prompt, tg=n_gen, reps=reps, n_random=n_random, name=name, stat=stat, resume=resume,
+        src, target=target, kernels=kernels, menu=menu, threads=threads, pp=n_prompt, tg=n_gen, reps=reps, n_random=n_random, name=name, stat=stat, resume=resume,
         transport=transport, bin_dir=bin_dir, limit_bytes=parse_bytes(memory_limit) if memory_limit else None,
         show_progress=show, log=(lambda s: err.print(s, highlight=False)) if show else None)
     write_profile(output, text)
-    t = Table(title=f"kernel costs on {kp.machine.get('cpu') or target}, {kp.measured['threads']} threads "
-                    f"(llama.cpp {kp.machine.get('llama_cpp_commit') or '?'})")
+    runtime = (f"llama.cpp {kp.machine.get('llama_cpp_commit') or '?'}" if kp.target == "gguf" else kp.measured["backend"])
+    t = Table(title=f"kernel costs on {kp.machine.get('cpu') or target}, {kp.measured['threads']} threads ({runtime})")
     for c in ("format", "decode ns/weight", "LM head decode ns/weight", "prefill ns/weight/token"):
         t.add_column(c, justify="left" if c == "format" else "right")
     for f, c in kp.costs.items():

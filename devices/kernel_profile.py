@@ -11,11 +11,18 @@ the LM head in that format, where the head files measured it) and one for prefil
 (:mod:`tasa_edge.costmodel`). The random mixes are also predicted by a fit on the designed files
 alone (``[measured.holdout]``): how well the model predicts a mix it has not seen.
 
+``--format onnx`` does the same for the ONNX exporter's files on this machine: each design is
+exported (the default graph: onnxruntime-genai's where it runs the family) and timed by the bench
+harness's onnxruntime backend with llama-bench's conventions (``pp`` random tokens in one batch,
+``tg`` tokens one at a time); the coefficients are onnxruntime's MatMulNBits kernels (its own
+prepacking included), and the LM head counts in prefill like a layer (``head_prefill = "all"``:
+the graphs return every position's logits). The identity is then the onnxruntime(-genai) versions.
+
 The profile TOML is a device profile (``devices/profiles.py``: name, target, cpu, memory, formats
 = the measured menu, transport) plus ``[machine]`` (the identity: CPU model, ISA flags, cores,
 llama.cpp build of the llama-bench that measured), ``[measured]`` (model fingerprint, threads, test
 sizes, usable RAM, read bandwidth, the machine's load while measuring, the fit's errors) and
-``[kernels.gguf.<FMT>]`` (the coefficients).
+``[kernels.gguf.<FMT>]`` / ``[kernels.onnx.<FMT>]`` (the coefficients).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -56,15 +64,20 @@ class DesignRun:
     file_bytes: int
 
 
-def design_plans(src: ModelSource, menu: list[str], seed: int = 0, n_random: int = 2) -> list[tuple[str, dict[str, str]]]:
+#: the design files' fallback (for tensors the measured format does not fit), by kernel target
+FALLBACK = {"gguf": "Q8_0", "onnx": "int8_b32"}
+
+
+def design_plans(src: ModelSource, menu: list[str], seed: int = 0, n_random: int = 2,
+                 kernels: str = "gguf") -> list[tuple[str, dict[str, str]]]:
     """(label, tensor -> format) of the design files: one per menu format (fallback where it does
     not fit) and ``n_random`` random mixes."""
-    spec = formats.get("gguf")
+    spec = formats.get(kernels)
     qt = src.quantizable
     fits_all = [f for f in menu if all(spec.fits(f, t.shape) for t in qt)]
     if not fits_all:
-        raise TasaError(f"no format of the menu ({', '.join(menu)}) fits every tensor of {src.name}: add Q8_0")
-    fallback = "Q8_0" if "Q8_0" in fits_all else fits_all[0]
+        raise TasaError(f"no format of the menu ({', '.join(menu)}) fits every tensor of {src.name}: add {FALLBACK[kernels]}")
+    fallback = FALLBACK[kernels] if FALLBACK[kernels] in fits_all else fits_all[0]
     out = []
     for f in menu:
         tensors = {t.name: f if spec.fits(f, t.shape) else fallback for t in qt}
@@ -82,10 +95,12 @@ def design_plans(src: ModelSource, menu: list[str], seed: int = 0, n_random: int
     return out
 
 
-def features(src: ModelSource, tensors: dict[str, str], menu: list[str], pp: int) -> tuple[np.ndarray, np.ndarray]:
+def features(src: ModelSource, tensors: dict[str, str], menu: list[str], pp: int,
+             head_prefill: str = "last") -> tuple[np.ndarray, np.ndarray]:
     """Regressors of one file: decode weights per format of the layer tensors then of the LM head
-    (``2 * len(menu)`` columns), and prefill weights (x pp) per format of the layer tensors (the
-    head is decode-costed in the pp test)."""
+    (``2 * len(menu)`` columns), and prefill weights (x pp) per format of the layer tensors -- and of
+    the head when ``head_prefill`` is ``all`` (onnxruntime: logits of every prompt position); with
+    ``last`` (llama-bench: the last position's logits) the head is decode-costed in the pp test."""
     idx = {f: i for i, f in enumerate(menu)}
     k = len(menu)
     dec, pre = np.zeros(2 * k), np.zeros(k)
@@ -94,12 +109,12 @@ def features(src: ModelSource, tensors: dict[str, str], menu: list[str], pp: int
         if r == "embed":
             continue
         dec[idx[fmt] + (k if r == "output" else 0)] += n
-        if r == "layer":
+        if r == "layer" or head_prefill == "all":
             pre[idx[fmt]] += n * pp
     return dec, pre
 
 
-def fit(src: ModelSource, runs: list[DesignRun], menu: list[str], pp: int) -> dict[str, FormatCost]:
+def fit(src: ModelSource, runs: list[DesignRun], menu: list[str], pp: int, head_prefill: str = "last") -> dict[str, FormatCost]:
     """Non-negative least squares, decode then prefill (ns per weight)."""
     from scipy.optimize import nnls
 
@@ -122,8 +137,9 @@ def fit(src: ModelSource, runs: list[DesignRun], menu: list[str], pp: int) -> di
     sol = sol / sd
     a = sol[:k]
     a_out = {j: float(sol[k + i]) for i, j in enumerate(own)}
-    xp = np.array([features(src, r.tensors, menu, pp)[1] for r in runs])
-    head = np.array([sum(a_out.get(menu.index(f), a[menu.index(f)]) * src.tensors[n].n_elements
+    xp = np.array([features(src, r.tensors, menu, pp, head_prefill)[1] for r in runs])
+    head = np.array([0.0 if head_prefill == "all" else
+                     sum(a_out.get(menu.index(f), a[menu.index(f)]) * src.tensors[n].n_elements
                          for n, f in r.tensors.items() if role(src, n) == "output") for r in runs])
     yp = np.array([1e9 * pp / r.pp_ts for r in runs]) - head     # ns for pp tokens, less the LM head
     sp = xp.max(axis=0)
@@ -190,15 +206,21 @@ def _meminfo_available(text: str) -> int | None:
 def measure_profile(src: ModelSource, *, target: str = "local", menu: list[str] | None = None, threads: int | None = None,
                     pp: int = 512, tg: int = 128, reps: int = 3, n_random: int = 2, name: str | None = None,
                     transport=None, bin_dir=None, limit_bytes: int | None = None, show_progress: bool = True, stat: str = "best",
-                    workdir: Path | None = None, log=None, resume: Path | None = None) -> tuple[KernelProfile, list[DesignRun], str]:
-    """Export the design files, time them with llama-bench on ``target``, fit the costs.
+                    workdir: Path | None = None, log=None, resume: Path | None = None,
+                    kernels: str = "gguf") -> tuple[KernelProfile, list[DesignRun], str]:
+    """Export the design files, time them on ``target`` (``kernels="gguf"``: llama.cpp's llama-bench;
+    ``"onnx"``: this machine's onnxruntime(-genai), MatMulNBits), fit the costs.
     Returns the kernel profile, the measured runs and the profile TOML text."""
     from exporters.gguf_export import export_gguf
 
     from .llama_tools import build_info, require_tool, run_llama_bench
     from .machine import usable_cores
 
-    spec = formats.get("gguf")
+    if kernels not in FALLBACK:
+        raise TasaError(f"--format must be gguf or onnx, got {kernels!r}")
+    if kernels == "onnx" and target != "local":
+        raise TasaError(f"an ONNX kernel profile runs onnxruntime on this machine (--target local), not {target}")
+    spec = formats.get(kernels)
     menu = [spec.parse(f) for f in (menu or spec.default_menu)]
     need_im = [f for f in menu if spec.requires_imatrix(f)]
     if need_im:
@@ -208,11 +230,35 @@ def measure_profile(src: ModelSource, *, target: str = "local", menu: list[str] 
     speed({"ts_mean": 1.0}, stat)     # validates stat
     if pp <= 0 or tg <= 0 or reps <= 0:
         raise TasaError("-p, -n and -r must be positive")
-    designs = design_plans(src, menu, n_random=n_random)
+    designs = design_plans(src, menu, n_random=n_random, kernels=kernels)
     load_before = _loadavg() if target == "local" else None
     tools = None
     emulation = None
-    if target == "local":
+    head_prefill = "last"
+    if kernels == "onnx":
+        from exporters.onnx_export import export_onnx
+
+        from .worker import backend_for, measure_speed
+
+        threads = threads or usable_cores()
+        mach = local_machine(threads)
+        ident = {"cpu": mach["cpu"], "features": mach["features"], "arch": mach["arch"], "cores": mach["usable_cores"],
+                 "ram_bytes": mach["ram_bytes"], **onnx_versions()}
+        try:
+            avail = _meminfo_available(Path("/proc/meminfo").read_text())
+        except OSError:
+            avail = None
+        band = bw.probe_local(threads, repeats=3)
+        head_prefill = "all"
+
+        def bench(path: Path, tag: str) -> dict:
+            be = backend_for("onnx", str(path), threads)
+            try:
+                be.load(0, 0)
+                return measure_speed(be, pp, tg, reps)
+            finally:
+                be.close()
+    elif target == "local":
         exe = require_tool("llama-bench")
         threads = threads or usable_cores()
         mach = local_machine(threads)
@@ -258,52 +304,65 @@ def measure_profile(src: ModelSource, *, target: str = "local", menu: list[str] 
         avail = min(avail, limit_bytes)
 
     runs: list[DesignRun] = []
+    graphs: set[str] = set()    # the ONNX exporter's graph (genai where onnxruntime-genai runs the family)
     t0 = time.perf_counter()
     done = _load_resume(resume)
     with tempfile.TemporaryDirectory(prefix="tasa-profile-", dir=workdir) as tmp, \
-            progress_bar("profile (export + llama-bench)", len(designs), enabled=show_progress) as advance:
+            progress_bar(f"profile (export + {'llama-bench' if kernels == 'gguf' else 'onnxruntime'})", len(designs),
+                         enabled=show_progress) as advance:
         for i, (label, tensors) in enumerate(designs):
             key = _resume_key(label, tensors, ident, threads, pp, tg, reps, stat, target)
             if key in done:
                 runs.append(DesignRun(**done[key]))
                 advance(1)
                 continue
-            plan = BitPlan("gguf", model_block(src), tensors, provenance={"method": f"kernel profile design: {label}"})
+            plan = BitPlan(kernels, model_block(src), tensors, provenance={"method": f"kernel profile design: {label}"})
             plan.stamp(src)
-            path = Path(tmp) / f"design-{i}.gguf"
-            export_gguf(src, plan, path, show_progress=False)
+            if kernels == "onnx":
+                path = Path(tmp) / f"design-{i}"
+                graphs.add(export_onnx(src, plan, path, show_progress=False).graph)
+                size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+            else:
+                path = Path(tmp) / f"design-{i}.gguf"
+                export_gguf(src, plan, path, show_progress=False)
+                size = path.stat().st_size
             res = bench(path, str(i))
             if "tg" not in res or "pp" not in res:
-                raise TasaError(f"llama-bench gave no pp/tg result for design {label}")
-            if "llama_cpp_commit" not in ident or ident.get("llama_cpp_commit") is None:
+                raise TasaError(f"the benchmark gave no pp/tg result for design {label}")
+            if kernels == "gguf" and ident.get("llama_cpp_commit") is None:
                 ident["llama_cpp_commit"] = res.get("build_commit")
                 ident["llama_cpp_build"] = res.get("build_number")
             runs.append(DesignRun(label, tensors, speed(res["tg"], stat), speed(res["pp"], stat), res["tg"]["ts_std"],
-                                  res["pp"]["ts_std"], path.stat().st_size))
+                                  res["pp"]["ts_std"], size))
             if log is not None:
                 log(f"{label}: tg{tg} {runs[-1].tg_ts:.1f} t/s, pp{pp} {runs[-1].pp_ts:.1f} t/s")
-            path.unlink()
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
             if resume is not None:
                 done[key] = runs[-1].__dict__
                 atomic_write_text(resume, json.dumps(done))
             advance(1)
     seconds = time.perf_counter() - t0
+    backend = "llama.cpp llama-bench"
+    if kernels == "onnx":
+        backend = (f"onnxruntime-genai {ident['onnxruntime_genai']} (onnxruntime {ident['onnxruntime']}) MatMulNBits"
+                   if "genai" in graphs else f"onnxruntime {ident['onnxruntime']} MatMulNBits")
     measured = {
-        "model": src.name, "fingerprint": src.fingerprint, "backend": "llama.cpp llama-bench", "target": target,
+        "model": src.name, "fingerprint": src.fingerprint, "backend": backend, "target": target, "head_prefill": head_prefill,
         "threads": int(threads), "pp": pp, "tg": tg, "reps": reps, "stat": stat,
         "usable_ram_bytes": avail, "bandwidth_bytes_per_s": (band or {}).get("read_bytes_per_s"),
         "load_before": load_before, "load_after": _loadavg() if target == "local" else None,
         "seconds": round(seconds, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "emulated": emulation["note"] if emulation else None,
+        "onnx_graph": ", ".join(sorted(graphs)) or None,
     }
     uniform = [r for r in runs if not r.label.startswith("random")]   # the designed files
     held = [r for r in runs if r.label.startswith("random")]
-    kp = KernelProfile(name or f"{target}-{src.name}", "gguf", ident, measured, fit(src, uniform, menu, pp))
+    kp = KernelProfile(name or f"{target}-{src.name}", kernels, ident, measured, fit(src, uniform, menu, pp, head_prefill))
     if held:
         errs = _errors(kp, src, held)
         measured["holdout"] = {"max_abs_tg_err": max(abs(e["tg_err"]) for e in errs.values()),
                                "max_abs_pp_err": max(abs(e["pp_err"]) for e in errs.values()), "files": len(held)}
-    kp.costs = fit(src, runs, menu, pp)
+    kp.costs = fit(src, runs, menu, pp, head_prefill)
     errs = _errors(kp, src, runs)
     measured["fit"] = {"max_abs_tg_err": max(abs(e["tg_err"]) for e in errs.values()),
                        "max_abs_pp_err": max(abs(e["pp_err"]) for e in errs.values()), "files": len(runs)}
@@ -318,16 +377,32 @@ def profile_toml(kp: KernelProfile, target: str, menu: list[str], threads: int, 
     from tasa_edge.costmodel import _toml_value as v
 
     head = [f"# made by tasa-edge profile on {kp.measured.get('created')}: kernel costs of {kp.measured.get('model')}",
-            f"name = {v(kp.name)}", f"description = {v('measured by tasa-edge profile (llama-bench, ' + str(kp.measured.get('model')) + ')')}",
+            f"name = {v(kp.name)}", f"description = {v('measured by tasa-edge profile (' + str(kp.measured.get('backend')) + ', ' + str(kp.measured.get('model')) + ')')}",
             f"target = {v(target)}", "", "[cpu]", f"arch = {v(kp.machine.get('arch') or '')}", f"threads = {int(threads)}",
             f"features = {v(list(kp.machine.get('features') or []))}", "", "[memory]",
             f"ram_gib = {round((kp.machine.get('ram_bytes') or 0) / 2**30, 3)!r}", "limit_gib = 0", "",
-            "[formats]", f"gguf = {v(menu)}"]
+            "[formats]", f"{kp.target} = {v(menu)}"]
     if transport is not None and target != "local":
         keys = ("serial", "remote_dir") if target == "adb" else ("host", "user", "port", "remote_dir")
         d = {k: getattr(transport, k, None) for k in keys}
         head += ["", "[transport]"] + [f"{k} = {v(val)}" for k, val in d.items() if val not in (None, "")]
     return "\n".join(head) + "\n\n" + kp.to_toml()
+
+
+def onnx_versions() -> dict:
+    """The onnxruntime (and onnxruntime-genai, when installed) versions that run ONNX kernels here:
+    an ONNX profile's identity, as the llama.cpp build is a GGUF profile's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for key, dist in (("onnxruntime", "onnxruntime"), ("onnxruntime_genai", "onnxruntime-genai")):
+        try:
+            out[key] = version(dist)
+        except PackageNotFoundError:
+            out[key] = None
+    if out["onnxruntime"] is None:
+        raise TasaError("an ONNX kernel profile needs onnxruntime (pip install onnxruntime)")
+    return out
 
 
 def write_profile(path: Path, text: str) -> None:

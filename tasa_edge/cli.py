@@ -419,16 +419,25 @@ def _device_limits(profile, max_decode_ms, min_tg, max_prefill_ms, fit_ram, ctx,
         max_decode_ms = 1000.0 / min_tg
     kp = load_kernel_profile(profile)
     if kp.measured.get("target", "local") == "local":
-        from devices.llama_tools import build_info, find_tool
         from devices.machine import local_machine
 
         m = local_machine(1)
-        exe = find_tool("llama-bench")
-        here = {"cpu": m["cpu"], "features": m["features"], "llama_cpp_commit": build_info(exe).commit if exe else None}
+        here = {"cpu": m["cpu"], "features": m["features"]}
+        if kp.target == "onnx":
+            from devices.kernel_profile import onnx_versions
+
+            here.update(onnx_versions())
+            what = "onnxruntime"
+        else:
+            from devices.llama_tools import build_info, find_tool
+
+            exe = find_tool("llama-bench")
+            here["llama_cpp_commit"] = build_info(exe).commit if exe else None
+            what = "llama.cpp build"
         diff = kp.identity_mismatch(here)
         if diff and not force:
-            raise TasaError(f"profile {profile} was measured on another machine or llama.cpp build: {'; '.join(diff)} "
-                            "(re-run tasa-edge profile here, or --force-profile)")
+            raise TasaError(f"profile {profile} was measured on another machine or {what}: {'; '.join(diff)} "
+                            f"(re-run tasa-edge profile{' --format onnx' if kp.target == 'onnx' else ''} here, or --force-profile)")
     return DeviceLimits(kp, max_decode_ms=max_decode_ms, max_prefill_ms=max_prefill_ms, fit_ram=fit_ram, ctx=ctx,
                         ram_overhead=parse_bytes(ram_overhead))
 

@@ -12,7 +12,8 @@ mixes, and fits one coefficient per format (least squares, non-negative):
   different formats;
 * **prefill** (``pp`` tokens, mat-mat): ``ms = pp * sum over layer tensors of b[fmt] * n_weights``
   ``+ sum over the LM head of a[fmt] * n_weights`` (llama-bench asks for the last token's logits
-  only, so the LM head runs once, as a mat-vec).
+  only, so the LM head runs once, as a mat-vec); an ONNX profile (onnxruntime's MatMulNBits,
+  ``head_prefill = "all"``) costs the head like a layer: its graphs return every position's logits.
 
 Every design file quantizes all matmul tensors, so their weights add up to the same total: the
 costs that do not depend on the weights' formats (attention over the KV cache, norms, the graph's
@@ -101,6 +102,13 @@ class KernelProfile:
         return int(self.measured.get("pp") or 512)
 
     @property
+    def head_prefill(self) -> str:
+        """``last`` (llama-bench's pp test asks for the last position's logits: the LM head runs
+        once, a mat-vec) or ``all`` (onnxruntime graphs return every position's logits: the head
+        is a mat-mat over the prompt, costed like a layer)."""
+        return str(self.measured.get("head_prefill") or "last")
+
+    @property
     def usable_ram_bytes(self) -> int | None:
         v = self.measured.get("usable_ram_bytes")
         return int(v) if v else None
@@ -111,9 +119,11 @@ class KernelProfile:
                             f"({self.fingerprint}), not {src.name} ({src.fingerprint}): run tasa-edge profile -m {src.name}")
 
     def identity_mismatch(self, here: dict) -> list[str]:
-        """Differences between this profile's machine and ``here`` (cpu, features, llama.cpp build)."""
+        """Differences between this profile's machine and ``here`` (cpu, features, the llama.cpp
+        build or the onnxruntime versions that ran the kernels)."""
         out = []
-        for key, what in (("cpu", "CPU"), ("llama_cpp_commit", "llama.cpp build"), ("features", "ISA flags")):
+        for key, what in (("cpu", "CPU"), ("llama_cpp_commit", "llama.cpp build"), ("onnxruntime", "onnxruntime"),
+                          ("onnxruntime_genai", "onnxruntime-genai"), ("features", "ISA flags")):
             a, b = self.machine.get(key), here.get(key)
             if a is not None and b is not None and a != b:
                 out.append(f"{what} {a!r} (profile) vs {b!r} (this machine)")
@@ -139,7 +149,7 @@ class KernelProfile:
         if r == "embed":
             return 0.0, 0.0
         dec = c.decode(r) * n * 1e-6
-        if r == "output":
+        if r == "output" and self.head_prefill != "all":
             return dec, dec
         return dec, c.prefill_ns_per_weight * n * self.pp * 1e-6
 
@@ -227,6 +237,8 @@ def kernel_profile_from_dict(data: dict, where: str) -> KernelProfile | None:
         costs[fmt] = FormatCost(*vals)
     if not costs:
         raise TasaError(f"{where}: [kernels.{target}] lists no format")
+    if measured.get("head_prefill", "last") not in ("last", "all"):
+        raise TasaError(f"{where}: measured.head_prefill must be \"last\" or \"all\"")
     pp = measured.get("pp", 512)
     if isinstance(pp, bool) or not isinstance(pp, int) or pp <= 0:
         raise TasaError(f"{where}: measured.pp must be a positive integer")

@@ -240,7 +240,7 @@ class DeviceLimits:
         """Drop the options whose format the profile did not measure; return the dropped formats."""
         if self.profile.target != spec.name:
             raise TasaError(f"profile {self.profile.where} measured {self.profile.target} kernels, the analysis is for "
-                            f"{spec.name} (ONNX kernel profiles are not implemented yet)")
+                            f"{spec.name} (tasa-edge profile --format {spec.name})")
         dropped = set()
         for n, os_ in opts.items():
             keep = [o for o in os_ if o.fmt in self.profile.costs]

@@ -338,3 +338,95 @@ def test_cli_profile_measures_through_llama_bench(src, tmp_path):
     assert res.returncode == 0, res.stderr
     res = run_cli("profile", "-m", "smollm2-135m", "-o", tmp_path / "x.toml", "--formats", "Q4_K")
     assert res.returncode != 0 and "fits every tensor" in res.stderr
+
+
+# ---------------------------------------------------------------------------- ONNX (onnxruntime MatMulNBits)
+def test_onnx_fit_costs_the_head_in_prefill_like_a_layer(src):
+    """An ONNX profile (``head_prefill = "all"``: onnxruntime graphs return every position's logits):
+    timings made from known costs are recovered by the fit, the head's prefill is pp x its weights
+    (not one mat-vec as under llama-bench), and the design files' fallback is int8_b32."""
+    from devices.kernel_profile import DesignRun, design_plans, fit
+    from tasa_edge.costmodel import FormatCost
+
+    menu = ["int8_b32", "int4_b32", "int4_b128"]
+    layer = {"int8_b32": 0.090, "int4_b32": 0.060, "int4_b128": 0.050}
+    head = {"int8_b32": 0.090, "int4_b32": 0.120, "int4_b128": 0.070}
+    pre = {"int8_b32": 0.030, "int4_b32": 0.012, "int4_b128": 0.010}
+    designs = design_plans(src, menu, n_random=1, kernels="onnx")
+    assert [d[0] for d in designs] == ["uniform int8_b32", "uniform int4_b32", "uniform int4_b128", "output int4_b32",
+                                       "output int4_b128", "random mix 1"]
+    assert set(designs[3][1].values()) == {"int8_b32", "int4_b32"}
+    measured = {"pp": 512, "head_prefill": "all"}
+    truth = KernelProfile("t", "onnx", {}, measured, {f: FormatCost(layer[f], pre[f], head[f]) for f in menu})
+    n_head = src.tensors["token_embd.weight"].n_elements
+    assert truth.tensor_costs(src, "token_embd.weight", "int4_b32") == pytest.approx((0.120e-6 * n_head, 0.012e-6 * n_head * 512))
+    runs = []
+    for label, tensors in designs:
+        p = truth.predict(src, tensors)
+        runs.append(DesignRun(label, tensors, p.tg_ts, p.pp_ts, 0.0, 0.0, 0))
+    got = fit(src, runs[:-1], menu, 512, head_prefill="all")
+    for f in menu:
+        assert got[f].decode_ns_per_weight == pytest.approx(layer[f], rel=1e-6)
+        assert got[f].prefill_ns_per_weight == pytest.approx(pre[f], rel=1e-6)
+    assert got["int4_b32"].output_decode_ns_per_weight == pytest.approx(head["int4_b32"], rel=1e-6)
+    kp = KernelProfile("f", "onnx", {}, measured, got)
+    assert kp.predict(src, runs[-1].tensors).pp_ts == pytest.approx(runs[-1].pp_ts, rel=1e-6)
+    # the llama-bench model of prefill (head once) cannot fit onnxruntime's timings
+    last = KernelProfile("l", "onnx", {}, {"pp": 512}, fit(src, runs[:-1], menu, 512))
+    assert max(abs(last.predict(src, r.tensors).pp_ts / r.pp_ts - 1) for r in runs) > 0.05
+
+
+def test_profile_kernels_must_match_the_analysis_target(src, tmp_path):
+    from tests.synthetic import write_analysis
+    from tasa_edge import formats
+
+    spec = formats.get("onnx")
+    fm = ["int4_b32", "int8_b32"]
+    vals = {t.name: {f: 1.0 / (i + 1) for i, f in enumerate(fm)} for t in src.quantizable}
+    nb = {t.name: {f: spec.nbytes(f, t.shape) for f in fm} for t in src.quantizable}
+    an = Analysis.load(write_analysis(src, tmp_path / "an.json", vals, vals, nb, target="onnx"))
+    kp = load_kernel_profile(write_profile(tmp_path / "p.toml", src, COSTS))
+    with pytest.raises(TasaError, match="measured gguf kernels, the analysis is for onnx .tasa-edge profile --format onnx"):
+        make_plan(an, src, bpw=6.0, device=DeviceLimits(kp))
+    bad = tmp_path / "bad.toml"
+    bad.write_text(write_profile(tmp_path / "q.toml", src, COSTS).read_text().replace('target = "local"\nthreads', 'target = "local"\nhead_prefill = "first"\nthreads'))
+    with pytest.raises(TasaError, match='head_prefill must be "last" or "all"'):
+        load_kernel_profile(bad)
+
+
+@pytest.mark.slow
+def test_cli_onnx_profile_measures_through_onnxruntime(src, tmp_path):
+    """A real (tiny) ONNX profile: the design directories exported and timed by onnxruntime(-genai);
+    the TOML carries onnxruntime's version as the identity, and plan --profile for an ONNX analysis
+    honours a decode limit with it; a remote ONNX profile is refused in one line."""
+    from tests.synthetic import write_analysis
+    from tasa_edge import formats
+
+    out = tmp_path / "onnx.toml"
+    res = run_cli("profile", "-m", "smollm2-135m", "-f", "onnx", "-o", out, "--formats", "int8_b32,int4_b32", "-p", "16",
+                  "-n", "4", "-r", "1", "--random-mixes", "1", "--threads", "1", timeout=900)
+    assert res.returncode == 0, res.stderr
+    data = tomllib.loads(out.read_text())
+    import onnxruntime
+
+    assert data["machine"]["onnxruntime"] == onnxruntime.__version__ and "llama_cpp_commit" not in data["machine"]
+    assert data["measured"]["head_prefill"] == "all" and "MatMulNBits" in data["measured"]["backend"]
+    assert set(data["measured"]["design_tg_ts"]) == {"uniform int8_b32", "uniform int4_b32", "output int4_b32", "random mix 1"}
+    assert all(v > 0 for v in data["measured"]["design_pp_ts"].values())
+    kp = load_profile(out).kernels
+    assert kp.target == "onnx" and set(kp.costs) == {"int8_b32", "int4_b32"}
+    spec = formats.get("onnx")
+    fm = ["int4_b32", "int8_b32"]
+    vals = {t.name: {"int4_b32": 0.5, "int8_b32": 0.1} for t in src.quantizable}
+    nb = {t.name: {f: spec.nbytes(f, t.shape) for f in fm} for t in src.quantizable}
+    an = write_analysis(src, tmp_path / "an.json", vals, vals, nb, target="onnx")
+    fast = kp.predict(src, {t.name: "int4_b32" for t in src.quantizable})
+    plan = tmp_path / "plan.json"
+    res = run_cli("plan", "smollm2-135m", "-a", an, "--bpw", "9", "-o", plan, "--profile", out,
+                  "--max-decode-ms", str(fast.decode_ms * 1.05))
+    assert res.returncode == 0, res.stderr
+    pj = json.loads(plan.read_text())
+    assert pj["target"] == "onnx" and pj["predicted"]["decode_ms"] <= fast.decode_ms * 1.05 + 1e-9
+    res = run_cli("profile", "-m", "smollm2-135m", "-f", "onnx", "--target", "ssh", "--host", "127.0.0.1", "-o", tmp_path / "x.toml")
+    assert res.returncode != 0 and "runs onnxruntime on this machine" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.toml").exists()
