@@ -35,6 +35,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -50,7 +51,7 @@ from tasa_edge import humaneval as he  # noqa: E402
 from tasa_edge import quality, stats  # noqa: E402
 from tasa_edge.analysis import pick  # noqa: E402
 from tasa_edge.data import TextSample, load_general, load_gsm8k, load_user_file, split_samples  # noqa: E402
-from tasa_edge.evaluate import reference_logprobs, score_vs_reference  # noqa: E402
+from tasa_edge.evaluate import Reference, reference_logprobs, score_vs_reference  # noqa: E402
 from tasa_edge.fsutil import atomic_path  # noqa: E402
 from tasa_edge.imatrix import load_imatrix  # noqa: E402
 from tasa_edge.inspect import inspect_gguf  # noqa: E402
@@ -199,9 +200,7 @@ class Run:
         todo = [n for n in names if not self.kld_file(n, which).exists() and self.path(n).exists()]
         if not todo:
             return
-        log(f"   reference log-probs: {which}")
-        ref = reference_logprobs(self.reference(), self.kld_samples(which), max_tokens=self.args.kld_tokens,
-                                 n_threads=self.args.threads)
+        ref = self.reference_store(which)
         for n in todo:
             if self.out_of_time():
                 break
@@ -211,6 +210,33 @@ class Run:
             log(f"   KLD {which} {n}: {summ['kld']} ({time.perf_counter() - t:.0f} s)")
         del ref
         gc.collect()
+
+    def reference_store(self, which: str) -> Reference:
+        """The F32 reference's log-probs on the ``which`` KLD set, computed once and kept on disk
+        (float16 rows, memory-mapped when read back: ~8 GB for 100 Qwen answers), so the steps that
+        need the same set and a resumed run skip the ~25-minute F32 pass."""
+        d = self.work / "kld" / f"ref-{which}-{self.args.n_kld}-{self.args.kld_tokens}"
+        if (d / "index.json").exists():
+            ix = json.loads((d / "index.json").read_text())
+            r = Reference(ix["seqs"], ix["starts"])
+            for i in range(len(r.seqs)):
+                r.lp.append(np.load(d / f"lp{i}.npy", mmap_mode="r"))
+                r.tgt_lp.append(np.load(d / f"tgt{i}.npy"))
+                r.top1.append(np.load(d / f"top{i}.npy"))
+            return r
+        log(f"   reference log-probs: {which}")
+        r = reference_logprobs(self.reference(), self.kld_samples(which), max_tokens=self.args.kld_tokens,
+                               n_threads=self.args.threads)
+        tmp = d.with_name(d.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # a store interrupted while written
+        tmp.mkdir(parents=True)
+        for i in range(len(r.seqs)):
+            np.save(tmp / f"lp{i}.npy", r.lp[i])
+            np.save(tmp / f"tgt{i}.npy", r.tgt_lp[i])
+            np.save(tmp / f"top{i}.npy", r.top1[i])
+        (tmp / "index.json").write_text(json.dumps({"seqs": r.seqs, "starts": r.starts}))
+        os.replace(tmp, d)
+        return r
 
     def sums(self, name: str, which: str) -> quality.SampleSums | None:
         f = self.kld_file(name, which)
