@@ -200,6 +200,40 @@ def speed_limits(target: dict[str, float], bias: dict[str, float], margin: float
     return {k: target[k] / bias[k] * (1 - margin) for k in target}
 
 
+def speed_search(plan_fn, measure_fn, target: dict[str, float], bias: dict[str, float], margin: float, tries: int,
+                 pp: int, limited: bool = True, log=print) -> tuple[dict | None, list[dict], str | None]:
+    """Plan, measure, and re-plan until the measured times are within ``target`` (ms: decode per
+    token, prefill for ``pp`` tokens) or ``tries`` plans were measured. ``plan_fn(limits)`` solves a
+    plan under predicted-time limits (a :class:`TasaError` when infeasible); ``measure_fn(plan)``
+    exports and times it (``tg_ts`` / ``pp_ts``). The first limits bring ``target`` into predicted
+    time with ``bias`` (measured / predicted, the mix's), each next one with the last plan's own.
+    ``limited=False``: one plan without limits (speed-blind). Returns (the last measured plan's row
+    or None, every try, the error when the first plan was infeasible)."""
+    out: list[dict] = []
+    row = None
+    while True:
+        lim = speed_limits(target, bias, margin) if limited else {}
+        try:
+            plan = plan_fn(lim)
+        except TasaError as exc:            # the limits may be infeasible at this budget
+            log(str(exc))
+            if not out:
+                return None, out, str(exc)
+            out.append({"infeasible": str(exc), "limits_ms": lim})   # the last measured plan stands
+            return row, out, None
+        row = {"bpw": plan.predicted["bpw"], "pred_tg_ts": plan.predicted["tg_ts"], "pred_pp_ts": plan.predicted["pp_ts"],
+               "types": plan.types_used(), **measure_fn(plan)}
+        got = measured_times(row, pp)
+        out.append({"limits_ms": lim, "predicted_ms": {k: plan.predicted[k] for k in target}, "measured_ms": got,
+                    "tg_ts": row["tg_ts"], "pp_ts": row["pp_ts"]})
+        if not limited or all(got[k] <= target[k] for k in target) or len(out) >= tries:
+            return row, out, None
+        # missed on the device: the next limits use this plan's own measured / predicted ratio
+        bias = {k: got[k] / plan.predicted[k] for k in target}
+        log(f"try {len(out)} measured tg {row['tg_ts']:.2f} pp {row['pp_ts']:.2f} (needs "
+            f"{1000 / target['decode_ms']:.2f} / {1000 * pp / target['prefill_ms']:.2f}); re-planning")
+
+
 def win(a, src, kp, an, res, res_path, work) -> None:
     """Item 4: at each llama.cpp mix's bytes, a speed-aware TASA plan meant to run at >= ``--goal``
     x the mix's *measured* tg and pp, against the mix and the speed-blind plan: measured speed and
@@ -239,37 +273,25 @@ def win(a, src, kp, an, res, res_path, work) -> None:
         bias = {"decode_ms": target["decode_ms"] * a.goal / pred.decode_ms,    # the mix's measured / predicted
                 "prefill_ms": target["prefill_ms"] * a.goal / pred.prefill_ms}
         for label in ("TASA speed-blind", "TASA speed-aware"):
-            tries = []
             f = work / f"{label.replace(' ', '_')}-{mix}.gguf"
             f.unlink(missing_ok=True)
-            while True:
-                lim = speed_limits(target, bias, a.speed_margin) if label.endswith("aware") else {}
-                try:
-                    plan = make_plan(an, src, nbytes=nbytes, device=DeviceLimits(
-                        kp, max_decode_ms=lim.get("decode_ms"), max_prefill_ms=lim.get("prefill_ms")))
-                except TasaError as exc:       # the limits may be infeasible at this budget
-                    print(f"{mix} {label}: {exc}", flush=True)
-                    if tries:                  # the last measured plan stands, and why no other was tried
-                        tries.append({"infeasible": str(exc), "limits_ms": lim})
-                    else:
-                        res["win"].setdefault("errors", {})[f"{mix} {label}"] = str(exc)
-                    break
+
+            def plan_fn(lim):
+                return make_plan(an, src, nbytes=nbytes, device=DeviceLimits(
+                    kp, max_decode_ms=lim.get("decode_ms"), max_prefill_ms=lim.get("prefill_ms")))
+
+            def measure_fn(plan):
                 export_gguf(src, plan, f, imatrix=plan.export_imatrix(None), show_progress=False)
-                row = {"bpw": plan.predicted["bpw"], "pred_tg_ts": plan.predicted["tg_ts"],
-                       "pred_pp_ts": plan.predicted["pp_ts"], "types": plan.types_used(), **measure(f, kp, a.reps)}
-                got = measured_times(row, kp.pp)
-                tries.append({"limits_ms": lim, "predicted_ms": {"decode_ms": plan.predicted["decode_ms"],
-                                                                 "prefill_ms": plan.predicted["prefill_ms"]},
-                              "measured_ms": got, "tg_ts": row["tg_ts"], "pp_ts": row["pp_ts"]})
-                if not lim or all(got[k] <= target[k] for k in target) or len(tries) >= a.tries:
-                    break
-                # missed on the device: the next limits use this plan's own measured / predicted ratio
-                bias = {k: got[k] / plan.predicted[k] for k in target}
-                print(f"{mix} {label}: try {len(tries)} measured tg {row['tg_ts']:.2f} pp {row['pp_ts']:.2f} "
-                      f"(needs {1000 / target['decode_ms']:.2f} / {1000 * kp.pp / target['prefill_ms']:.2f}); re-planning", flush=True)
-            if f.exists():
+                return measure(f, kp, a.reps)
+
+            aware = label.endswith("aware")
+            row, tries, err = speed_search(plan_fn, measure_fn, target, bias, a.speed_margin, a.tries if aware else 1,
+                                           kp.pp, limited=aware, log=lambda m, label=label: print(f"{mix} {label}: {m}", flush=True))
+            if err:
+                res["win"].setdefault("errors", {})[f"{mix} {label}"] = err
+            if row is not None:
                 rows[label] = {**row, "tries": tries, "kl": kl_tokens(held, f)}
-                f.unlink()
+            f.unlink(missing_ok=True)
         base = rows["llama.cpp"]
         for r in rows.values():
             d = r["kl"] - base["kl"]
