@@ -197,6 +197,7 @@ def profile(
     reps: int = typer.Option(3, "--repetitions", "-r", help="Timed repetitions per test, as llama-bench -r."),
     stat: str = typer.Option("best", "--stat", help="Speed of a file: best (fastest repetition; robust to other load on a shared machine) or mean."),
     n_random: int = typer.Option(2, "--random-mixes", help="Random per-tensor mixes measured besides one file per format (held out to check the fit, then fitted too)."),
+    by_width: bool = typer.Option(False, "--by-width", help="Also measure each format on the layer matrices of each input width apart (more design files): one cost per format and width."),
     name: Optional[str] = typer.Option(None, "--name", help="Profile name (default: TARGET-MODEL)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Progress file: each measured design file is saved there, and a re-run with the same settings skips those already measured."),
     host: Optional[str] = typer.Option(None, "--host", help="ssh target: HOST, USER@HOST or USER@HOST:PORT."),
@@ -242,7 +243,7 @@ def profile(
     err = Console(stderr=True)
     show = not os.environ.get("TASA_NO_PROGRESS")
     kp, runs, text = measure_profile(
-        src, target=target, kernels=kernels, menu=menu, threads=threads, pp=n_prompt, tg=n_gen, reps=reps, n_random=n_random, name=name, stat=stat, resume=resume,
+        src, target=target, kernels=kernels, by_width=by_width, menu=menu, threads=threads, pp=n_prompt, tg=n_gen, reps=reps, n_random=n_random, name=name, stat=stat, resume=resume,
         transport=transport, bin_dir=bin_dir, limit_bytes=parse_bytes(memory_limit) if memory_limit else None,
         show_progress=show, log=(lambda s: err.print(s, highlight=False)) if show else None)
     write_profile(output, text)

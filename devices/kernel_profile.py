@@ -9,7 +9,10 @@ menu's formats at random per tensor. ``llama-bench`` times each file on the devi
 cost), and one non-negative least-squares coefficient per format is fitted for decode (and one for
 the LM head in that format, where the head files measured it) and one for prefill
 (:mod:`tasa_edge.costmodel`). The random mixes are also predicted by a fit on the designed files
-alone (``[measured.holdout]``): how well the model predicts a mix it has not seen.
+alone (``[measured.holdout]``): how well the model predicts a mix it has not seen. ``by_width``
+(``--by-width``) adds, per format that fits layer matrices of several input widths (ggml ne0), one
+file per width but the one holding most of its weights (that format on those matrices only, the
+rest in the fallback), and fits one coefficient per (format, width) (``by_ne0`` in the TOML).
 
 ``--format onnx`` does the same for the ONNX exporter's files on this machine: each design is
 exported (the default graph: onnxruntime-genai's where it runs the family) and timed by the bench
@@ -68,10 +71,17 @@ class DesignRun:
 FALLBACK = {"gguf": "Q8_0", "onnx": "int8_b32"}
 
 
+def layer_widths(src: ModelSource) -> list[int]:
+    """The distinct input widths (ggml ne0) of the model's layer matrices, ascending."""
+    return sorted({int(t.shape[-1]) for t in src.quantizable if role(src, t.name) == "layer"})
+
+
 def design_plans(src: ModelSource, menu: list[str], seed: int = 0, n_random: int = 2,
-                 kernels: str = "gguf") -> list[tuple[str, dict[str, str]]]:
+                 kernels: str = "gguf", by_width: bool = False) -> list[tuple[str, dict[str, str]]]:
     """(label, tensor -> format) of the design files: one per menu format (fallback where it does
-    not fit) and ``n_random`` random mixes."""
+    not fit), one per other format the LM head takes, with ``by_width`` one per format and layer
+    input width but the widest-held one (the format on the layer matrices of that width only, the
+    rest in the fallback) where the format fits more than one width, and ``n_random`` random mixes."""
     spec = formats.get(kernels)
     qt = src.quantizable
     fits_all = [f for f in menu if all(spec.fits(f, t.shape) for t in qt)]
@@ -89,64 +99,122 @@ def design_plans(src: ModelSource, menu: list[str], seed: int = 0, n_random: int
     for f in menu:
         if heads and f != fallback and all(spec.fits(f, t.shape) for t in heads):
             out.append((f"output {f}", {t.name: f if role(src, t.name) == "output" else fallback for t in qt}))
+    if by_width:
+        # the same format runs at another speed per weight on another shape: one file per width it
+        # fits (all but the width holding most of its weights: the uniform file gives that one)
+        for f in menu:
+            if f == fallback:
+                continue
+            held: dict[int, int] = {}
+            for t in qt:
+                if role(src, t.name) == "layer" and spec.fits(f, t.shape):
+                    held[int(t.shape[-1])] = held.get(int(t.shape[-1]), 0) + t.n_elements
+            if len(held) < 2:
+                continue
+            for w in [w for w in sorted(held) if w != max(held, key=held.get)]:
+                out.append((f"{f} on width {w}", {t.name: f if (role(src, t.name) == "layer" and int(t.shape[-1]) == w
+                                                                and spec.fits(f, t.shape)) else fallback for t in qt}))
     rng = random.Random(seed)
     for i in range(n_random):
         out.append((f"random mix {i + 1}", {t.name: rng.choice([f for f in menu if spec.fits(f, t.shape)]) for t in qt}))
     return out
 
 
+def _group(widths: list[int], ne0: int) -> int:
+    """Index of ``ne0`` among ``widths`` (the nearest width for one not among them)."""
+    return min(range(len(widths)), key=lambda i: abs(widths[i] - ne0)) if len(widths) > 1 else 0
+
+
 def features(src: ModelSource, tensors: dict[str, str], menu: list[str], pp: int,
-             head_prefill: str = "last") -> tuple[np.ndarray, np.ndarray]:
-    """Regressors of one file: decode weights per format of the layer tensors then of the LM head
-    (``2 * len(menu)`` columns), and prefill weights (x pp) per format of the layer tensors -- and of
-    the head when ``head_prefill`` is ``all`` (onnxruntime: logits of every prompt position); with
-    ``last`` (llama-bench: the last position's logits) the head is decode-costed in the pp test."""
+             head_prefill: str = "last", widths: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Regressors of one file: decode weights per (format, layer input width) of the layer
+    tensors then per format of the LM head (``k * G + k`` columns, ``G = len(widths)``, 1 without
+    widths), and prefill weights (x pp) per (format, width) of the layer tensors -- and of the head
+    when ``head_prefill`` is ``all`` (onnxruntime: logits of every prompt position); with ``last``
+    (llama-bench: the last position's logits) the head is decode-costed in the pp test."""
+    widths = widths or [0]
+    g = len(widths)
     idx = {f: i for i, f in enumerate(menu)}
     k = len(menu)
-    dec, pre = np.zeros(2 * k), np.zeros(k)
+    dec, pre = np.zeros(k * g + k), np.zeros(k * g)
     for name, fmt in tensors.items():
-        r, n = role(src, name), src.tensors[name].n_elements
+        t = src.tensors[name]
+        r, n, col = role(src, name), t.n_elements, idx[fmt] * g + _group(widths, int(t.shape[-1]))
         if r == "embed":
             continue
-        dec[idx[fmt] + (k if r == "output" else 0)] += n
+        dec[k * g + idx[fmt] if r == "output" else col] += n
         if r == "layer" or head_prefill == "all":
-            pre[idx[fmt]] += n * pp
+            pre[col] += n * pp
     return dec, pre
 
 
-def fit(src: ModelSource, runs: list[DesignRun], menu: list[str], pp: int, head_prefill: str = "last") -> dict[str, FormatCost]:
-    """Non-negative least squares, decode then prefill (ns per weight)."""
-    from scipy.optimize import nnls
+def _nnls(x: np.ndarray, y: np.ndarray, smooth: list[tuple[int, int]] = ()) -> np.ndarray:
+    """Non-negative least squares (bounded-variable LS: exact also when the system has more
+    columns than files, where scipy's ``nnls`` may stop short of the optimum). ``smooth``: column
+    pairs whose coefficients are pulled together by a penalty far below the data's scale -- it only
+    picks, among equally good fits, the one whose widths differ least (see :func:`fit`)."""
+    from scipy.optimize import lsq_linear
 
+    rows = np.zeros((len(smooth), x.shape[1]))
+    w = 1e-6 * float(np.abs(x).max())
+    for r, (i, j) in enumerate(smooth):
+        rows[r, i], rows[r, j] = w, -w
+    a = np.vstack([x, rows])
+    b = np.concatenate([y, np.zeros(len(smooth))])
+    sd = np.abs(a).max(axis=0)        # scale columns so that the solver is well conditioned
+    sd[sd == 0] = 1
+    ys = max(float(np.abs(b).max()), 1e-30)
+    sol = lsq_linear(a / sd, b / ys, bounds=(0.0, np.inf), method="bvls", tol=1e-12).x
+    return sol / sd * ys
+
+
+def fit(src: ModelSource, runs: list[DesignRun], menu: list[str], pp: int, head_prefill: str = "last",
+        by_width: bool = False) -> dict[str, FormatCost]:
+    """Non-negative least squares, decode then prefill (ns per weight); with ``by_width`` one
+    coefficient per (format, layer input width) (:attr:`FormatCost.by_ne0`), the format's own
+    ``decode_ns_per_weight`` / ``prefill_ns_per_weight`` then being their average over the model's
+    weights of that format's widths.
+
+    Every file quantizes every matrix, so adding ``d`` to all formats' coefficients of one width
+    and taking ``d x`` (its weights / another width's weights) from the other width's leaves every
+    prediction unchanged: the split between widths is not identifiable, the predictions are."""
     k = len(menu)
-    xd = np.array([features(src, r.tensors, menu, pp)[0] for r in runs])
+    widths = layer_widths(src) if by_width else [0]
+    g = len(widths)
+    head_t = [src.tensors[t.name] for t in src.quantizable if role(src, t.name) == "output"]
+    hg = _group(widths, int(head_t[0].shape[-1])) if head_t else 0
+    xd = np.array([features(src, r.tensors, menu, pp, widths=widths)[0] for r in runs])
     yd = np.array([1e9 / r.tg_ts for r in runs])              # ns per token
-    # the head's own column only where some file puts the head in that format without putting all
-    # the layers there too (else it cannot be told from the layers': one coefficient, as before)
-    own = [j for j in range(k) if any(x[k + j] > 0 and x[j] == 0 for x in xd)]
-    cols = list(range(k)) + [k + j for j in own]
-    x = xd.copy()
+    # the head's own column only where some file puts the head in that format without putting any
+    # layer there too (else it cannot be told from the layers': it joins the layers' column)
+    own = [j for j in range(k) if any(x[k * g + j] > 0 and not x[j * g:(j + 1) * g].any() for x in xd)]
+    x = xd[:, :k * g].copy()
     for j in range(k):
         if j not in own:
-            x[:, j] += x[:, k + j]
-    x = x[:, cols]
-    # scale columns so that nnls is well conditioned
-    sd = x.max(axis=0)
-    sd[sd == 0] = 1
-    sol, _ = nnls(x / sd, yd)
-    sol = sol / sd
-    a = sol[:k]
-    a_out = {j: float(sol[k + i]) for i, j in enumerate(own)}
-    xp = np.array([features(src, r.tensors, menu, pp, head_prefill)[1] for r in runs])
+            x[:, j * g + hg] += xd[:, k * g + j]
+    smooth = [(j * g + i, j * g + i + 1) for j in range(k) for i in range(g - 1)]
+    sol = _nnls(np.hstack([x, xd[:, [k * g + j for j in own]]]), yd, smooth)
+    a = sol[:k * g].reshape(k, g)
+    a_out = {j: float(sol[k * g + i]) for i, j in enumerate(own)}
+    xp = np.array([features(src, r.tensors, menu, pp, head_prefill, widths)[1] for r in runs])
     head = np.array([0.0 if head_prefill == "all" else
-                     sum(a_out.get(menu.index(f), a[menu.index(f)]) * src.tensors[n].n_elements
+                     sum(a_out.get(menu.index(f), a[menu.index(f), hg]) * src.tensors[n].n_elements
                          for n, f in r.tensors.items() if role(src, n) == "output") for r in runs])
     yp = np.array([1e9 * pp / r.pp_ts for r in runs]) - head     # ns for pp tokens, less the LM head
-    sp = xp.max(axis=0)
-    sp[sp == 0] = 1
-    b, _ = nnls(xp / sp, yp)
-    b = b / sp
-    return {f: FormatCost(float(a[i]), float(b[i]), a_out.get(i)) for i, f in enumerate(menu)}
+    b = _nnls(xp, yp, smooth).reshape(k, g)
+    out = {}
+    for j, f in enumerate(menu):
+        held = np.zeros(g)          # the most weights of each width this format had in one file
+        for r in runs:
+            h = np.zeros(g)
+            for n, ff in r.tensors.items():
+                if ff == f and role(src, n) == "layer":
+                    h[_group(widths, int(src.tensors[n].shape[-1]))] += src.tensors[n].n_elements
+            held = np.maximum(held, h)
+        w = held / held.sum() if held.sum() > 0 else np.full(g, 1.0 / g)
+        by = {widths[i]: (float(a[j, i]), float(b[j, i])) for i in range(g) if held[i] > 0} if g > 1 else {}
+        out[f] = FormatCost(float(w @ a[j]), float(w @ b[j]), a_out.get(j), by_ne0=by)
+    return out
 
 
 def _errors(kp: KernelProfile, src: ModelSource, runs: list[DesignRun]) -> dict:
@@ -207,7 +275,7 @@ def measure_profile(src: ModelSource, *, target: str = "local", menu: list[str] 
                     pp: int = 512, tg: int = 128, reps: int = 3, n_random: int = 2, name: str | None = None,
                     transport=None, bin_dir=None, limit_bytes: int | None = None, show_progress: bool = True, stat: str = "best",
                     workdir: Path | None = None, log=None, resume: Path | None = None,
-                    kernels: str = "gguf") -> tuple[KernelProfile, list[DesignRun], str]:
+                    kernels: str = "gguf", by_width: bool = False) -> tuple[KernelProfile, list[DesignRun], str]:
     """Export the design files, time them on ``target`` (``kernels="gguf"``: llama.cpp's llama-bench;
     ``"onnx"``: this machine's onnxruntime(-genai), MatMulNBits), fit the costs.
     Returns the kernel profile, the measured runs and the profile TOML text."""
@@ -230,7 +298,7 @@ def measure_profile(src: ModelSource, *, target: str = "local", menu: list[str] 
     speed({"ts_mean": 1.0}, stat)     # validates stat
     if pp <= 0 or tg <= 0 or reps <= 0:
         raise TasaError("-p, -n and -r must be positive")
-    designs = design_plans(src, menu, n_random=n_random, kernels=kernels)
+    designs = design_plans(src, menu, n_random=n_random, kernels=kernels, by_width=by_width)
     load_before = _loadavg() if target == "local" else None
     tools = None
     emulation = None
@@ -353,16 +421,16 @@ def measure_profile(src: ModelSource, *, target: str = "local", menu: list[str] 
         "load_before": load_before, "load_after": _loadavg() if target == "local" else None,
         "seconds": round(seconds, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "emulated": emulation["note"] if emulation else None,
-        "onnx_graph": ", ".join(sorted(graphs)) or None,
+        "onnx_graph": ", ".join(sorted(graphs)) or None, "by_width": by_width,
     }
     uniform = [r for r in runs if not r.label.startswith("random")]   # the designed files
     held = [r for r in runs if r.label.startswith("random")]
-    kp = KernelProfile(name or f"{target}-{src.name}", kernels, ident, measured, fit(src, uniform, menu, pp, head_prefill))
+    kp = KernelProfile(name or f"{target}-{src.name}", kernels, ident, measured, fit(src, uniform, menu, pp, head_prefill, by_width))
     if held:
         errs = _errors(kp, src, held)
         measured["holdout"] = {"max_abs_tg_err": max(abs(e["tg_err"]) for e in errs.values()),
                                "max_abs_pp_err": max(abs(e["pp_err"]) for e in errs.values()), "files": len(held)}
-    kp.costs = fit(src, runs, menu, pp, head_prefill)
+    kp.costs = fit(src, runs, menu, pp, head_prefill, by_width)
     errs = _errors(kp, src, runs)
     measured["fit"] = {"max_abs_tg_err": max(abs(e["tg_err"]) for e in errs.values()),
                        "max_abs_pp_err": max(abs(e["pp_err"]) for e in errs.values()), "files": len(runs)}

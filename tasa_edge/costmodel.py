@@ -30,6 +30,12 @@ The profile is a TOML file; the keys this module reads (the rest is the device p
                 usable_ram_bytes = 123  bandwidth_bytes_per_s = 2.5e10  ...
     [kernels.gguf.Q4_0]  decode_ns_per_weight = 0.21  prefill_ns_per_weight = 0.012
                          output_decode_ns_per_weight = 0.35    # optional: the LM head's own
+                         by_ne0 = {576 = [0.2, 0.011], 1536 = [0.25, 0.016]}   # optional: per input width
+
+With ``by_ne0`` (``tasa-edge profile --by-width``) a matrix is costed at its input width's (ggml
+ne0) coefficients, the nearest measured width for another: the same format's kernels run at other
+speeds per weight on other shapes, so one coefficient per format mispredicts plans that put a
+format on some widths only (say Q6_K on the wide ffn_down, Q4_K elsewhere).
 
 The resulting per-tensor costs are linear, so the allocation stays an exact MILP with a time row
 (:func:`tasa_edge.allocate.solve`'s ``resources``).
@@ -55,11 +61,28 @@ class FormatCost:
     #: the LM head's own decode cost in this format, when measured (else ``decode_ns_per_weight``):
     #: a tied head is the token embedding, which llama.cpp's CPU backend does not repack
     output_decode_ns_per_weight: float | None = None
+    #: (decode, prefill) ns/weight of the layer matrices of one input width (ggml ne0), when the
+    #: profile measured them apart: the same format's kernels run at different speeds on
+    #: different shapes (e.g. a 1536-wide and an 8960-wide ffn_down); else the two above serve all
+    by_ne0: dict[int, tuple[float, float]] = field(default_factory=dict, compare=True, hash=False)
 
-    def decode(self, role_: str) -> float:
+    def _at(self, ne0: int | None) -> tuple[float, float] | None:
+        """The (decode, prefill) costs of the measured width nearest ``ne0`` (None without widths)."""
+        if not self.by_ne0 or ne0 is None:
+            return None
+        return self.by_ne0[min(self.by_ne0, key=lambda w: (abs(w - ne0), w))]
+
+    def decode(self, role_: str, ne0: int | None = None) -> float:
+        """ns/weight per decoded token of a matrix of ``role_`` (``layer`` | ``output``) and input
+        width ``ne0``: the head's own cost where measured, else the (nearest) width's."""
         if role_ == "output" and self.output_decode_ns_per_weight is not None:
             return self.output_decode_ns_per_weight
-        return self.decode_ns_per_weight
+        at = self._at(ne0)
+        return self.decode_ns_per_weight if at is None else at[0]
+
+    def prefill(self, ne0: int | None = None) -> float:
+        at = self._at(ne0)
+        return self.prefill_ns_per_weight if at is None else at[1]
 
 
 @dataclass
@@ -144,14 +167,15 @@ class KernelProfile:
     def tensor_costs(self, src: ModelSource, name: str, fmt: str) -> tuple[float, float]:
         """(decode ms per token, prefill ms for ``pp`` tokens) of tensor ``name`` in ``fmt``."""
         c = self.cost(fmt)
-        n = src.tensors[name].n_elements
+        t = src.tensors[name]
+        n, ne0 = t.n_elements, int(t.shape[-1])
         r = role(src, name)
         if r == "embed":
             return 0.0, 0.0
-        dec = c.decode(r) * n * 1e-6
+        dec = c.decode(r, ne0) * n * 1e-6
         if r == "output" and self.head_prefill != "all":
             return dec, dec
-        return dec, c.prefill_ns_per_weight * n * self.pp * 1e-6
+        return dec, c.prefill(ne0) * n * self.pp * 1e-6
 
     def predict(self, src: ModelSource, tensors: dict[str, str]) -> Prediction:
         dec = pre = 0.0
@@ -176,6 +200,8 @@ class KernelProfile:
                       f"prefill_ns_per_weight = {c.prefill_ns_per_weight!r}"]
             if c.output_decode_ns_per_weight is not None:
                 lines.append(f"output_decode_ns_per_weight = {c.output_decode_ns_per_weight!r}")
+            if c.by_ne0:
+                lines.append("by_ne0 = {" + ", ".join(f"{w} = [{d!r}, {q!r}]" for w, (d, q) in sorted(c.by_ne0.items())) + "}")
         return "\n".join(lines) + "\n"
 
 
@@ -222,9 +248,9 @@ def kernel_profile_from_dict(data: dict, where: str) -> KernelProfile | None:
     costs = {}
     for fmt, row in table.items():
         keys = {"decode_ns_per_weight", "prefill_ns_per_weight"}
-        if not isinstance(row, dict) or not keys <= set(row) <= keys | {"output_decode_ns_per_weight"}:
+        if not isinstance(row, dict) or not keys <= set(row) <= keys | {"output_decode_ns_per_weight", "by_ne0"}:
             raise TasaError(f"{where}: [kernels.{target}.{fmt}] must have decode_ns_per_weight and prefill_ns_per_weight"
-                            " (and optionally output_decode_ns_per_weight), nothing else")
+                            " (and optionally output_decode_ns_per_weight, by_ne0), nothing else")
         vals = []
         for k in ("decode_ns_per_weight", "prefill_ns_per_weight", "output_decode_ns_per_weight"):
             v = row.get(k)          # the two required keys are there (checked above)
@@ -234,7 +260,7 @@ def kernel_profile_from_dict(data: dict, where: str) -> KernelProfile | None:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < 1e6):
                 raise TasaError(f"{where}: kernels.{target}.{fmt}.{k} must be a number >= 0, got {v!r}")
             vals.append(float(v))
-        costs[fmt] = FormatCost(*vals)
+        costs[fmt] = FormatCost(*vals, by_ne0=_by_ne0(row.get("by_ne0", {}), f"{where}: kernels.{target}.{fmt}.by_ne0"))
     if not costs:
         raise TasaError(f"{where}: [kernels.{target}] lists no format")
     if measured.get("head_prefill", "last") not in ("last", "all"):
@@ -243,6 +269,21 @@ def kernel_profile_from_dict(data: dict, where: str) -> KernelProfile | None:
     if isinstance(pp, bool) or not isinstance(pp, int) or pp <= 0:
         raise TasaError(f"{where}: measured.pp must be a positive integer")
     return KernelProfile(str(data.get("name", "")), target, dict(machine), dict(measured), costs, path=where)
+
+
+def _by_ne0(table, where: str) -> dict[int, tuple[float, float]]:
+    """``{ne0 = [decode, prefill], ...}`` of a profile: positive integer widths, two numbers >= 0 each."""
+    if not isinstance(table, dict):
+        raise TasaError(f"{where} must be a table of input width = [decode, prefill]")
+    out = {}
+    for k, v in table.items():
+        if not (k.isdigit() and 0 < int(k) < 1 << 31):
+            raise TasaError(f"{where}: {k!r} is not an input width (a positive integer)")
+        if (not isinstance(v, list) or len(v) != 2
+                or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not (0 <= x < 1e6) for x in v)):
+            raise TasaError(f"{where}.{k} must be [decode, prefill], two numbers >= 0, got {v!r}")
+        out[int(k)] = (float(v[0]), float(v[1]))
+    return out
 
 
 def read_profile_toml(p: Path) -> dict:

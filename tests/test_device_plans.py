@@ -324,13 +324,17 @@ def test_cli_profile_measures_through_llama_bench(src, tmp_path):
         pytest.skip("llama-bench not built (make tools)")
     out = tmp_path / "device.toml"
     res = run_cli("profile", "-m", "smollm2-135m", "-o", out, "--formats", "Q8_0,Q4_0,Q4_K", "-p", "16", "-n", "4",
-                  "-r", "1", "--random-mixes", "1", "--threads", "1", timeout=600)
+                  "-r", "1", "--random-mixes", "1", "--threads", "1", "--by-width", timeout=600)
     assert res.returncode == 0, res.stderr
     data = tomllib.loads(out.read_text())
     assert data["machine"]["cpu"] == _here_identity()["cpu"]
     assert data["machine"]["llama_cpp_commit"] == _here_identity()["llama_cpp_commit"]
     assert data["measured"]["fingerprint"] == src.fingerprint and data["measured"]["threads"] == 1
-    assert set(data["measured"]["design_tg_ts"]) == {"uniform Q8_0", "uniform Q4_0", "uniform Q4_K", "output Q4_0", "random mix 1"}
+    assert set(data["measured"]["design_tg_ts"]) == {"uniform Q8_0", "uniform Q4_0", "uniform Q4_K", "output Q4_0",
+                                                     "Q4_0 on width 1536", "random mix 1"}
+    # Q4_0 and Q8_0 take both widths (576, 1536) and get a cost each; Q4_K fits the 1536-wide ffn_down only
+    assert set(data["kernels"]["gguf"]["Q4_0"]["by_ne0"]) == {"576", "1536"} and data["measured"]["by_width"] is True
+    assert set(data["kernels"]["gguf"]["Q4_K"]["by_ne0"]) == {"1536"}
     assert all(v > 0 for v in data["measured"]["design_tg_ts"].values())
     assert load_profile(out).kernels.costs.keys() == {"Q8_0", "Q4_0", "Q4_K"}
     an = synthetic_analysis(src, tmp_path / "analysis.json")
@@ -430,3 +434,50 @@ def test_cli_onnx_profile_measures_through_onnxruntime(src, tmp_path):
     res = run_cli("profile", "-m", "smollm2-135m", "-f", "onnx", "--target", "ssh", "--host", "127.0.0.1", "-o", tmp_path / "x.toml")
     assert res.returncode != 0 and "runs onnxruntime on this machine" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.toml").exists()
+
+
+def test_costs_per_input_width_predict_what_one_cost_per_format_cannot():
+    """A format whose kernels run slower per weight on one matrix width (Q4_K on Qwen's 8960-wide
+    ffn_down, say): the width design files let the fit predict a structured plan (the wide matrices
+    in another format) and random mixes exactly, where one coefficient per format misses them; the
+    profile TOML round-trips the per-width costs."""
+    from devices.kernel_profile import DesignRun, design_plans, fit, layer_widths
+    from tasa_edge.costmodel import FormatCost, kernel_profile_from_dict
+    from tasa_edge.model import ModelSource
+    from tasa_edge.zoo import resolve_model
+
+    src = ModelSource.open(resolve_model("gemma3-270m"))     # widths 640 / 1024 / 2048 (K-quants: 1024, 2048)
+    widths = layer_widths(src)
+    assert widths == [640, 1024, 2048]
+    menu = ["Q8_0", "Q4_0", "Q4_K", "Q6_K"]
+    base = {"Q8_0": (0.080, 0.016), "Q4_0": (0.060, 0.012), "Q4_K": (0.060, 0.013), "Q6_K": (0.068, 0.011)}
+    slow = {("Q4_K", 2048): 1.6, ("Q4_0", 640): 1.3, ("Q8_0", 1024): 0.9}
+    truth = KernelProfile("t", "gguf", {}, {"pp": 512}, {
+        f: FormatCost(d, p, None, by_ne0={w: (d * slow.get((f, w), 1.0), p * slow.get((f, w), 1.0)) for w in widths})
+        for f, (d, p) in base.items()})
+    designs = design_plans(src, menu, n_random=2, by_width=True)
+    labels = [d[0] for d in designs]
+    # each format on every width it fits but the one holding most of its weights (the uniform file's)
+    assert [lb for lb in labels if " on width " in lb] == ["Q4_0 on width 1024", "Q4_0 on width 2048", "Q4_K on width 1024",
+                                                          "Q6_K on width 1024"]
+    assert design_plans(src, menu, n_random=2) == [d for d in designs if " on width " not in d[0]]
+
+    def run(label, tensors):
+        p = truth.predict(src, tensors)
+        return DesignRun(label, tensors, p.tg_ts, p.pp_ts, 0.0, 0.0, 0)
+
+    runs = [run(*d) for d in designs]
+    # a structured plan: Q4_K on the wide ffn_down only (where it is slow), Q6_K on the 1024-wide
+    plan = {t.name: {2048: "Q4_K", 1024: "Q6_K"}.get(t.shape[-1], "Q8_0") for t in src.quantizable}
+    want = truth.predict(src, plan)
+    got = KernelProfile("w", "gguf", {}, {"pp": 512}, fit(src, runs[:-2], menu, 512, by_width=True))
+    for r in runs[-2:] + [run("plan", plan)]:
+        p = got.predict(src, r.tensors)
+        assert p.tg_ts == pytest.approx(r.tg_ts, rel=1e-6) and p.pp_ts == pytest.approx(r.pp_ts, rel=1e-6)
+    one = KernelProfile("o", "gguf", {}, {"pp": 512}, fit(src, [r for r in runs if " on width " not in r.label], menu, 512))
+    assert abs(one.predict(src, plan).pp_ts / want.pp_ts - 1) > 0.03
+    back = kernel_profile_from_dict(tomllib.loads(got.to_toml()), "t")
+    assert back.costs == got.costs and back.costs["Q4_K"].by_ne0.keys() == {1024, 2048}
+    assert back.predict(src, plan).pp_ts == pytest.approx(want.pp_ts, rel=1e-9)
+    with pytest.raises(TasaError, match="by_ne0.1024 must be"):
+        kernel_profile_from_dict(tomllib.loads(got.to_toml().replace("1024 = [", "1024 = [-1.0, ", 1)), "t")
