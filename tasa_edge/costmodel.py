@@ -63,7 +63,8 @@ class FormatCost:
     output_decode_ns_per_weight: float | None = None
     #: (decode, prefill) ns/weight of the layer matrices of one input width (ggml ne0), when the
     #: profile measured them apart: the same format's kernels run at different speeds on
-    #: different shapes (e.g. a 1536-wide and an 8960-wide ffn_down); else the two above serve all
+    #: different shapes (Qwen2.5-1.5B's 8960-wide ffn_down against its 1536-wide matrices); else
+    #: the two above serve all
     by_ne0: dict[int, tuple[float, float]] = field(default_factory=dict, compare=True, hash=False)
 
     def _at(self, ne0: int | None) -> tuple[float, float] | None:
