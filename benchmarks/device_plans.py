@@ -37,7 +37,7 @@ os.environ.setdefault("TASA_NO_PROGRESS", "1")
 
 import numpy as np  # noqa: E402
 
-from devices.kernel_profile import speed  # noqa: E402
+from devices.kernel_profile import onnx_bench, speed  # noqa: E402
 from devices.llama_tools import run_llama_bench  # noqa: E402
 from exporters.baseline import quantize_baseline  # noqa: E402
 from exporters.gguf_export import export_gguf  # noqa: E402
@@ -63,14 +63,7 @@ def measure(path: Path, kp, reps: int | None) -> dict:
     before = [round(x, 2) for x in os.getloadavg()]
     n = int(reps or m.get("reps") or 3)
     if kp.target == "onnx":
-        from devices.worker import backend_for, measure_speed
-
-        be = backend_for("onnx", str(path), int(m["threads"]))
-        try:
-            be.load(0, 0)
-            r = measure_speed(be, int(m["pp"]), int(m["tg"]), n)
-        finally:
-            be.close()
+        r = onnx_bench(path, int(m["pp"]), int(m["tg"]), n, int(m["threads"]))
     else:
         r = run_llama_bench(path, int(m["pp"]), int(m["tg"]), n, int(m["threads"]))
     stat = m.get("stat") or "best"

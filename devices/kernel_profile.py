@@ -304,42 +304,29 @@ def measure_profile(src: ModelSource, *, target: str = "local", menu: list[str] 
     emulation = None
     head_prefill = "last"
     if kernels == "onnx":
-        from exporters.onnx_export import export_onnx
-
-        from .worker import backend_for, measure_speed
-
+        runtime = onnx_versions()       # the runtime first: a missing one fails before any probing
+    elif target == "local":
+        exe = require_tool("llama-bench")
+        b = build_info(exe)
+        runtime = {"llama_cpp_build": b.version, "llama_cpp_commit": b.commit}
+    if target == "local":
         threads = threads or usable_cores()
         mach = local_machine(threads)
         ident = {"cpu": mach["cpu"], "features": mach["features"], "arch": mach["arch"], "cores": mach["usable_cores"],
-                 "ram_bytes": mach["ram_bytes"], **onnx_versions()}
+                 "ram_bytes": mach["ram_bytes"], **runtime}
         try:
             avail = _meminfo_available(Path("/proc/meminfo").read_text())
         except OSError:
             avail = None
         band = bw.probe_local(threads, repeats=3)
+    if kernels == "onnx":
+        from exporters.onnx_export import export_onnx
+
         head_prefill = "all"
 
         def bench(path: Path, tag: str) -> dict:
-            be = backend_for("onnx", str(path), threads)
-            try:
-                be.load(0, 0)
-                return measure_speed(be, pp, tg, reps)
-            finally:
-                be.close()
+            return onnx_bench(path, pp, tg, reps, threads)
     elif target == "local":
-        exe = require_tool("llama-bench")
-        threads = threads or usable_cores()
-        mach = local_machine(threads)
-        ident = {"cpu": mach["cpu"], "features": mach["features"], "arch": mach["arch"], "cores": mach["usable_cores"],
-                 "ram_bytes": mach["ram_bytes"]}
-        b = build_info(exe)
-        ident.update({"llama_cpp_build": b.version, "llama_cpp_commit": b.commit})
-        try:
-            avail = _meminfo_available(Path("/proc/meminfo").read_text())
-        except OSError:
-            avail = None
-        band = bw.probe_local(threads, repeats=3)
-
         def bench(path: Path, tag: str) -> dict:
             return run_llama_bench(path, pp, tg, reps, threads, limit_bytes=limit_bytes, exe=exe)
     else:
@@ -455,6 +442,19 @@ def profile_toml(kp: KernelProfile, target: str, menu: list[str], threads: int, 
         d = {k: getattr(transport, k, None) for k in keys}
         head += ["", "[transport]"] + [f"{k} = {v(val)}" for k, val in d.items() if val not in (None, "")]
     return "\n".join(head) + "\n\n" + kp.to_toml()
+
+
+def onnx_bench(path: Path, pp: int, tg: int, reps: int, threads: int) -> dict:
+    """llama-bench-style pp / tg results of an exported ONNX directory on this machine (the bench
+    harness's onnxruntime(-genai) backend: ``devices.worker.measure_speed``)."""
+    from .worker import backend_for, measure_speed
+
+    be = backend_for("onnx", str(path), threads)
+    try:
+        be.load(0, 0)
+        return measure_speed(be, pp, tg, reps)
+    finally:
+        be.close()
 
 
 def onnx_versions() -> dict:
