@@ -120,6 +120,23 @@ def design_plans(src: ModelSource, menu: list[str], seed: int = 0, n_random: int
     return out
 
 
+def export_design(src: ModelSource, kernels: str, label: str, tensors: dict[str, str], path: Path) -> tuple[int, str]:
+    """Write design file ``label`` (``tensors``: tensor -> format) to ``path`` (a GGUF file, or an
+    ONNX folder) as the profile does; returns its bytes and the graph it was written with (the
+    ONNX exporter's; ``gguf`` for GGUF)."""
+    plan = BitPlan(kernels, model_block(src), tensors, provenance={"method": f"kernel profile design: {label}"})
+    plan.stamp(src)
+    if kernels == "onnx":
+        from exporters.onnx_export import export_onnx
+
+        graph = export_onnx(src, plan, path, show_progress=False).graph
+        return sum(f.stat().st_size for f in path.iterdir() if f.is_file()), graph
+    from exporters.gguf_export import export_gguf
+
+    export_gguf(src, plan, path, show_progress=False)
+    return path.stat().st_size, "gguf"
+
+
 def _group(widths: list[int], ne0: int) -> int:
     """Index of ``ne0`` among ``widths`` (the nearest width for one not among them)."""
     return min(range(len(widths)), key=lambda i: abs(widths[i] - ne0)) if len(widths) > 1 else 0
@@ -279,8 +296,6 @@ def measure_profile(src: ModelSource, *, target: str = "local", menu: list[str] 
     """Export the design files, time them on ``target`` (``kernels="gguf"``: llama.cpp's llama-bench;
     ``"onnx"``: this machine's onnxruntime(-genai), MatMulNBits), fit the costs.
     Returns the kernel profile, the measured runs and the profile TOML text."""
-    from exporters.gguf_export import export_gguf
-
     from .llama_tools import build_info, require_tool, run_llama_bench
     from .machine import usable_cores
 
@@ -320,8 +335,6 @@ def measure_profile(src: ModelSource, *, target: str = "local", menu: list[str] 
             avail = None
         band = bw.probe_local(threads, repeats=3)
     if kernels == "onnx":
-        from exporters.onnx_export import export_onnx
-
         head_prefill = "all"
 
         def bench(path: Path, tag: str) -> dict:
@@ -371,16 +384,10 @@ def measure_profile(src: ModelSource, *, target: str = "local", menu: list[str] 
                 runs.append(DesignRun(**done[key]))
                 advance(1)
                 continue
-            plan = BitPlan(kernels, model_block(src), tensors, provenance={"method": f"kernel profile design: {label}"})
-            plan.stamp(src)
+            path = Path(tmp) / (f"design-{i}" + ("" if kernels == "onnx" else ".gguf"))
+            size, graph = export_design(src, kernels, label, tensors, path)
             if kernels == "onnx":
-                path = Path(tmp) / f"design-{i}"
-                graphs.add(export_onnx(src, plan, path, show_progress=False).graph)
-                size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-            else:
-                path = Path(tmp) / f"design-{i}.gguf"
-                export_gguf(src, plan, path, show_progress=False)
-                size = path.stat().st_size
+                graphs.add(graph)
             res = bench(path, str(i))
             if "tg" not in res or "pp" not in res:
                 raise TasaError(f"the benchmark gave no pp/tg result for design {label}")

@@ -86,3 +86,54 @@ def test_speed_blind_is_one_plan_without_limits():
     row, tries, err = dp.speed_search(plan_fn, measure_fn, {"decode_ms": 10.0, "prefill_ms": 1000.0},
                                       {"decode_ms": 1.0, "prefill_ms": 1.0}, 0.01, 3, PP, limited=False, log=lambda m: None)
     assert len(tries) == 1 and tries[0]["limits_ms"] == {} and row is not None and err is None
+
+
+# ---------------------------------------------------------------------------- the machine's drift
+@pytest.fixture(scope="module")
+def smollm():
+    from tasa_edge.model import ModelSource
+    from tasa_edge.zoo import resolve_model
+
+    return ModelSource.open(resolve_model("smollm2-135m"))
+
+
+def _kp(profiled: list[str]):
+    from tasa_edge.costmodel import FormatCost, KernelProfile
+
+    speeds = {label: 100.0 + i for i, label in enumerate(profiled)}
+    return KernelProfile("t", "gguf", {}, {"pp": PP, "tg": 16, "threads": 1, "design_tg_ts": speeds,
+                                           "design_pp_ts": {k: 10 * v for k, v in speeds.items()}},
+                         {f: FormatCost(0.01, 0.001) for f in ("Q8_0", "Q4_0", "Q4_K")})
+
+
+def test_reference_design_is_the_profiles_own_file_of_the_plans_dominant_layer_format(smollm):
+    from devices.kernel_profile import design_plans
+    from tasa_edge.costmodel import role
+    from tasa_edge.formats.base import SOURCE
+
+    layers = [t for t in smollm.quantizable if role(smollm, t.name) == "layer"]
+    wide = {t.name for t in layers if t.shape[-1] == 1536}          # ffn_down: a minority of the weights
+    assert 0 < sum(t.n_elements for t in layers if t.name in wide) < sum(t.n_elements for t in layers) / 2
+    # the tied LM head (28M weights in Q8_0) does not count: only layer matrices do
+    plan = {t.name: ("Q4_K" if t.name in wide else "Q4_0") if role(smollm, t.name) == "layer" else "Q8_0"
+            for t in smollm.quantizable}
+    assert dp.dominant_format(smollm, plan) == "Q4_0"
+    assert dp.dominant_format(smollm, {n: "Q4_K" if n in wide else f for n, f in plan.items()} | {
+        n: "Q8_0" for n in list(plan) if n.endswith("attn_q.weight")}) == "Q4_0"
+    assert dp.dominant_format(smollm, dict.fromkeys(plan, SOURCE)) == layers[0].src_type   # the input's own type
+    kp = _kp(["uniform Q8_0", "uniform Q4_0", "output Q4_0"])
+    label, tensors = dp.reference_design(smollm, kp, "Q4_0")
+    designs = dict(design_plans(smollm, ["Q8_0", "Q4_0", "Q4_K"], n_random=0))
+    assert label == "uniform Q4_0" and tensors == designs["uniform Q4_0"]    # rebuilt exactly as profiled
+    # a format whose uniform file the profile did not time: the first uniform file it did
+    assert dp.reference_design(smollm, kp, "Q4_K")[0] == "uniform Q8_0"
+    with pytest.raises(TasaError, match="no uniform design"):
+        dp.reference_design(smollm, _kp(["output Q4_0"]), "Q4_0")
+
+
+def test_the_drift_of_a_plan_is_the_geometric_mean_of_its_reference_before_and_after():
+    before = {"label": "uniform Q4_K", "profile_tg_ts": 10.0, "profile_pp_ts": 100.0, "tg_drift": 0.9, "pp_drift": 1.0}
+    after = {**before, "tg_drift": 1.0, "pp_drift": 1.21}
+    d = dp.bracket(before, after)
+    assert d["tg_drift"] == pytest.approx(0.9 ** 0.5) and d["pp_drift"] == pytest.approx(1.1)
+    assert d["before"] is before and d["after"] is after and d["label"] == "uniform Q4_K"
