@@ -51,6 +51,61 @@ def run(cmd: list[str]) -> None:
         raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}")
 
 
+def pct(x: float) -> str:
+    return f"{100 * x:+.1f}%"
+
+
+def combined(out: Path, models: list[str]) -> str:
+    """The README's two tables over all models: predicted vs measured (raw and with the drift out),
+    and the win at llama.cpp's mixes' bytes, with the verdicts."""
+    pred = ["| model | plan | tg128 predicted | measured | error | drift out | pp512 predicted | measured | error | drift out |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    win = ["| model | budget | file | bits/weight | tg128 (× mix) | pp512 (× mix) | task KLD ± se | Δ vs mix (95%) | Δ vs speed-blind |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    raw, adj, verdicts = [], [], []
+    for m in models:
+        res = json.loads((out / f"{m}.json").read_text())
+        for label, r in res.get("rows", {}).items():
+            used = f" ({r['bpw']:.3f} used)" if abs(r["bpw"] - float(label.split()[1])) > 0.01 else ""
+            d = (pct(r["tg_err_drift"]), pct(r["pp_err_drift"])) if "reference" in r else ("", "")
+            pred.append(f"| {m} | {label}{used} | {r['pred_tg_ts']:.2f} | {r['tg_ts']:.2f} | {pct(r['tg_err'])} | {d[0]} | "
+                        f"{r['pred_pp_ts']:.2f} | {r['pp_ts']:.2f} | {pct(r['pp_err'])} | {d[1]} |")
+            raw += [abs(r["tg_err"]), abs(r["pp_err"])]
+            if "reference" in r:
+                adj += [abs(r["tg_err_drift"]), abs(r["pp_err_drift"])]
+        for mix, w in res.get("win", {}).items():
+            if mix == "errors":
+                win += [f"| {m} | {k.split()[0]} | {' '.join(k.split()[1:])} | infeasible: {v} | | | | | |" for k, v in w.items()]
+                continue
+            for label, r in w["rows"].items():
+                vs_mix = "" if label == "llama.cpp" else f"{r['dkld_vs_llama']:+.4f} ± {r['dkld_vs_llama_ci95']:.4f}"
+                vs_blind = f"{r['dkld_vs_blind']:+.4f} ± {r['dkld_vs_blind_ci95']:.4f}" if "dkld_vs_blind" in r else ""
+                win.append(f"| {m} | {mix} | {label} | {r['bpw']:.3f} | {r['tg_ts']:.2f} ({r['tg_ratio']:.3f}) | "
+                           f"{r['pp_ts']:.2f} ({r['pp_ratio']:.3f}) | {r['task_kld']:.4f} ± {r['task_kld_se']:.4f} | {vs_mix} | {vs_blind} |")
+            r = w["rows"].get("TASA speed-aware")
+            if r:
+                fast = r["tg_ratio"] >= w["goal"] and r["pp_ratio"] >= w["goal"]
+                better = r["dkld_vs_llama"] + r["dkld_vs_llama_ci95"] < 0
+                verdicts.append((m, mix, fast and better))
+    n_in = sum(1 for e in raw if e <= 0.10)
+    lines = pred + ["", f"Raw: {n_in} of {len(raw)} numbers within 10% (max |error| {100 * max(raw):.1f}%)"
+                    + (f"; with the machine's drift since the profile taken out: max |error| {100 * max(adj):.1f}%."
+                       if adj else ".")] + [""] + win
+    met = [f"{m} {mix}" for m, mix, ok in verdicts if ok]
+    lines += ["", f"Win (speed-aware TASA >= the goal x the mix's measured tg and pp, task KLD significantly lower): "
+                  f"met at {len(met)} of {len(verdicts)} budgets ({', '.join(met) or 'none'})."]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(out: Path, models: list[str], header: str) -> None:
+    parts = [f"# Device-aware plans: one run\n\n{header}\n", "## All models\n", combined(out, models)]
+    for m in models:
+        created = tomllib.loads((out / f"{m}.profile.toml").read_text())["measured"].get("created")
+        parts.append(f"## {m}\n\nProfile measured {created}.\n")
+        parts.append((out / f"{m}.md").read_text())
+    atomic_write_text(out / "summary.md", "\n".join(parts))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -64,10 +119,20 @@ def main(argv: list[str] | None = None) -> int:
                     help="measure every plan again (drop the models' device_plans JSON; profiles and analyses are kept)")
     ap.add_argument("--reprofile", nargs="*", default=[], choices=list(MODELS), metavar="MODEL",
                     help="profile these models again in this run, just before their plans (the old profile is replaced)")
+    ap.add_argument("--summary-only", action="store_true", help="measure nothing: write summary.md from the saved results")
     a = ap.parse_args(argv)
     given = dict(s.split("=", 1) for s in a.analysis)
     out = a.out if a.out.is_absolute() else ROOT / a.out
     out.mkdir(parents=True, exist_ok=True)
+    if a.summary_only:
+        header = ""
+        if (out / "run.json").is_file():
+            header = json.loads((out / "run.json").read_text())["header"]
+        else:
+            header = "Results as saved (a run that did not reach its end writes no header): profile dates below."
+        write_summary(out, a.models, header)
+        log(f"wrote {out / 'summary.md'}")
+        return 0
     t0 = time.time()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     py = sys.executable
@@ -86,16 +151,10 @@ def main(argv: list[str] | None = None) -> int:
             run(["tasa-edge", "analyze", m, "-o", str(an.parent)])
         run([py, "benchmarks/device_plans.py", "--model", m, "--profile", str(prof), "--analysis", str(an),
              "--bpw", *map(str, MODELS[m][0]), "--win", "Q3_K_S", "Q3_K_M", "--n-eval", str(a.n_eval), "--out", str(out)])
-    parts = [f"# Device-aware plans: one run\n\n`python benchmarks/device_run.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
-             f" at commit {commit}, {time.strftime('%Y-%m-%d %H:%M', time.gmtime(t0))} to "
-             f"{time.strftime('%H:%M UTC', time.gmtime())}.\n"]
-    for m in a.models:
-        created = tomllib.loads((out / f"{m}.profile.toml").read_text())["measured"].get("created")
-        res = json.loads((out / f"{m}.json").read_text())
-        parts.append(f"## {m}\n\nProfile measured {created}; plans measured in this run "
-                     f"({len(res.get('rows', {}))} budgets, win at {', '.join(k for k in res.get('win', {}) if k != 'errors')}).\n")
-        parts.append((out / f"{m}.md").read_text())
-    atomic_write_text(out / "summary.md", "\n".join(parts))
+    header = (f"`python benchmarks/device_run.py {' '.join(sys.argv[1:] if argv is None else argv)}` at commit {commit}, "
+              f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(t0))} to {time.strftime('%H:%M UTC', time.gmtime())}.")
+    atomic_write_text(out / "run.json", json.dumps({"header": header, "models": a.models}) + "\n")
+    write_summary(out, a.models, header)
     log(f"wrote {out / 'summary.md'} ({(time.time() - t0) / 60:.0f} min)")
     return 0
 
