@@ -121,11 +121,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="profile these models again in this run, just before their plans (the old profile is replaced)")
     ap.add_argument("--summary-only", action="store_true", help="measure nothing: write summary.md from the saved results")
     a = ap.parse_args(argv)
-    given = dict(s.split("=", 1) for s in a.analysis)
+    if any("=" not in s for s in a.analysis):
+        ap.error("--analysis takes MODEL=PATH")
+    given = {m: Path(p).resolve() for m, p in (s.split("=", 1) for s in a.analysis)}
     out = a.out if a.out.is_absolute() else ROOT / a.out
     out.mkdir(parents=True, exist_ok=True)
     if a.summary_only:
-        header = ""
         if (out / "run.json").is_file():
             header = json.loads((out / "run.json").read_text())["header"]
         else:
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         if m in a.reprofile or not prof.is_file():
             run(["tasa-edge", "profile", "-m", m, "-o", str(prof), "-t", str(a.threads), "-r", str(a.reps or MODELS[m][1]),
                  "--resume", str(out / f"{m}.profile-progress.json")])
-        an = Path(given[m]) if m in given else out / f"analysis-{m}" / "analysis.json"
+        an = given[m] if m in given else out / f"analysis-{m}" / "analysis.json"
         if not an.is_file():
             run(["tasa-edge", "analyze", m, "-o", str(an.parent)])
         run([py, "benchmarks/device_plans.py", "--model", m, "--profile", str(prof), "--analysis", str(an),
