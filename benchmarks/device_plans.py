@@ -364,6 +364,13 @@ def win(a, src, kp, an, res, res_path, work) -> None:
         print(win_table({"win": {mix: res["win"][mix]}}), flush=True)
 
 
+def win_verdict(w: dict) -> tuple[bool, bool]:
+    """Item 4 at one budget (``w``: a ``win`` entry with a speed-aware row): (the plan's measured tg
+    and pp both >= the goal x the mix's, its task KLD significantly lower than the mix's)."""
+    r, g = w["rows"]["TASA speed-aware"], w.get("goal", 0.98)
+    return r["tg_ratio"] >= g and r["pp_ratio"] >= g, r["dkld_vs_llama"] + r["dkld_vs_llama_ci95"] < 0
+
+
 def win_table(res: dict) -> str:
     lines = ["", "| llama.cpp budget | file | bits/weight | tg predicted | tg measured (x llama.cpp) | pp predicted | "
                  "pp measured (x llama.cpp) | task KLD ± se | Δ task KLD vs llama.cpp (95% CI, paired) | Δ vs speed-blind TASA |",
@@ -383,8 +390,7 @@ def win_table(res: dict) -> str:
         r = w["rows"].get("TASA speed-aware")
         if r:
             g = w.get("goal", 0.98)
-            fast = r["tg_ratio"] >= g and r["pp_ratio"] >= g
-            better = r["dkld_vs_llama"] + r["dkld_vs_llama_ci95"] < 0
+            fast, better = win_verdict(w)
             n = len([t for t in r.get("tries") or [{}] if "infeasible" not in t])
             verdicts.append(f"- {mix} (speed margin {w.get('speed_margin', 0):g}, plan {n} of at most {w.get('max_tries', 1)}): "
                             f"speed-aware TASA at tg {r['tg_ratio']:.3f}x, "

@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from device_plans import win_verdict  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
 from tasa_edge.fsutil import atomic_write_text  # noqa: E402
 
 # model -> the three budgets of the prediction table (bits/weight), llama-bench repetitions (-r) of its
@@ -82,11 +83,8 @@ def combined(out: Path, models: list[str]) -> str:
                 vs_blind = f"{r['dkld_vs_blind']:+.4f} ± {r['dkld_vs_blind_ci95']:.4f}" if "dkld_vs_blind" in r else ""
                 win.append(f"| {m} | {mix} | {label} | {r['bpw']:.3f} | {r['tg_ts']:.2f} ({r['tg_ratio']:.3f}) | "
                            f"{r['pp_ts']:.2f} ({r['pp_ratio']:.3f}) | {r['task_kld']:.4f} ± {r['task_kld_se']:.4f} | {vs_mix} | {vs_blind} |")
-            r = w["rows"].get("TASA speed-aware")
-            if r:
-                fast = r["tg_ratio"] >= w["goal"] and r["pp_ratio"] >= w["goal"]
-                better = r["dkld_vs_llama"] + r["dkld_vs_llama_ci95"] < 0
-                verdicts.append((m, mix, fast and better))
+            if "TASA speed-aware" in w["rows"]:
+                verdicts.append((m, mix, all(win_verdict(w))))
     n_in = sum(1 for e in raw if e <= 0.10)
     lines = pred + ["", f"Raw: {n_in} of {len(raw)} numbers within 10% (max |error| {100 * max(raw):.1f}%)"
                     + (f"; with the machine's drift since the profile taken out: max |error| {100 * max(adj):.1f}%."
@@ -125,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--analysis takes MODEL=PATH")
     given = {m: Path(p).resolve() for m, p in (s.split("=", 1) for s in a.analysis)}
     out = a.out if a.out.is_absolute() else ROOT / a.out
-    out.mkdir(parents=True, exist_ok=True)
     if a.summary_only:
+        missing = [str(out / f"{m}.{x}") for m in a.models for x in ("json", "md", "profile.toml") if not (out / f"{m}.{x}").is_file()]
+        if missing:
+            ap.error(f"no saved results to summarise: {missing[0]} is missing (run without --summary-only first)")
         if (out / "run.json").is_file():
             header = json.loads((out / "run.json").read_text())["header"]
         else:
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         write_summary(out, a.models, header)
         log(f"wrote {out / 'summary.md'}")
         return 0
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     py = sys.executable
