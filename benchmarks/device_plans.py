@@ -15,12 +15,16 @@ the machine's load average before and after each measurement (a shared machine's
 as good as its quiet moments).
 
 A shared or thermally throttled machine does not keep its speed between the profile and the check
-(this 2-core VM's prefill moved by 20% within an hour), so each plan is bracketed by its *reference
+(this 2-core VM's prefill moved by 20% within an hour, one file's decode by >10% between minutes),
+so files compared with each other are measured in the same minutes: ``--rounds`` passes over them,
+each pass a few repetitions of each file. Each plan is measured alternating with its *reference
 design*: the profile's own design file of the plan's dominant layer format (``uniform Q4_K``),
-exported again and re-measured just before and just after the plan. Its measured / profiled speed
-(the geometric mean of the two) is the machine's drift since the profile; the table gives the raw
-error and the error with that drift taken out (the prediction times the drift). The verdict line
-judges by the raw error and gives the other beside it.
+exported again. Per pass, the reference's measured / profiled speed is the machine's drift since the
+profile; the table gives the raw error (the plan's speed over all passes against the prediction)
+and the error with the drift taken out (the prediction against the median over passes of the plan's
+speed / that pass's drift). The verdict line judges by the raw error and gives the other beside it.
+In the win (``--win``) every TASA file alternates with llama.cpp's mix and is compared with it by
+the median per-pass ratio.
 
 An ONNX profile (``tasa-edge profile -f onnx``) with an ONNX analysis (``analyze --target onnx``)
 checks ONNX plans the same way: exported with the default graph and timed by the bench harness's
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -102,29 +107,69 @@ def reference_design(src: ModelSource, kp, fmt: str) -> tuple[str, dict[str, str
     raise TasaError("the profile records no uniform design file's speed: make it again with this tasa-edge")
 
 
-def drift_check(src: ModelSource, kp, plan_tensors: dict[str, str], work: Path, reps: int | None,
-                files: dict[str, Path]) -> dict:
-    """Measure the plan's reference design now (exported once per run into ``work``, ``files``:
-    label -> path) and compare it with its profiled speed: ``tg_drift`` / ``pp_drift`` = now /
-    then (1.10: the machine runs 10% faster than when profiled)."""
+def measure_rounds(files: dict[str, Path], kp, reps: int | None, rounds: int, bench=None) -> dict[str, dict]:
+    """Files that are compared with each other, measured in the same minutes: ``rounds`` passes over
+    ``files`` (label -> path; each pass starts one file later), ``ceil(reps / rounds)`` repetitions of
+    each file per pass (``reps``: the profile's by default). A file's ``tg_ts`` / ``pp_ts`` is the
+    profile's statistic over all its repetitions, ``round_tg`` / ``round_pp`` the statistic of each
+    pass (for :func:`paired_ratio`). ``bench(path, n)``: one measurement (default :func:`measure`)."""
+    if rounds < 1:
+        raise TasaError(f"--rounds must be at least 1, got {rounds}")
+    bench = bench or (lambda path, n: measure(path, kp, n))
+    n = max(1, math.ceil(int(reps or kp.measured.get("reps") or 3) / rounds))
+    labels = list(files)
+    per: dict[str, list[dict]] = {lb: [] for lb in labels}
+    for i in range(rounds):
+        k = i % len(labels)
+        for lb in labels[k:] + labels[:k]:
+            per[lb].append(bench(files[lb], n))
+    stat = kp.measured.get("stat") or "best"
+    out = {}
+    for lb, ms in per.items():
+        tg = [x for m in ms for x in m["tg_samples"]]
+        pp = [x for m in ms for x in m["pp_samples"]]
+        out[lb] = {"tg_ts": speed({"samples_ts": tg, "ts_mean": float(np.mean(tg))}, stat),
+                   "pp_ts": speed({"samples_ts": pp, "ts_mean": float(np.mean(pp))}, stat),
+                   "round_tg": [m["tg_ts"] for m in ms], "round_pp": [m["pp_ts"] for m in ms], "tg_samples": tg,
+                   "pp_samples": pp, "reps_per_round": n, "load_before": ms[0]["load_before"], "load_after": ms[-1]["load_after"]}
+    return out
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Speed of file a / file b from passes that measured both in the same minutes: the median of
+    the per-pass ratios (the machine's drift between passes cancels)."""
+    if len(a) != len(b) or not a:
+        raise ValueError("paired_ratio needs the same number of passes of both files")
+    return float(np.median(np.asarray(a, float) / np.asarray(b, float)))
+
+
+def reference_file(src: ModelSource, kp, plan_tensors: dict[str, str], work: Path, files: dict[str, Path]) -> tuple[str, Path]:
+    """The plan's reference design (:func:`reference_design` of its :func:`dominant_format`),
+    exported once per run into ``work`` (``files``: label -> path, the run's cache)."""
     label, tensors = reference_design(src, kp, dominant_format(src, plan_tensors))
     f = files.get(label)
     if f is None:
         f = work / ("ref-" + label.replace(" ", "_") + ("-onnx" if kp.target == "onnx" else ".gguf"))
         export_design(src, kp.target, label, tensors, f)
         files[label] = f
-    got = measure(f, kp, reps)
+    return label, f
+
+
+def drift_check(kp, label: str, ref: dict, plan: dict, pred_tg: float, pred_pp: float) -> dict:
+    """The machine's drift since the profile, from the reference design measured in the same passes
+    as the plan (``ref`` / ``plan``: :func:`measure_rounds` results): per pass, ``drift`` = the
+    reference's speed now / its profiled speed (1.10: the machine runs 10% faster than when
+    profiled), and the plan's speed brought back to the profile's machine (its speed / drift). The
+    row's drift is the median over passes; its error with the drift out is the prediction against
+    the median of the plan's brought-back speeds."""
     then_tg, then_pp = kp.measured["design_tg_ts"][label], kp.measured["design_pp_ts"][label]
-    return {"label": label, "profile_tg_ts": then_tg, "profile_pp_ts": then_pp, "tg_ts": got["tg_ts"],
-            "pp_ts": got["pp_ts"], "tg_drift": got["tg_ts"] / then_tg, "pp_drift": got["pp_ts"] / then_pp}
-
-
-def bracket(before: dict, after: dict) -> dict:
-    """One drift from the reference design measured before and after a plan: the geometric mean of
-    the two ratios (both kept)."""
-    return {"label": before["label"], "profile_tg_ts": before["profile_tg_ts"], "profile_pp_ts": before["profile_pp_ts"],
-            "tg_drift": float(np.sqrt(before["tg_drift"] * after["tg_drift"])),
-            "pp_drift": float(np.sqrt(before["pp_drift"] * after["pp_drift"])), "before": before, "after": after}
+    d_tg = [x / then_tg for x in ref["round_tg"]]
+    d_pp = [x / then_pp for x in ref["round_pp"]]
+    back_tg = float(np.median([x / d for x, d in zip(plan["round_tg"], d_tg)]))
+    back_pp = float(np.median([x / d for x, d in zip(plan["round_pp"], d_pp)]))
+    return {"label": label, "profile_tg_ts": then_tg, "profile_pp_ts": then_pp, "tg_ts": ref["tg_ts"], "pp_ts": ref["pp_ts"],
+            "round_tg_drift": d_tg, "round_pp_drift": d_pp, "tg_drift": float(np.median(d_tg)),
+            "pp_drift": float(np.median(d_pp)), "tg_err_drift": pred_tg / back_tg - 1, "pp_err_drift": pred_pp / back_pp - 1}
 
 
 def main() -> None:
@@ -135,7 +180,10 @@ def main() -> None:
     ap.add_argument("--bpw", type=float, nargs="+", default=[4.6, 5.5, 6.5])
     ap.add_argument("--min-tg-ratio", type=float, default=None,
                     help="also a speed-aware plan per budget: predicted tg >= RATIO x the speed-blind plan's")
-    ap.add_argument("--reps", type=int, default=None, help="llama-bench -r (default: the profile's)")
+    ap.add_argument("--reps", type=int, default=None, help="llama-bench repetitions of each file in all (default: the profile's)")
+    ap.add_argument("--rounds", type=int, default=4,
+                    help="passes over the files compared with each other (a plan and its reference design; a mix and a "
+                         "TASA plan), each taking ceil(reps / rounds) repetitions of each file")
     ap.add_argument("--win", nargs="*", default=[], metavar="MIX",
                     help="llama.cpp mixes (Q3_K_S Q3_K_M) to compare with (+ the analysis' imatrix): measured speed, "
                          "and task KLD of the mix, the speed-blind and the speed-aware TASA plan at its bytes")
@@ -146,6 +194,8 @@ def main() -> None:
     ap.add_argument("--tries", type=int, default=3, help="--win: speed-aware plans tried (each re-planned from the last one's measured speed)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/device"))
     a = ap.parse_args()
+    if a.rounds < 1:
+        ap.error("--rounds must be at least 1")
 
     src = ModelSource.open(resolve_model(a.model))
     kp = load_kernel_profile(a.profile)
@@ -159,7 +209,8 @@ def main() -> None:
     res_path = a.out / f"{tag}.json"
     res = json.loads(res_path.read_text()) if res_path.is_file() else {}
     settings = {"profile": str(a.profile), "machine": kp.machine, "measured": {k: kp.measured.get(k) for k in
-                ("threads", "pp", "tg", "reps", "stat", "load_before", "load_after", "fit", "holdout")}}
+                ("threads", "pp", "tg", "reps", "stat", "load_before", "load_after", "fit", "holdout")},
+                "reps": a.reps, "rounds": a.rounds}
     if res.get("settings") != settings:
         res = {"settings": settings, "rows": {}}
 
@@ -187,16 +238,16 @@ def main() -> None:
         else:
             f = stem.with_suffix(".gguf")
             export_gguf(src, plan, f, imatrix=plan.export_imatrix(None), show_progress=False)
-        before = drift_check(src, kp, plan.tensors, work, a.reps, ref_files)   # the machine just before...
-        got = measure(f, kp, a.reps)
-        ref = bracket(before, drift_check(src, kp, plan.tensors, work, a.reps, ref_files))   # ...and just after
-        shutil.rmtree(f) if f.is_dir() else f.unlink()
         p = plan.predicted
+        ref_label, ref_path = reference_file(src, kp, plan.tensors, work, ref_files)
+        m = measure_rounds({"reference": ref_path, "plan": f}, kp, a.reps, a.rounds)
+        got = m["plan"]
+        ref = drift_check(kp, ref_label, m["reference"], got, p["tg_ts"], p["pp_ts"])
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
         res["rows"][label] = {"bpw": p["bpw"], "bytes": p["bytes"], "loss": p["loss"], "types": plan.types_used(),
                               "pred_tg_ts": p["tg_ts"], "pred_pp_ts": p["pp_ts"], **got,
                               "tg_err": p["tg_ts"] / got["tg_ts"] - 1, "pp_err": p["pp_ts"] / got["pp_ts"] - 1,
-                              "reference": ref, "tg_err_drift": p["tg_ts"] * ref["tg_drift"] / got["tg_ts"] - 1,
-                              "pp_err_drift": p["pp_ts"] * ref["pp_drift"] / got["pp_ts"] - 1,
+                              "reference": ref, "tg_err_drift": ref["tg_err_drift"], "pp_err_drift": ref["pp_err_drift"],
                               "seconds": time.perf_counter() - t0}
         atomic_write_text(res_path, json.dumps(res, indent=1) + "\n")
         r = res["rows"][label]
@@ -294,11 +345,15 @@ def win(a, src, kp, an, res, res_path, work) -> None:
     x the mix's *measured* tg and pp, against the mix and the speed-blind plan: measured speed and
     task KLD.
 
-    The profile's errors differ from file to file (up to ~14% on the prefill of a mix), so the
-    limits are set and corrected by measurement: the first plan's limits are the mix's measured
-    times / goal, brought into predicted time by the mix's own measured / predicted ratio; a plan
-    that misses on the device is re-planned with its own ratio, at most ``--tries`` plans. Task KLD
-    is measured for the last plan only (no plan is chosen by its KLD); every try is recorded."""
+    Every TASA file is measured in passes alternating with the mix (:func:`measure_rounds`), and its
+    speed is the median per-pass ratio to the mix (:func:`paired_ratio`) times the mix's speed in its
+    first pairing (with the speed-blind plan): this machine's speed moves by >10% between minutes,
+    which a file measured minutes after the mix would count as its own. The profile's errors differ
+    from file to file (up to ~14% on the prefill of a mix), so the limits are set and corrected by
+    measurement: the first plan's limits are the mix's measured times / goal, brought into predicted
+    time by the mix's own measured / predicted ratio; a plan that misses on the device is re-planned
+    with its own ratio, at most ``--tries`` plans. Task KLD is measured for the last plan only (no
+    plan is chosen by its KLD); every try is recorded."""
     from tasa_edge.imatrix import load_imatrix
 
     held = None
@@ -314,39 +369,57 @@ def win(a, src, kp, an, res, res_path, work) -> None:
         rep = inspect_gguf(lf)
         nbytes = rep["bytes"]
         rows = {}
-        m = measure(lf, kp, a.reps)
         types = file_types(rep)
         pred, approx = predict_file(kp, src, types)
         counts: dict[str, int] = {}
         for t in types.values():
             counts[t] = counts.get(t, 0) + 1
-        rows["llama.cpp"] = {"bpw": rep["bpw"], **m, "kl": kl_tokens(held, lf), "types": counts,
+        first: dict = {}     # the mix in its first pairing
+
+        def paired(f: Path) -> dict:
+            """``f`` measured in passes with the mix; its speed in the mix's first-pairing terms."""
+            m = measure_rounds({"mix": lf, "plan": f}, kp, a.reps, a.rounds)
+            if not first:
+                first.update(m["mix"])
+            tg_r = paired_ratio(m["plan"]["round_tg"], m["mix"]["round_tg"])
+            pp_r = paired_ratio(m["plan"]["round_pp"], m["mix"]["round_pp"])
+            return {"tg_ts": tg_r * first["tg_ts"], "pp_ts": pp_r * first["pp_ts"], "raw": m["plan"],
+                    "mix_now": {k: m["mix"][k] for k in ("tg_ts", "pp_ts", "round_tg", "round_pp")},
+                    "load_before": m["plan"]["load_before"], "load_after": m["plan"]["load_after"]}
+
+        def plan_fn(lim):
+            return make_plan(an, src, nbytes=nbytes, device=DeviceLimits(
+                kp, max_decode_ms=lim.get("decode_ms"), max_prefill_ms=lim.get("prefill_ms")))
+
+        fb = work / f"TASA_speed-blind-{mix}.gguf"
+        blind = plan_fn({})
+        export_gguf(src, blind, fb, imatrix=blind.export_imatrix(None), show_progress=False)
+        brow = {"bpw": blind.predicted["bpw"], "pred_tg_ts": blind.predicted["tg_ts"], "pred_pp_ts": blind.predicted["pp_ts"],
+                "types": blind.types_used(), **paired(fb)}
+        brow["kl"] = kl_tokens(held, fb)
+        fb.unlink()
+        rows["llama.cpp"] = {"bpw": rep["bpw"], **first, "kl": kl_tokens(held, lf), "types": counts,
                              "pred_tg_ts": pred.tg_ts, "pred_pp_ts": pred.pp_ts, "approximated": approx}
-        lf.unlink()
+        rows["TASA speed-blind"] = brow
         target = measured_times(rows["llama.cpp"], kp.pp)
         target = {k: v / a.goal for k, v in target.items()}      # the plan's measured times may be this long
         bias = {"decode_ms": target["decode_ms"] * a.goal / pred.decode_ms,    # the mix's measured / predicted
                 "prefill_ms": target["prefill_ms"] * a.goal / pred.prefill_ms}
-        for label in ("TASA speed-blind", "TASA speed-aware"):
-            f = work / f"{label.replace(' ', '_')}-{mix}.gguf"
-            f.unlink(missing_ok=True)
+        f = work / f"TASA_speed-aware-{mix}.gguf"
+        f.unlink(missing_ok=True)
 
-            def plan_fn(lim):
-                return make_plan(an, src, nbytes=nbytes, device=DeviceLimits(
-                    kp, max_decode_ms=lim.get("decode_ms"), max_prefill_ms=lim.get("prefill_ms")))
+        def measure_fn(plan):
+            export_gguf(src, plan, f, imatrix=plan.export_imatrix(None), show_progress=False)
+            return paired(f)
 
-            def measure_fn(plan):
-                export_gguf(src, plan, f, imatrix=plan.export_imatrix(None), show_progress=False)
-                return measure(f, kp, a.reps)
-
-            aware = label.endswith("aware")
-            row, tries, err = speed_search(plan_fn, measure_fn, target, bias, a.speed_margin, a.tries if aware else 1,
-                                           kp.pp, limited=aware, log=lambda m, label=label: print(f"{mix} {label}: {m}", flush=True))
-            if err:
-                res["win"].setdefault("errors", {})[f"{mix} {label}"] = err
-            if row is not None:
-                rows[label] = {**row, "tries": tries, "kl": kl_tokens(held, f)}
-            f.unlink(missing_ok=True)
+        row, tries, err = speed_search(plan_fn, measure_fn, target, bias, a.speed_margin, a.tries, kp.pp,
+                                       log=lambda m: print(f"{mix} TASA speed-aware: {m}", flush=True))
+        if err:
+            res["win"].setdefault("errors", {})[f"{mix} TASA speed-aware"] = err
+        if row is not None:
+            rows["TASA speed-aware"] = {**row, "tries": tries, "kl": kl_tokens(held, f)}
+        f.unlink(missing_ok=True)
+        lf.unlink()
         base = rows["llama.cpp"]
         for r in rows.values():
             d = r["kl"] - base["kl"]
@@ -359,7 +432,7 @@ def win(a, src, kp, an, res, res_path, work) -> None:
         for r in rows.values():
             r.pop("kl")
         res["win"][mix] = {"bytes": nbytes, "n_eval": a.n_eval, "speed_margin": a.speed_margin, "goal": a.goal,
-                           "max_tries": a.tries, "rows": rows}
+                           "max_tries": a.tries, "rounds": a.rounds, "paired": True, "rows": rows}
         atomic_write_text(res_path, json.dumps(res, indent=1) + "\n")
         print(win_table({"win": {mix: res["win"][mix]}}), flush=True)
 
@@ -397,6 +470,10 @@ def win_table(res: dict) -> str:
                             f"pp {r['pp_ratio']:.3f}x llama.cpp's mix ({'both' if fast else 'NOT both'} >= {g:g}), task KLD "
                             f"{'significantly lower' if better else 'NOT significantly lower'} than the mix's: "
                             f"{'met' if fast and better else 'not met'}")
+    rounds = {w.get("rounds") for mix, w in res["win"].items() if mix != "errors" and w.get("paired")}
+    if rounds:
+        verdicts.append(f"- each TASA file measured in {'/'.join(map(str, sorted(rounds)))} passes alternating with the mix; "
+                        f"its speed = the median per-pass ratio (in brackets) x the mix's speed in its first pairing")
     return "\n".join(lines + ([""] + verdicts if verdicts else [])) + "\n"
 
 
@@ -404,8 +481,12 @@ def table(model: str, res: dict, kp) -> str:
     m = kp.measured
     tg, pp = m["tg"], m["pp"]
     runtime = f"llama.cpp {kp.machine.get('llama_cpp_commit')}" if kp.target == "gguf" else m.get("backend")
+    st = res.get("settings", {})
+    reps, rounds = st.get("reps") or m.get("reps"), st.get("rounds")
+    how = (f"{m.get('stat', 'best')} of {rounds} passes x {math.ceil(int(reps) / rounds)} repetitions, each plan alternating "
+           f"with its reference design" if rounds else f"{m.get('stat', 'best')} of {reps} repetitions")
     lines = [f"**{model}** ({kp.machine.get('cpu')}, {m['threads']} thread(s), {runtime}, "
-             f"speed = {m.get('stat', 'best')} of {m.get('reps')} repetitions, llama-bench's pp/tg conventions)", "",
+             f"speed = {how}, llama-bench's pp/tg conventions)", "",
              f"| plan | bits/weight | predicted loss | tg{tg} predicted | tg{tg} measured | error | pp{pp} predicted | "
              f"pp{pp} measured | error | reference design: now / profiled tg, pp | error, drift out (tg, pp) | "
              f"load avg before -> after |",
@@ -424,7 +505,7 @@ def table(model: str, res: dict, kp) -> str:
         adj = [abs(r[k]) for r in res["rows"].values() if "reference" in r for k in ("tg_err_drift", "pp_err_drift")]
         if adj:
             lines[-1] += (f"; with the machine's drift since the profile taken out (each plan's reference design "
-                          f"re-measured before and after it): max |error| {100 * max(adj):.1f}%")
+                          f"measured in the same passes): max |error| {100 * max(adj):.1f}%")
     return "\n".join(lines) + "\n"
 
 

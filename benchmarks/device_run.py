@@ -31,13 +31,14 @@ from device_plans import win_verdict  # noqa: E402  (benchmarks/, this script's 
 from tasa_edge.fsutil import atomic_write_text  # noqa: E402
 
 # model -> the three budgets of the prediction table (bits/weight), llama-bench repetitions (-r) of its
-# profile and checks. The small models' decode is fast and noisy on a shared machine (one SmolLM2
-# file's 5 tg128 repetitions: 151-181 t/s within seconds), so they take the fastest of 20 (a second
-# per repetition); Qwen's 5 repetitions take a minute per file.
+# profile and of each file in the checks, and the checks' passes over the files compared (device_plans
+# --rounds). The small models' decode is fast and noisy on a shared machine (one SmolLM2 file's 5
+# tg128 repetitions: 151-181 t/s within seconds), so they take the fastest of 20 (a second per
+# repetition), in 4 passes of 5; Qwen's 5 repetitions take a minute per file: 3 passes of 2.
 MODELS = {
-    "smollm2-135m": ((4.6, 5.5, 6.5), 20),
-    "gemma3-270m": ((4.6, 5.5, 6.5), 20),
-    "qwen2.5-coder-1.5b": ((3.5, 4.5, 5.5), 5),
+    "smollm2-135m": ((4.6, 5.5, 6.5), 20, 4),
+    "gemma3-270m": ((4.6, 5.5, 6.5), 20, 4),
+    "qwen2.5-coder-1.5b": ((3.5, 4.5, 5.5), 5, 3),
 }
 
 
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         if not an.is_file():
             run(["tasa-edge", "analyze", m, "-o", str(an.parent)])
         run([py, "benchmarks/device_plans.py", "--model", m, "--profile", str(prof), "--analysis", str(an),
-             "--bpw", *map(str, MODELS[m][0]), "--win", "Q3_K_S", "Q3_K_M", "--n-eval", str(a.n_eval), "--out", str(out)])
+             "--bpw", *map(str, MODELS[m][0]), "--rounds", str(MODELS[m][2]), "--win", "Q3_K_S", "Q3_K_M", "--n-eval", str(a.n_eval), "--out", str(out)])
     header = (f"`python benchmarks/device_run.py {' '.join(sys.argv[1:] if argv is None else argv)}` at commit {commit}, "
               f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(t0))} to {time.strftime('%H:%M UTC', time.gmtime())}.")
     atomic_write_text(out / "run.json", json.dumps({"header": header, "models": a.models}) + "\n")

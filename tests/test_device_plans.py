@@ -342,21 +342,25 @@ def test_cli_profile_measures_through_llama_bench(src, tmp_path):
     assert res.returncode == 0, res.stderr
     res = run_cli("profile", "-m", "smollm2-135m", "-o", tmp_path / "x.toml", "--formats", "Q4_K")
     assert res.returncode != 0 and "fits every tensor" in res.stderr
-    # the benchmark's drift check: the plan's reference design rebuilt and timed again by llama-bench
+    # the benchmark's drift check: the plan's reference design rebuilt and timed again by llama-bench,
+    # in passes alternating with the plan (here the reference file itself stands in for the plan)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import device_plans as dp
 
     files: dict = {}
     kp = load_kernel_profile(out)
     plan = {t.name: "Q4_0" for t in src.quantizable}
-    now = dp.drift_check(src, kp, plan, tmp_path, None, files)
-    assert now["label"] == "uniform Q4_0" and now["profile_pp_ts"] == data["measured"]["design_pp_ts"]["uniform Q4_0"]
-    assert now["tg_drift"] == pytest.approx(now["tg_ts"] / now["profile_tg_ts"]) and 0.2 < now["tg_drift"] < 5
-    assert 0.2 < now["pp_drift"] < 5
-    f = files["uniform Q4_0"]
+    label, f = dp.reference_file(src, kp, plan, tmp_path, files)
+    assert label == "uniform Q4_0" and f.is_file()
     stamp = f.stat().st_mtime_ns
-    assert dp.drift_check(src, kp, plan, tmp_path, None, files)["label"] == "uniform Q4_0"
+    assert dp.reference_file(src, kp, plan, tmp_path, files) == (label, f)
     assert f.stat().st_mtime_ns == stamp          # exported once per run, measured at every plan
+    m = dp.measure_rounds({"reference": f, "plan": f}, kp, 2, 2)
+    assert len(m["plan"]["round_tg"]) == 2 and m["plan"]["reps_per_round"] == 1 and len(m["reference"]["pp_samples"]) == 2
+    now = dp.drift_check(kp, label, m["reference"], m["plan"], 100.0, 1000.0)
+    assert now["profile_pp_ts"] == data["measured"]["design_pp_ts"]["uniform Q4_0"]
+    assert 0.2 < now["tg_drift"] < 5 and 0.2 < now["pp_drift"] < 5
+    assert now["tg_drift"] == pytest.approx(float(np.median(m["reference"]["round_tg"])) / now["profile_tg_ts"])
 
 
 # ---------------------------------------------------------------------------- ONNX (onnxruntime MatMulNBits)

@@ -131,9 +131,50 @@ def test_reference_design_is_the_profiles_own_file_of_the_plans_dominant_layer_f
         dp.reference_design(smollm, _kp(["output Q4_0"]), "Q4_0")
 
 
-def test_the_drift_of_a_plan_is_the_geometric_mean_of_its_reference_before_and_after():
-    before = {"label": "uniform Q4_K", "profile_tg_ts": 10.0, "profile_pp_ts": 100.0, "tg_drift": 0.9, "pp_drift": 1.0}
-    after = {**before, "tg_drift": 1.0, "pp_drift": 1.21}
-    d = dp.bracket(before, after)
-    assert d["tg_drift"] == pytest.approx(0.9 ** 0.5) and d["pp_drift"] == pytest.approx(1.1)
-    assert d["before"] is before and d["after"] is after and d["label"] == "uniform Q4_K"
+class Machine:
+    """A device whose speed moves between passes (minutes) but not within one: ``factors[k]`` while
+    the k-th pass runs; each file has its own true speed. ``bench(path, n)`` records the calls."""
+
+    def __init__(self, true: dict[str, tuple[float, float]], factors: list[float]):
+        self.true, self.factors, self.calls = true, factors, []
+
+    def bench(self, path, n):
+        self.calls.append((str(path), n))
+        k = (len(self.calls) - 1) // len(self.true)          # the pass this call belongs to
+        tg, pp = (v * self.factors[k] for v in self.true[str(path)])
+        return {"tg_ts": tg, "pp_ts": pp, "tg_samples": [tg * 0.99] * (n - 1) + [tg], "pp_samples": [pp] * n,
+                "load_before": [float(k)], "load_after": [float(k) + 0.5]}
+
+
+def test_measured_in_alternating_passes_the_drift_between_passes_cancels_in_the_ratio():
+    kp = _kp(["uniform Q4_0"])
+    kp.measured.update(reps=10, stat="best")
+    dev = Machine({"a": (50.0, 500.0), "b": (100.0, 800.0)}, [1.0, 1.3, 0.8, 1.1])
+    m = dp.measure_rounds({"A": "a", "B": "b"}, kp, None, 4, bench=dev.bench)
+    # 4 passes of ceil(10 / 4) = 3 repetitions, each pass starting one file later
+    assert [c[0] for c in dev.calls] == ["a", "b", "b", "a", "a", "b", "b", "a"] and {c[1] for c in dev.calls} == {3}
+    assert m["A"]["round_tg"] == pytest.approx([50.0, 65.0, 40.0, 55.0]) and len(m["A"]["tg_samples"]) == 12
+    assert m["A"]["tg_ts"] == pytest.approx(65.0) and m["B"]["pp_ts"] == pytest.approx(1040.0)   # best of all
+    assert dp.paired_ratio(m["A"]["round_tg"], m["B"]["round_tg"]) == pytest.approx(0.5)
+    assert dp.paired_ratio(m["A"]["round_pp"], m["B"]["round_pp"]) == pytest.approx(500 / 800)
+    kp.measured["stat"] = "mean"
+    m3 = dp.measure_rounds({"A": "a"}, kp, 2, 1, bench=Machine({"a": (50.0, 500.0)}, [1.0]).bench)
+    assert m3["A"]["tg_ts"] == pytest.approx(49.75)
+    with pytest.raises(TasaError, match="rounds"):
+        dp.measure_rounds({"A": "a"}, kp, 2, 0, bench=dev.bench)
+    with pytest.raises(ValueError):
+        dp.paired_ratio([1.0], [1.0, 2.0])
+
+
+def test_the_drift_since_the_profile_is_taken_out_pass_by_pass():
+    kp = _kp(["uniform Q4_K"])
+    then_tg, then_pp = kp.measured["design_tg_ts"]["uniform Q4_K"], kp.measured["design_pp_ts"]["uniform Q4_K"]
+    factors = [1.2, 0.9, 1.05]
+    ref = {"tg_ts": then_tg * 1.2, "pp_ts": then_pp * 1.2, "round_tg": [then_tg * f for f in factors],
+           "round_pp": [then_pp * f for f in factors]}
+    plan = {"round_tg": [40.0 * f for f in factors], "round_pp": [300.0 * f for f in factors]}
+    d = dp.drift_check(kp, "uniform Q4_K", ref, plan, 40.0, 300.0)    # the prediction was right on the profiled machine
+    assert d["tg_drift"] == pytest.approx(1.05) and d["round_pp_drift"] == pytest.approx(factors)
+    assert d["tg_err_drift"] == pytest.approx(0.0) and d["pp_err_drift"] == pytest.approx(0.0)
+    d = dp.drift_check(kp, "uniform Q4_K", ref, plan, 44.0, 270.0)
+    assert d["tg_err_drift"] == pytest.approx(0.1) and d["pp_err_drift"] == pytest.approx(-0.1)
