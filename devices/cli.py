@@ -195,6 +195,7 @@ def profile(
     n_prompt: int = typer.Option(512, "--n-prompt", "-p", help="pp test size (prefill tokens), as llama-bench -p."),
     n_gen: int = typer.Option(128, "--n-gen", "-n", help="tg test size (decoded tokens), as llama-bench -n."),
     reps: int = typer.Option(3, "--repetitions", "-r", help="Timed repetitions per test, as llama-bench -r."),
+    rounds: int = typer.Option(1, "--rounds", help="Passes over all design files, each taking ceil(-r / ROUNDS) repetitions per file (every file kept on disk): each file measured in several minutes, for a machine whose speed moves between minutes."),
     stat: str = typer.Option("best", "--stat", help="Speed of a file: best (fastest repetition; robust to other load on a shared machine) or mean."),
     n_random: int = typer.Option(2, "--random-mixes", help="Random per-tensor mixes measured besides one file per format (held out to check the fit, then fitted too)."),
     by_width: bool = typer.Option(False, "--by-width", help="Also measure each format on the layer matrices of each input width apart (more design files): one cost per format and width."),
@@ -243,7 +244,7 @@ def profile(
     err = Console(stderr=True)
     show = not os.environ.get("TASA_NO_PROGRESS")
     kp, runs, text = measure_profile(
-        src, target=target, kernels=kernels, by_width=by_width, menu=menu, threads=threads, pp=n_prompt, tg=n_gen, reps=reps, n_random=n_random, name=name, stat=stat, resume=resume,
+        src, target=target, kernels=kernels, by_width=by_width, menu=menu, threads=threads, pp=n_prompt, tg=n_gen, reps=reps, n_random=n_random, name=name, stat=stat, resume=resume, rounds=rounds,
         transport=transport, bin_dir=bin_dir, limit_bytes=parse_bytes(memory_limit) if memory_limit else None,
         show_progress=show, log=(lambda s: err.print(s, highlight=False)) if show else None)
     write_profile(output, text)

@@ -292,9 +292,14 @@ def measure_profile(src: ModelSource, *, target: str = "local", menu: list[str] 
                     pp: int = 512, tg: int = 128, reps: int = 3, n_random: int = 2, name: str | None = None,
                     transport=None, bin_dir=None, limit_bytes: int | None = None, show_progress: bool = True, stat: str = "best",
                     workdir: Path | None = None, log=None, resume: Path | None = None,
-                    kernels: str = "gguf", by_width: bool = False) -> tuple[KernelProfile, list[DesignRun], str]:
+                    kernels: str = "gguf", by_width: bool = False, rounds: int = 1) -> tuple[KernelProfile, list[DesignRun], str]:
     """Export the design files, time them on ``target`` (``kernels="gguf"``: llama.cpp's llama-bench;
     ``"onnx"``: this machine's onnxruntime(-genai), MatMulNBits), fit the costs.
+
+    ``rounds`` > 1: every design file is kept on disk and timed in that many passes over all files
+    (each pass starting one file later, ``ceil(reps / rounds)`` repetitions per file and pass; a
+    file's speed is ``stat`` over all its repetitions), so that each file is measured in several
+    minutes of a machine whose speed moves between minutes, not in one.
     Returns the kernel profile, the measured runs and the profile TOML text."""
     from .llama_tools import build_info, require_tool, run_llama_bench
     from .machine import usable_cores
@@ -313,6 +318,8 @@ def measure_profile(src: ModelSource, *, target: str = "local", menu: list[str] 
     speed({"ts_mean": 1.0}, stat)     # validates stat
     if pp <= 0 or tg <= 0 or reps <= 0:
         raise TasaError("-p, -n and -r must be positive")
+    if rounds < 1:
+        raise TasaError(f"--rounds must be at least 1, got {rounds}")
     designs = design_plans(src, menu, n_random=n_random, kernels=kernels, by_width=by_width)
     load_before = _loadavg() if target == "local" else None
     tools = None
@@ -337,11 +344,11 @@ def measure_profile(src: ModelSource, *, target: str = "local", menu: list[str] 
     if kernels == "onnx":
         head_prefill = "all"
 
-        def bench(path: Path, tag: str) -> dict:
-            return onnx_bench(path, pp, tg, reps, threads)
+        def bench(path: Path, tag: str, n: int) -> dict:
+            return onnx_bench(path, pp, tg, n, threads)
     elif target == "local":
-        def bench(path: Path, tag: str) -> dict:
-            return run_llama_bench(path, pp, tg, reps, threads, limit_bytes=limit_bytes, exe=exe)
+        def bench(path: Path, tag: str, n: int) -> dict:
+            return run_llama_bench(path, pp, tg, n, threads, limit_bytes=limit_bytes, exe=exe)
     else:
         from .remote import DeviceTools
 
@@ -359,50 +366,87 @@ def measure_profile(src: ModelSource, *, target: str = "local", menu: list[str] 
         emulation = _emulation(tools.binary_arch(), mach.get("arch"))
         band = None
 
-        def bench(path: Path, tag: str) -> dict:
+        def bench(path: Path, tag: str, n: int) -> dict:
             nonlocal band
             remote = tools.push_file(path, f"{tools.rd}/models/profile-{tag}.gguf")
             try:
                 if band is None:
                     band = bw.probe_remote(lambda c: transport.shell(c)[:2], remote)
-                return tools.bench(remote, pp, tg, reps, threads, f"profile-{tag}")
+                return tools.bench(remote, pp, tg, n, threads, f"profile-{tag}")
             finally:
                 transport.shell(f"rm -f '{remote}'")
     if limit_bytes and avail:
         avail = min(avail, limit_bytes)
 
-    runs: list[DesignRun] = []
     graphs: set[str] = set()    # the ONNX exporter's graph (genai where onnxruntime-genai runs the family)
     t0 = time.perf_counter()
     done = _load_resume(resume)
+    n_files, per_pass = len(designs), max(1, -(-reps // rounds))
+    by_index: dict[int, DesignRun] = {}
+    acc: dict[int, dict] = {}       # rounds > 1: design index -> its samples so far and its file's size
+    paths: dict[int, Path] = {}
     with tempfile.TemporaryDirectory(prefix="tasa-profile-", dir=workdir) as tmp, \
-            progress_bar(f"profile (export + {'llama-bench' if kernels == 'gguf' else 'onnxruntime'})", len(designs),
+            progress_bar(f"profile (export + {'llama-bench' if kernels == 'gguf' else 'onnxruntime'})", n_files * rounds,
                          enabled=show_progress) as advance:
-        for i, (label, tensors) in enumerate(designs):
-            key = _resume_key(label, tensors, ident, threads, pp, tg, reps, stat, target)
-            if key in done:
-                runs.append(DesignRun(**done[key]))
+        for r in range(rounds):
+            for i in [*range(r % n_files, n_files), *range(r % n_files)]:
+                label, tensors = designs[i]
+                key = _resume_key(label, tensors, ident, threads, pp, tg, reps, stat, target)
+                if rounds > 1:
+                    key += f"-pass{r + 1}of{rounds}"
+                last = r == rounds - 1
+                if key in done:
+                    if rounds == 1:
+                        by_index[i] = DesignRun(**done[key])
+                    else:
+                        a = acc.setdefault(i, {"tg": [], "pp": []})
+                        a["tg"] += done[key]["tg"]
+                        a["pp"] += done[key]["pp"]
+                        a["size"] = done[key]["size"]
+                    advance(1)
+                    continue
+                if i not in paths:
+                    paths[i] = Path(tmp) / (f"design-{i}" + ("" if kernels == "onnx" else ".gguf"))
+                    size, graph = export_design(src, kernels, label, tensors, paths[i])
+                    acc.setdefault(i, {"tg": [], "pp": []})["size"] = size
+                    if kernels == "onnx":
+                        graphs.add(graph)
+                    if rounds > 1 and not last and shutil.disk_usage(tmp).free < 2**30:
+                        raise TasaError(f"--rounds {rounds} keeps every design file on disk and less than 1 GiB is left "
+                                        f"in {tmp}: profile with fewer rounds or more space")
+                res = bench(paths[i], str(i), per_pass)
+                if "tg" not in res or "pp" not in res:
+                    raise TasaError(f"the benchmark gave no pp/tg result for design {label}")
+                if kernels == "gguf" and ident.get("llama_cpp_commit") is None:
+                    ident["llama_cpp_commit"] = res.get("build_commit")
+                    ident["llama_cpp_build"] = res.get("build_number")
+                size = acc[i]["size"]
+                if rounds == 1:
+                    by_index[i] = DesignRun(label, tensors, speed(res["tg"], stat), speed(res["pp"], stat), res["tg"]["ts_std"],
+                                            res["pp"]["ts_std"], size)
+                    done[key] = by_index[i].__dict__
+                    got = by_index[i].tg_ts, by_index[i].pp_ts
+                else:
+                    tg_s = res["tg"].get("samples_ts") or [res["tg"]["ts_mean"]]
+                    pp_s = res["pp"].get("samples_ts") or [res["pp"]["ts_mean"]]
+                    acc[i]["tg"] += tg_s
+                    acc[i]["pp"] += pp_s
+                    done[key] = {"tg": tg_s, "pp": pp_s, "size": size}
+                    got = speed(res["tg"], stat), speed(res["pp"], stat)
+                if log is not None:
+                    log(f"{label}{f' (pass {r + 1} of {rounds})' if rounds > 1 else ''}: tg{tg} {got[0]:.1f} t/s, pp{pp} {got[1]:.1f} t/s")
+                if last:
+                    shutil.rmtree(paths[i]) if paths[i].is_dir() else paths[i].unlink()
+                if resume is not None:
+                    atomic_write_text(resume, json.dumps(done))
                 advance(1)
-                continue
-            path = Path(tmp) / (f"design-{i}" + ("" if kernels == "onnx" else ".gguf"))
-            size, graph = export_design(src, kernels, label, tensors, path)
-            if kernels == "onnx":
-                graphs.add(graph)
-            res = bench(path, str(i))
-            if "tg" not in res or "pp" not in res:
-                raise TasaError(f"the benchmark gave no pp/tg result for design {label}")
-            if kernels == "gguf" and ident.get("llama_cpp_commit") is None:
-                ident["llama_cpp_commit"] = res.get("build_commit")
-                ident["llama_cpp_build"] = res.get("build_number")
-            runs.append(DesignRun(label, tensors, speed(res["tg"], stat), speed(res["pp"], stat), res["tg"]["ts_std"],
-                                  res["pp"]["ts_std"], size))
-            if log is not None:
-                log(f"{label}: tg{tg} {runs[-1].tg_ts:.1f} t/s, pp{pp} {runs[-1].pp_ts:.1f} t/s")
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-            if resume is not None:
-                done[key] = runs[-1].__dict__
-                atomic_write_text(resume, json.dumps(done))
-            advance(1)
+    if rounds > 1:
+        for i, a in acc.items():
+            label, tensors = designs[i]
+            by_index[i] = DesignRun(label, tensors, speed({"samples_ts": a["tg"], "ts_mean": float(np.mean(a["tg"]))}, stat),
+                                    speed({"samples_ts": a["pp"], "ts_mean": float(np.mean(a["pp"]))}, stat),
+                                    float(np.std(a["tg"])), float(np.std(a["pp"])), a["size"])
+    runs = [by_index[i] for i in range(n_files)]
     seconds = time.perf_counter() - t0
     backend = "llama.cpp llama-bench"
     if kernels == "onnx":
@@ -410,7 +454,7 @@ def measure_profile(src: ModelSource, *, target: str = "local", menu: list[str] 
                    if "genai" in graphs else f"onnxruntime {ident['onnxruntime']} MatMulNBits")
     measured = {
         "model": src.name, "fingerprint": src.fingerprint, "backend": backend, "target": target, "head_prefill": head_prefill,
-        "threads": int(threads), "pp": pp, "tg": tg, "reps": reps, "stat": stat,
+        "threads": int(threads), "pp": pp, "tg": tg, "reps": reps, "stat": stat, "rounds": rounds,
         "usable_ram_bytes": avail, "bandwidth_bytes_per_s": (band or {}).get("read_bytes_per_s"),
         "load_before": load_before, "load_after": _loadavg() if target == "local" else None,
         "seconds": round(seconds, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -363,6 +363,55 @@ def test_cli_profile_measures_through_llama_bench(src, tmp_path):
     assert now["tg_drift"] == pytest.approx(float(np.median(m["reference"]["round_tg"])) / now["profile_tg_ts"])
 
 
+def test_profile_in_passes_measures_every_file_in_each_pass_and_resumes(src, tmp_path, monkeypatch):
+    """``--rounds``: every design file timed once per pass (each pass starting one file later), its
+    speed the best of its repetitions over all passes; an interrupted run resumes pass by pass."""
+    import devices.bandwidth as bw
+    import devices.llama_tools as lt
+    from devices.kernel_profile import measure_profile
+
+    calls: list[tuple[str, int]] = []
+    boom = {"at": None}
+
+    def fake_bench(path, pp, tg, reps, threads, **kw):
+        calls.append((Path(path).name, reps))
+        if len(calls) == boom["at"]:
+            raise TasaError("llama-bench killed by SIGKILL")
+        f = 1.0 + 0.1 * (len(calls) % 3)               # the machine's speed moves from call to call
+        mk = lambda base: {"ts_mean": base * f, "ts_std": 0.0, "samples_ts": [base * f * 0.98] * (reps - 1) + [base * f]}  # noqa: E731
+        return {"tg": mk(100.0 + 10 * int(Path(path).stem.split("-")[1])), "pp": mk(1000.0), "build_commit": "abc"}
+
+    monkeypatch.setattr(lt, "run_llama_bench", fake_bench)
+    monkeypatch.setattr(lt, "require_tool", lambda name: Path("/bin/true"))
+    monkeypatch.setattr(lt, "build_info", lambda exe: type("B", (), {"version": "1", "commit": "abc"})())
+    monkeypatch.setattr(bw, "probe_local", lambda threads, repeats=3: {"read_bytes_per_s": 1e9})
+    kw = dict(menu=["Q8_0", "Q4_0"], threads=1, pp=16, tg=4, reps=5, n_random=0, show_progress=False, workdir=tmp_path)
+    kp, runs, text = measure_profile(src, rounds=2, **kw)
+    n = len(runs)
+    assert n >= 3 and len(calls) == 2 * n and {r for _, r in calls} == {3}          # ceil(5 / 2) repetitions per pass
+    names = [c for c, _ in calls]
+    assert names[:n] == [f"design-{i}.gguf" for i in range(n)]
+    assert names[n:] == [f"design-{i}.gguf" for i in [*range(1, n), 0]]              # the second pass starts one later
+    # the fastest repetition over both passes: design i's passes ran at calls k and k' with factors f(k), f(k')
+    for i, r in enumerate(runs):
+        ks = [k + 1 for k, c in enumerate(names) if c == f"design-{i}.gguf"]
+        assert r.tg_ts == pytest.approx((100.0 + 10 * i) * max(1.0 + 0.1 * (k % 3) for k in ks))
+    assert kp.measured["rounds"] == 2 and not list(tmp_path.glob("tasa-profile-*"))  # the files are gone
+    # interrupted in the second pass, then resumed: only the missing (file, pass) timings are run
+    prog = tmp_path / "progress.json"
+    calls.clear()
+    boom["at"] = n + 2
+    with pytest.raises(TasaError, match="SIGKILL"):
+        measure_profile(src, rounds=2, resume=prog, **kw)
+    assert len(json.loads(prog.read_text())) == n + 1
+    calls.clear()
+    boom["at"] = None
+    kp2, runs2, _ = measure_profile(src, rounds=2, resume=prog, **kw)
+    assert len(calls) == n - 1 and [r.label for r in runs2] == [r.label for r in runs]
+    with pytest.raises(TasaError, match="rounds"):
+        measure_profile(src, rounds=0, **kw)
+
+
 # ---------------------------------------------------------------------------- ONNX (onnxruntime MatMulNBits)
 def test_onnx_fit_costs_the_head_in_prefill_like_a_layer(src):
     """An ONNX profile (``head_prefill = "all"``: onnxruntime graphs return every position's logits):
