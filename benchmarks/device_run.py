@@ -31,14 +31,16 @@ from device_plans import win_verdict  # noqa: E402  (benchmarks/, this script's 
 from tasa_edge.fsutil import atomic_write_text  # noqa: E402
 
 # model -> the three budgets of the prediction table (bits/weight), llama-bench repetitions (-r) of its
-# profile and of each file in the checks, and the checks' passes over the files compared (device_plans
-# --rounds). The small models' decode is fast and noisy on a shared machine (one SmolLM2 file's 5
-# tg128 repetitions: 151-181 t/s within seconds), so they take the fastest of 20 (a second per
-# repetition), in 4 passes of 5; Qwen's 5 repetitions take a minute per file: 3 passes of 2.
+# profile and of each file in the checks, the checks' passes over the files compared (device_plans
+# --rounds) and the profile's passes over its design files (profile --rounds). The small models'
+# decode is fast and noisy on a shared machine (one SmolLM2 file's 5 tg128 repetitions: 151-181 t/s
+# within seconds, and >10% apart between minutes), so they take the fastest of 20 (a second per
+# repetition), in 4 passes of 5; Qwen's 5 repetitions take a minute per file: 3 passes of 2 in the
+# checks, one pass in the profile (its 30 design files, ~1.3 GB each, do not fit on this disk at once).
 MODELS = {
-    "smollm2-135m": ((4.6, 5.5, 6.5), 20, 4),
-    "gemma3-270m": ((4.6, 5.5, 6.5), 20, 4),
-    "qwen2.5-coder-1.5b": ((3.5, 4.5, 5.5), 5, 3),
+    "smollm2-135m": ((4.6, 5.5, 6.5), 20, 4, 4),
+    "gemma3-270m": ((4.6, 5.5, 6.5), 20, 4, 4),
+    "qwen2.5-coder-1.5b": ((3.5, 4.5, 5.5), 5, 3, 1),
 }
 
 
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             (out / f"{m}.profile-progress.json").unlink(missing_ok=True)
         if m in a.reprofile or not prof.is_file():
             run(["tasa-edge", "profile", "-m", m, "-o", str(prof), "-t", str(a.threads), "-r", str(a.reps or MODELS[m][1]),
-                 "--resume", str(out / f"{m}.profile-progress.json")])
+                 "--rounds", str(MODELS[m][3]), "--resume", str(out / f"{m}.profile-progress.json")])
         an = given[m] if m in given else out / f"analysis-{m}" / "analysis.json"
         if not an.is_file():
             run(["tasa-edge", "analyze", m, "-o", str(an.parent)])

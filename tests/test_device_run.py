@@ -1,0 +1,53 @@
+"""benchmarks/device_run.py: the README's combined tables and verdicts from saved results, and its
+usage errors (no measurement)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+dr = pytest.importorskip("device_run")
+
+
+def _row(pred, meas, drift_err):
+    return {"bpw": 4.6, "pred_tg_ts": pred, "tg_ts": meas, "tg_err": pred / meas - 1, "pred_pp_ts": 10 * pred,
+            "pp_ts": 10 * pred, "pp_err": 0.0, "reference": {"label": "uniform Q4_0"}, "tg_err_drift": drift_err,
+            "pp_err_drift": 0.0}
+
+
+def _win(tg_ratio, pp_ratio, dkld, ci):
+    base = {"bpw": 5.0, "tg_ts": 100.0, "pp_ts": 1000.0, "tg_ratio": 1.0, "pp_ratio": 1.0, "task_kld": 0.2, "task_kld_se": 0.01}
+    aware = {**base, "tg_ts": 100 * tg_ratio, "pp_ts": 1000 * pp_ratio, "tg_ratio": tg_ratio, "pp_ratio": pp_ratio,
+             "dkld_vs_llama": dkld, "dkld_vs_llama_ci95": ci, "dkld_vs_blind": 0.01, "dkld_vs_blind_ci95": 0.005}
+    return {"goal": 0.98, "rows": {"llama.cpp": base, "TASA speed-aware": aware}}
+
+
+def test_combined_tables_count_what_is_within_10_percent_and_where_the_win_is_met(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({
+        "rows": {"TASA 4.6 bpw": _row(100.0, 105.0, 0.02), "TASA 5.5 bpw": _row(100.0, 85.0, 0.12)},
+        "win": {"Q3_K_S": _win(1.01, 0.99, -0.05, 0.01), "Q3_K_M": _win(1.01, 0.97, -0.05, 0.01),
+                "Q2_K": _win(1.2, 1.2, -0.005, 0.01)}}))
+    text = dr.combined(tmp_path, ["a"])
+    # 4 numbers: tg -4.8% and +17.6%, pp 0% twice -> 3 within 10%
+    assert "Raw: 3 of 4 numbers within 10% (max |error| 17.6%)" in text
+    assert "max |error| 12.0%" in text                              # with the drift out
+    # Q3_K_M misses the prefill goal, Q2_K's task KLD is not significantly lower
+    assert "met at 1 of 3 budgets (a Q3_K_S)" in text
+
+
+def test_summary_only_without_results_is_a_usage_error(tmp_path):
+    out = tmp_path / "none"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "device_run.py"), "--summary-only", "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "no saved results to summarise" in p.stderr and "Traceback" not in p.stderr
+    assert not out.exists()
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "device_run.py"), "--summary-only", "--analysis", "x"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "MODEL=PATH" in p.stderr
