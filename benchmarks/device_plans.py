@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -50,7 +49,7 @@ os.environ.setdefault("TASA_NO_PROGRESS", "1")
 
 import numpy as np  # noqa: E402
 
-from devices.kernel_profile import design_plans, export_design, onnx_bench, speed  # noqa: E402
+from devices.kernel_profile import design_plans, export_design, onnx_bench, pass_order, reps_per_pass, speed, speed_of_samples  # noqa: E402
 from devices.llama_tools import run_llama_bench  # noqa: E402
 from exporters.baseline import quantize_baseline  # noqa: E402
 from exporters.gguf_export import export_gguf  # noqa: E402
@@ -116,20 +115,18 @@ def measure_rounds(files: dict[str, Path], kp, reps: int | None, rounds: int, be
     if rounds < 1:
         raise TasaError(f"--rounds must be at least 1, got {rounds}")
     bench = bench or (lambda path, n: measure(path, kp, n))
-    n = max(1, math.ceil(int(reps or kp.measured.get("reps") or 3) / rounds))
+    n = reps_per_pass(reps or kp.measured.get("reps") or 3, rounds)
     labels = list(files)
     per: dict[str, list[dict]] = {lb: [] for lb in labels}
     for i in range(rounds):
-        k = i % len(labels)
-        for lb in labels[k:] + labels[:k]:
-            per[lb].append(bench(files[lb], n))
+        for j in pass_order(len(labels), i):
+            per[labels[j]].append(bench(files[labels[j]], n))
     stat = kp.measured.get("stat") or "best"
     out = {}
     for lb, ms in per.items():
         tg = [x for m in ms for x in m["tg_samples"]]
         pp = [x for m in ms for x in m["pp_samples"]]
-        out[lb] = {"tg_ts": speed({"samples_ts": tg, "ts_mean": float(np.mean(tg))}, stat),
-                   "pp_ts": speed({"samples_ts": pp, "ts_mean": float(np.mean(pp))}, stat),
+        out[lb] = {"tg_ts": speed_of_samples(tg, stat), "pp_ts": speed_of_samples(pp, stat),
                    "round_tg": [m["tg_ts"] for m in ms], "round_pp": [m["pp_ts"] for m in ms], "tg_samples": tg,
                    "pp_samples": pp, "reps_per_round": n, "load_before": ms[0]["load_before"], "load_after": ms[-1]["load_after"]}
     return out
@@ -483,7 +480,7 @@ def table(model: str, res: dict, kp) -> str:
     runtime = f"llama.cpp {kp.machine.get('llama_cpp_commit')}" if kp.target == "gguf" else m.get("backend")
     st = res.get("settings", {})
     reps, rounds = st.get("reps") or m.get("reps"), st.get("rounds")
-    how = (f"{m.get('stat', 'best')} of {rounds} passes x {math.ceil(int(reps) / rounds)} repetitions, each plan alternating "
+    how = (f"{m.get('stat', 'best')} of {rounds} passes x {reps_per_pass(reps, rounds)} repetitions, each plan alternating "
            f"with its reference design" if rounds else f"{m.get('stat', 'best')} of {reps} repetitions")
     lines = [f"**{model}** ({kp.machine.get('cpu')}, {m['threads']} thread(s), {runtime}, "
              f"speed = {how}, llama-bench's pp/tg conventions)", "",
@@ -510,4 +507,8 @@ def table(model: str, res: dict, kp) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except TasaError as exc:        # a bad profile / analysis / model: one line, not a traceback
+        print(f"device_plans.py: error: {exc}", file=sys.stderr)
+        sys.exit(2)

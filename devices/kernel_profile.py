@@ -255,6 +255,22 @@ def speed(test: dict, stat: str) -> float:
     return float(test["ts_mean"])
 
 
+def speed_of_samples(samples: list[float], stat: str) -> float:
+    """:func:`speed` of repetitions gathered from several measurements (passes) of one file."""
+    return speed({"samples_ts": samples, "ts_mean": float(np.mean(samples))}, stat)
+
+
+def reps_per_pass(reps: int, rounds: int) -> int:
+    """Repetitions of each file in each of ``rounds`` passes, ``reps`` in all (at least 1)."""
+    return max(1, -(-int(reps) // rounds))
+
+
+def pass_order(n: int, r: int) -> list[int]:
+    """The order of ``n`` files in pass ``r`` of a measurement in passes: each pass starts one file
+    later than the one before, so no file is always measured first or right after the same one."""
+    return [*range(r % n, n), *range(r % n)]
+
+
 def _resume_key(label, tensors, ident, threads, pp, tg, reps, stat, target) -> str:
     h = hashlib.sha256(json.dumps([label, sorted(tensors.items()), ident.get("cpu"), ident.get("llama_cpp_commit"),
                                    threads, pp, tg, reps, stat, target]).encode())
@@ -381,7 +397,7 @@ def measure_profile(src: ModelSource, *, target: str = "local", menu: list[str] 
     graphs: set[str] = set()    # the ONNX exporter's graph (genai where onnxruntime-genai runs the family)
     t0 = time.perf_counter()
     done = _load_resume(resume)
-    n_files, per_pass = len(designs), max(1, -(-reps // rounds))
+    n_files, per_pass = len(designs), reps_per_pass(reps, rounds)
     by_index: dict[int, DesignRun] = {}
     acc: dict[int, dict] = {}       # rounds > 1: design index -> its samples so far and its file's size
     paths: dict[int, Path] = {}
@@ -389,7 +405,7 @@ def measure_profile(src: ModelSource, *, target: str = "local", menu: list[str] 
             progress_bar(f"profile (export + {'llama-bench' if kernels == 'gguf' else 'onnxruntime'})", n_files * rounds,
                          enabled=show_progress) as advance:
         for r in range(rounds):
-            for i in [*range(r % n_files, n_files), *range(r % n_files)]:
+            for i in pass_order(n_files, r):
                 label, tensors = designs[i]
                 key = _resume_key(label, tensors, ident, threads, pp, tg, reps, stat, target)
                 if rounds > 1:
@@ -443,8 +459,7 @@ def measure_profile(src: ModelSource, *, target: str = "local", menu: list[str] 
     if rounds > 1:
         for i, a in acc.items():
             label, tensors = designs[i]
-            by_index[i] = DesignRun(label, tensors, speed({"samples_ts": a["tg"], "ts_mean": float(np.mean(a["tg"]))}, stat),
-                                    speed({"samples_ts": a["pp"], "ts_mean": float(np.mean(a["pp"]))}, stat),
+            by_index[i] = DesignRun(label, tensors, speed_of_samples(a["tg"], stat), speed_of_samples(a["pp"], stat),
                                     float(np.std(a["tg"])), float(np.std(a["pp"])), a["size"])
     runs = [by_index[i] for i in range(n_files)]
     seconds = time.perf_counter() - t0
