@@ -377,6 +377,12 @@ def measure_profile(src: ModelSource, *, target: str = "local", menu: list[str] 
         tools.setup()
         ident = {"cpu": mach["cpu"], "features": mach["features"], "arch": mach["arch"], "cores": mach["cores"],
                  "ram_bytes": mach["ram_bytes"]}
+        if kernels == "gguf":
+            # the build is part of every --resume key: known before the first file, so that a resumed
+            # remote profile finds the files its interrupted run measured
+            b = tools.build_info()
+            if b.commit:
+                ident.update(llama_cpp_build=b.version, llama_cpp_commit=b.commit)
         from .harness import _emulation
 
         emulation = _emulation(tools.binary_arch(), mach.get("arch"))

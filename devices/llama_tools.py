@@ -107,11 +107,15 @@ def build_info(tool: str | Path) -> BuildInfo:
     """``<tool> --version`` (llama.cpp's common build info): version, build number, commit."""
     p = Path(tool) if os.sep in str(tool) else require_tool(str(tool))
     r = subprocess.run([str(p), "--version"], capture_output=True, text=True, errors="replace", timeout=30)
-    text = r.stdout + "\n" + r.stderr
+    return parse_build_info(r.stdout + "\n" + r.stderr, str(p))
+
+
+def parse_build_info(text: str, path: str) -> BuildInfo:
+    """The build info in the output of a llama.cpp tool's ``--version`` (here or on a device)."""
     m = _VERSION_RE.search(text)
     comp = re.search(r"built with (.+?) for", text)
     return BuildInfo(m.group(1) if m else None, int(m.group(2)) if m else None, m.group(3) if m else None,
-                     comp.group(1) if comp else None, str(p))
+                     comp.group(1) if comp else None, path)
 
 
 def tools_report() -> dict:

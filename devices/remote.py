@@ -414,6 +414,14 @@ class DeviceTools:
                 return f"{what} {v / 2**20:.0f} MiB, model file {need / 2**20:.1f} MiB"
         return None
 
+    def build_info(self, tool: str = "llama-bench"):
+        """``tool --version`` run on the device: the llama.cpp build it will measure with (the fields
+        are None where the binary prints no build info)."""
+        from .llama_tools import parse_build_info
+
+        r = self.run(tool, ["--version"], f"version-{tool}", timeout=60)
+        return parse_build_info(r.stdout + "\n" + r.stderr, self.exe[tool])
+
     def bench(self, model: str, pp: int, tg: int, reps: int, threads: int, tag: str) -> dict:
         args = ["-m", model, "-p", str(pp), "-n", str(tg), "-r", str(reps), "-t", str(threads), "-o", "json"]
         r = self.run("llama-bench", args, tag)

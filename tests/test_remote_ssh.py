@@ -141,7 +141,7 @@ def test_profile_over_real_ssh_then_plan_with_it(tmp_path, sshd, host_bin, smoll
     prof = tmp_path / "board.profile.toml"
     r = cli(["profile", "-m", str(smollm_gguf), "-o", str(prof), "--target", "ssh", "--host", sshd.host,
              "--bin-dir", str(host_bin), "--remote-dir", str(rdir), "--formats", "Q8_0,Q4_0", "-t", "1",
-             "-p", "16", "-n", "4", "-r", "1", "--random-mixes", "1"], sshd.env)
+             "-p", "16", "-n", "4", "-r", "1", "--random-mixes", "1", "--resume", str(tmp_path / "progress.json")], sshd.env)
     assert r.returncode == 0, r.stderr
     import tomllib
 
@@ -162,6 +162,18 @@ def test_profile_over_real_ssh_then_plan_with_it(tmp_path, sshd, host_bin, smoll
     assert not list((rdir / "models").glob("profile-*.gguf"))   # design files removed from the board
     log = sshd.log.read_text()
     assert "Accepted publickey for" in log and log.count("Starting session: subsystem 'sftp'") >= 3
+    # resumed with the same settings: every design file was measured and is not measured again (the
+    # resume key holds the board's llama.cpp commit, asked of the board before the first file)
+    outs = {p.name: p.stat().st_mtime_ns for p in (rdir / "run").glob("profile-*.out")}
+    assert len(outs) == 4
+    again = tmp_path / "again.profile.toml"
+    r = cli(["profile", "-m", str(smollm_gguf), "-o", str(again), "--target", "ssh", "--host", sshd.host,
+             "--bin-dir", str(host_bin), "--remote-dir", str(rdir), "--formats", "Q8_0,Q4_0", "-t", "1",
+             "-p", "16", "-n", "4", "-r", "1", "--random-mixes", "1", "--resume", str(tmp_path / "progress.json")], sshd.env)
+    assert r.returncode == 0, r.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (rdir / "run").glob("profile-*.out")} == outs
+    d2 = tomllib.loads(again.read_text())
+    assert d2["measured"]["design_tg_ts"] == m["design_tg_ts"] and d2["machine"]["llama_cpp_commit"] == d["machine"]["llama_cpp_commit"]
     # the profile plans (a remote profile: no check against this machine), with a decode-time limit
     from test_pins import synthetic_analysis
 
