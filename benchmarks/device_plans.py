@@ -188,7 +188,10 @@ def main() -> None:
     ap.add_argument("--goal", type=float, default=0.98, help="--win: the speed-aware plan's measured tg and pp at least GOAL x the mix's")
     ap.add_argument("--speed-margin", type=float, default=0.01,
                     help="--win: the speed-aware plan's limits tightened by this fraction")
-    ap.add_argument("--tries", type=int, default=3, help="--win: speed-aware plans tried (each re-planned from the last one's measured speed)")
+    ap.add_argument("--tries", type=int, default=4, help="--win: speed-aware plans tried (each re-planned after the last one's measured speed)")
+    ap.add_argument("--replan", choices=["nearer-mix", "own-ratio"], default="nearer-mix",
+                    help="--win: a plan that misses is re-planned with at most half as many tensors changed from the mix, "
+                         "under the mix's measured / predicted ratio (nearer-mix), or free under its own ratio (own-ratio)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/device"))
     a = ap.parse_args()
     if a.rounds < 1:
@@ -304,37 +307,51 @@ def speed_limits(target: dict[str, float], bias: dict[str, float], margin: float
 
 
 def speed_search(plan_fn, measure_fn, target: dict[str, float], bias: dict[str, float], margin: float, tries: int,
-                 pp: int, limited: bool = True, log=print) -> tuple[dict | None, list[dict], str | None]:
+                 pp: int, limited: bool = True, log=print, changes=None) -> tuple[dict | None, list[dict], str | None]:
     """Plan, measure, and re-plan until the measured times are within ``target`` (ms: decode per
-    token, prefill for ``pp`` tokens) or ``tries`` plans were measured. ``plan_fn(limits)`` solves a
-    plan under predicted-time limits (a :class:`TasaError` when infeasible); ``measure_fn(plan)``
+    token, prefill for ``pp`` tokens) or ``tries`` plans were measured. ``plan_fn(limits, max_changes)``
+    solves a plan under predicted-time limits (a :class:`TasaError` when infeasible), with at most
+    ``max_changes`` tensors in another format than the mix (None: any number); ``measure_fn(plan)``
     exports and times it (``tg_ts`` / ``pp_ts``). The first limits bring ``target`` into predicted
-    time with ``bias`` (measured / predicted, the mix's), each next one with the last plan's own.
-    ``limited=False``: one plan without limits (speed-blind). Returns (the last measured plan's row
-    or None, every try, the error when the first plan was infeasible)."""
+    time with ``bias`` (measured / predicted, the mix's) and leave the plan free.
+
+    A plan that misses on the device is re-planned. Without ``changes`` the next limits use that
+    plan's own measured / predicted ratio. With ``changes(plan)`` (how many tensors differ from the
+    mix) the next plan may change at most half as many tensors of the mix as the plan that missed,
+    under the mix's own ratio: the profile's errors differ from format to format and shape to shape,
+    and a plan that keeps most of the mix's tensors keeps most of the mix's errors, which the
+    mix's measurement has taken out (the mix itself, no change, meets the limits). ``limited=False``:
+    one plan without limits (speed-blind). Returns (the last measured plan's row or None, every try,
+    the error when the first plan was infeasible)."""
     out: list[dict] = []
     row = None
+    mix_bias, max_changes = dict(bias), None
     while True:
         lim = speed_limits(target, bias, margin) if limited else {}
         try:
-            plan = plan_fn(lim)
+            plan = plan_fn(lim, max_changes)
         except TasaError as exc:            # the limits may be infeasible at this budget
             log(str(exc))
             if not out:
                 return None, out, str(exc)
-            out.append({"infeasible": str(exc), "limits_ms": lim})   # the last measured plan stands
+            out.append({"infeasible": str(exc), "limits_ms": lim, "max_changes": max_changes})   # the last measured plan stands
             return row, out, None
         row = {"bpw": plan.predicted["bpw"], "pred_tg_ts": plan.predicted["tg_ts"], "pred_pp_ts": plan.predicted["pp_ts"],
                "types": plan.types_used(), **measure_fn(plan)}
         got = measured_times(row, pp)
         out.append({"limits_ms": lim, "predicted_ms": {k: plan.predicted[k] for k in target}, "measured_ms": got,
-                    "tg_ts": row["tg_ts"], "pp_ts": row["pp_ts"]})
+                    "tg_ts": row["tg_ts"], "pp_ts": row["pp_ts"],
+                    **({"max_changes": max_changes, "changes": changes(plan)} if changes is not None else {})})
         if not limited or all(got[k] <= target[k] for k in target) or len(out) >= tries:
             return row, out, None
-        # missed on the device: the next limits use this plan's own measured / predicted ratio
-        bias = {k: got[k] / plan.predicted[k] for k in target}
+        if changes is None:     # missed on the device: the next limits use this plan's own measured / predicted ratio
+            bias = {k: got[k] / plan.predicted[k] for k in target}
+            how = ""
+        else:                   # missed: nearer the mix, under the mix's ratio
+            bias, max_changes = mix_bias, changes(plan) // 2
+            how = f" at most {max_changes} tensors changed from the mix"
         log(f"try {len(out)} measured tg {row['tg_ts']:.2f} pp {row['pp_ts']:.2f} (needs "
-            f"{1000 / target['decode_ms']:.2f} / {1000 * pp / target['prefill_ms']:.2f}); re-planning")
+            f"{1000 / target['decode_ms']:.2f} / {1000 * pp / target['prefill_ms']:.2f}); re-planning{how}")
 
 
 def win(a, src, kp, an, res, res_path, work) -> None:
@@ -384,9 +401,13 @@ def win(a, src, kp, an, res, res_path, work) -> None:
                     "mix_now": {k: m["mix"][k] for k in ("tg_ts", "pp_ts", "round_tg", "round_pp")},
                     "load_before": m["plan"]["load_before"], "load_after": m["plan"]["load_after"]}
 
-        def plan_fn(lim):
+        def plan_fn(lim, max_changes=None):
             return make_plan(an, src, nbytes=nbytes, device=DeviceLimits(
-                kp, max_decode_ms=lim.get("decode_ms"), max_prefill_ms=lim.get("prefill_ms")))
+                kp, max_decode_ms=lim.get("decode_ms"), max_prefill_ms=lim.get("prefill_ms"),
+                near=types if max_changes is not None else None, max_changes=max_changes))
+
+        def changes(plan) -> int:
+            return sum(1 for n, f in plan.tensors.items() if types.get(n) != f)
 
         fb = work / f"TASA_speed-blind-{mix}.gguf"
         blind = plan_fn({})
@@ -410,7 +431,8 @@ def win(a, src, kp, an, res, res_path, work) -> None:
             return paired(f)
 
         row, tries, err = speed_search(plan_fn, measure_fn, target, bias, a.speed_margin, a.tries, kp.pp,
-                                       log=lambda m: print(f"{mix} TASA speed-aware: {m}", flush=True))
+                                       log=lambda m: print(f"{mix} TASA speed-aware: {m}", flush=True),
+                                       changes=None if a.replan == "own-ratio" else changes)
         if err:
             res["win"].setdefault("errors", {})[f"{mix} TASA speed-aware"] = err
         if row is not None:
@@ -429,7 +451,7 @@ def win(a, src, kp, an, res, res_path, work) -> None:
         for r in rows.values():
             r.pop("kl")
         res["win"][mix] = {"bytes": nbytes, "n_eval": a.n_eval, "speed_margin": a.speed_margin, "goal": a.goal,
-                           "max_tries": a.tries, "rounds": a.rounds, "paired": True, "rows": rows}
+                           "max_tries": a.tries, "replan": a.replan, "rounds": a.rounds, "paired": True, "rows": rows}
         atomic_write_text(res_path, json.dumps(res, indent=1) + "\n")
         print(win_table({"win": {mix: res["win"][mix]}}), flush=True)
 

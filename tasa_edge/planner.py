@@ -12,6 +12,7 @@ format, so the solver stays exact over the remaining tensors (see :class:`Pins`,
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from . import formats
@@ -196,7 +197,12 @@ class DeviceLimits:
     predicted decode ms/token (``--max-decode-ms`` / ``--min-tg``), predicted prefill ms for the
     profile's ``pp`` tokens (``--max-prefill-ms``), and ``--fit-ram`` (the file must fit the
     device's usable RAM less the KV cache for ``ctx`` tokens and ``ram_overhead`` bytes). All are
-    rows of the same exact MILP; with none set the plan only records its predicted times."""
+    rows of the same exact MILP; with none set the plan only records its predicted times.
+
+    ``near`` (tensor -> format of a reference file, e.g. a llama.cpp mix measured on the device) with
+    ``max_changes``: at most that many tensors may take another format than the reference's -- a
+    trust region where the profile's prediction errors are mostly the reference's own, which a
+    measurement of the reference has already taken out."""
 
     profile: KernelProfile
     max_decode_ms: float | None = None
@@ -204,6 +210,8 @@ class DeviceLimits:
     fit_ram: bool = False
     ctx: int = 4096
     ram_overhead: int = 256 * 2**20
+    near: Mapping[str, str] | None = None
+    max_changes: int | None = None
 
     def ram_budget(self, src: ModelSource) -> dict:
         """{"usable", "kv_cache", "overhead", "file"}: bytes the file may take under --fit-ram."""
@@ -234,6 +242,11 @@ class DeviceLimits:
             if not self.max_prefill_ms > 0:
                 raise TasaError(f"--max-prefill-ms must be positive, got {self.max_prefill_ms}")
             out.append(Resource(f"predicted prefill ms ({self.profile.pp} tokens)", pre, float(self.max_prefill_ms)))
+        if self.max_changes is not None:
+            if self.near is None or self.max_changes < 0:
+                raise TasaError("max_changes needs a reference plan (near) and must be >= 0")
+            moved = {n: {o.fmt: 0.0 if self.near.get(n) == o.fmt else 1.0 for o in os_} for n, os_ in opts.items()}
+            out.append(Resource("tensors in another format than the reference", moved, float(self.max_changes)))
         return out
 
     def restrict(self, opts: dict[str, list[Option]], spec: formats.Target) -> list[str]:
@@ -261,7 +274,8 @@ class DeviceLimits:
             "path": self.profile.path, "name": self.profile.name, "machine": dict(self.profile.machine),
             "threads": m.get("threads"), "stat": m.get("stat"), "pp": m.get("pp"), "tg": m.get("tg"),
             "limits": {"max_decode_ms": self.max_decode_ms, "max_prefill_ms": self.max_prefill_ms,
-                       "fit_ram": ram},
+                       "fit_ram": ram, **({"max_changes_from_reference": self.max_changes}
+                                          if self.max_changes is not None else {})},
             "formats_not_measured": dropped,
         }
 

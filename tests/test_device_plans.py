@@ -223,6 +223,32 @@ def test_decode_limit_is_met_and_costs_loss(src, tmp_path):
     assert both.predicted["prefill_ms"] <= pl + 1e-9 and both.predicted["decode_ms"] <= limit + 1e-9
 
 
+def test_plan_near_a_reference_changes_at_most_max_changes_tensors(src, tmp_path):
+    """The win's re-plan (benchmarks/device_plans.py): at most K tensors in another format than a
+    reference (llama.cpp's mix there); K = 0 is the reference itself, a larger K buys loss."""
+    an = Analysis.load(synthetic_analysis(src, tmp_path / "analysis.json"))
+    kp = load_kernel_profile(write_profile(tmp_path / "p.toml", src, COSTS))
+    ref = {t.name: "Q4_0" for t in src.quantizable}
+    for t in list(src.quantizable)[::3]:
+        ref[t.name] = "Q8_0"
+    nbytes = sum(an.table.bytes[n][f] for n, f in ref.items()) + 4 * sum(
+        t.n_elements for t in src.tensors.values() if not t.quantizable)
+    free = make_plan(an, src, nbytes=nbytes, device=DeviceLimits(kp))
+    n_free = sum(free.tensors[n] != f for n, f in ref.items())
+    assert n_free > 20
+    same = make_plan(an, src, nbytes=nbytes, device=DeviceLimits(kp, near=ref, max_changes=0))
+    assert same.tensors == ref
+    losses = []
+    for k in (0, 6, n_free // 2):
+        p = make_plan(an, src, nbytes=nbytes, device=DeviceLimits(kp, near=ref, max_changes=k))
+        assert sum(p.tensors[n] != f for n, f in ref.items()) <= k
+        assert p.provenance["device_profile"]["limits"]["max_changes_from_reference"] == k
+        losses.append(p.predicted["loss"])
+    assert losses[0] > losses[1] > losses[2] >= free.predicted["loss"]
+    with pytest.raises(TasaError, match="needs a reference plan"):
+        make_plan(an, src, nbytes=nbytes, device=DeviceLimits(kp, max_changes=3))
+
+
 def test_fit_ram_budget(src, tmp_path):
     an = Analysis.load(synthetic_analysis(src, tmp_path / "analysis.json"))
     ram = 400 * 2**20

@@ -33,11 +33,12 @@ def world(slowdown, least=(0.0, 0.0)):
     slower than predicted (prefill only, the profile's typical miss)."""
     made = []
 
-    def plan_fn(lim):
+    def plan_fn(lim, max_changes=None):
         d, p = lim.get("decode_ms", 50.0), lim.get("prefill_ms", 5000.0)
         if d < least[0] or p < least[1]:
             raise TasaError(f"predicted prefill ms limit {p:.1f} is infeasible")
         made.append(Plan(d, p))
+        made[-1].changes = 100 if max_changes is None else max_changes    # as many changes from the mix as allowed
         return made[-1]
 
     def measure_fn(plan):
@@ -57,6 +58,23 @@ def test_a_plan_that_misses_is_replanned_with_its_own_ratio_until_it_meets_the_t
     assert tries[1]["limits_ms"]["prefill_ms"] == pytest.approx(1000 / 1.08 * 0.99)  # its own ratio next
     assert tries[1]["measured_ms"]["prefill_ms"] <= target["prefill_ms"]
     assert row["pp_ts"] == tries[-1]["pp_ts"] and row["pp_ts"] >= 1000 * PP / target["prefill_ms"]
+
+
+def test_a_plan_that_misses_is_replanned_nearer_the_mix_under_the_mixs_ratio():
+    """The profile's error grows with the tensors a plan changes from the mix (the mix itself runs
+    as its measurement says): each re-plan may change half as many, under the mix's own ratio."""
+    target = {"decode_ms": 10.0, "prefill_ms": 1000.0}
+    mix_bias = {"decode_ms": 1.0, "prefill_ms": 0.90}
+    plan_fn, measure_fn, made = world(lambda p: 0.90 * (1 + 0.001 * p.changes))   # unchanged: as the mix
+    logs = []
+    row, tries, err = dp.speed_search(plan_fn, measure_fn, target, mix_bias, 0.03, 4, PP, log=logs.append,
+                                      changes=lambda p: p.changes)
+    assert err is None and [t["max_changes"] for t in tries] == [None, 50, 25]
+    assert [t["changes"] for t in tries] == [100, 50, 25]
+    assert all(t["limits_ms"] == tries[0]["limits_ms"] for t in tries)      # the mix's ratio every time
+    assert tries[0]["limits_ms"]["prefill_ms"] == pytest.approx(1000 / 0.90 * 0.97)
+    assert tries[1]["measured_ms"]["prefill_ms"] > 1000 >= tries[2]["measured_ms"]["prefill_ms"]
+    assert row["pp_ts"] == tries[-1]["pp_ts"] and "at most 25 tensors changed from the mix" in logs[-1]
 
 
 def test_the_search_stops_after_its_tries_and_keeps_the_last_plan():
