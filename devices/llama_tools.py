@@ -118,6 +118,50 @@ def parse_build_info(text: str, path: str) -> BuildInfo:
                      comp.group(1) if comp else None, path)
 
 
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def parse_llama_bench(text: str) -> dict:
+    """``llama-bench -o json`` output (a JSON array; log lines before it are skipped) -> pp/tg stats."""
+    i = text.find("[")
+    rows = None
+    while i >= 0:
+        try:
+            rows, _ = json.JSONDecoder().raw_decode(text[i:])
+            break
+        except json.JSONDecodeError:
+            i = text.find("[", i + 1)
+    if not isinstance(rows, list):
+        raise TasaError(f"llama-bench printed no JSON results: {_last_line(text)[:120]!r}")
+    out: dict = {"backend": "llama-bench"}
+    for row in rows:
+        if not isinstance(row, dict):
+            continue
+        n_p, n_g = int(row.get("n_prompt") or 0), int(row.get("n_gen") or 0)
+        key = "pp" if n_p > 0 and n_g == 0 else "tg" if n_g > 0 and n_p == 0 else None
+        if key is None or key in out:
+            continue
+        samples = [float(x) for x in row.get("samples_ts") or []]
+        out[key] = {
+            "n_tokens": n_p or n_g,
+            "ts_mean": float(row["avg_ts"]),
+            "ts_std": float(row.get("stddev_ts") or 0.0),
+            "samples_ts": samples,
+            "samples_ns": [int(x) for x in row.get("samples_ns") or []],
+        }
+        out["reps"] = len(samples) or None
+        out["threads"] = row.get("n_threads")
+        for k in ("cpu_info", "build_commit", "build_number", "model_type", "model_size", "model_n_params", "backends"):
+            if k in row:
+                out[k] = row[k]
+    if "pp" not in out and "tg" not in out:
+        raise TasaError("llama-bench JSON has no pp or tg test rows")
+    out["warmup"] = 1
+    return out
+
+
 def tools_report() -> dict:
     """Where each tool is and which commit built it (``tasa-edge bench`` records this)."""
     out: dict = {"llama_cpp_python": llama_cpp_python_version(), "tools": {}}
@@ -141,9 +185,8 @@ def run_llama_bench(model: str | Path, pp: int, tg: int, reps: int, threads: int
                     limit_bytes: int | None = None, timeout: float | None = None,
                     exe: str | Path | None = None) -> dict:
     """``llama-bench -m MODEL -p PP -n TG -r REPS -t THREADS -o json`` on this machine, parsed as
-    the device harness parses it (:func:`devices.remote.parse_llama_bench`); ``backend`` is
+    the device harness parses it (:func:`parse_llama_bench`); ``backend`` is
     ``llama-bench`` and ``build_commit`` the binary's. ``limit_bytes``: RLIMIT_AS of the process."""
-    from .remote import parse_llama_bench
 
     exe = Path(exe) if exe else require_tool("llama-bench")
     args = [str(exe), "-m", str(model), "-p", str(pp), "-n", str(tg), "-r", str(reps), "-t", str(threads),

@@ -34,6 +34,8 @@ from pathlib import Path
 
 from tasa_edge.errors import TasaError
 
+from .llama_tools import parse_build_info, parse_llama_bench  # noqa: F401  (parse_llama_bench: the harness' parser)
+
 ENV_VARS = {"adb": "TASA_ADB", "ssh": "TASA_SSH", "scp": "TASA_SCP"}
 TOOLS = ("llama-bench", "llama-perplexity")
 #: ELF e_machine -> ``uname -m`` name
@@ -417,7 +419,6 @@ class DeviceTools:
     def build_info(self, tool: str = "llama-bench"):
         """``tool --version`` run on the device: the llama.cpp build it will measure with (the fields
         are None where the binary prints no build info)."""
-        from .llama_tools import parse_build_info
 
         r = self.run(tool, ["--version"], f"version-{tool}", timeout=60)
         return parse_build_info(r.stdout + "\n" + r.stderr, self.exe[tool])
@@ -458,45 +459,6 @@ def _write_temp(name: str, text: str) -> Path:
 
 
 # ============================================================================ parsers
-def parse_llama_bench(text: str) -> dict:
-    """``llama-bench -o json`` output (a JSON array; log lines before it are skipped) -> pp/tg stats."""
-    i = text.find("[")
-    rows = None
-    while i >= 0:
-        try:
-            rows, _ = json.JSONDecoder().raw_decode(text[i:])
-            break
-        except json.JSONDecodeError:
-            i = text.find("[", i + 1)
-    if not isinstance(rows, list):
-        raise TasaError(f"llama-bench printed no JSON results: {_last_line(text)[:120]!r}")
-    out: dict = {"backend": "llama-bench"}
-    for row in rows:
-        if not isinstance(row, dict):
-            continue
-        n_p, n_g = int(row.get("n_prompt") or 0), int(row.get("n_gen") or 0)
-        key = "pp" if n_p > 0 and n_g == 0 else "tg" if n_g > 0 and n_p == 0 else None
-        if key is None or key in out:
-            continue
-        samples = [float(x) for x in row.get("samples_ts") or []]
-        out[key] = {
-            "n_tokens": n_p or n_g,
-            "ts_mean": float(row["avg_ts"]),
-            "ts_std": float(row.get("stddev_ts") or 0.0),
-            "samples_ts": samples,
-            "samples_ns": [int(x) for x in row.get("samples_ns") or []],
-        }
-        out["reps"] = len(samples) or None
-        out["threads"] = row.get("n_threads")
-        for k in ("cpu_info", "build_commit", "build_number", "model_type", "model_size", "model_n_params", "backends"):
-            if k in row:
-                out[k] = row[k]
-    if "pp" not in out and "tg" not in out:
-        raise TasaError("llama-bench JSON has no pp or tg test rows")
-    out["warmup"] = 1
-    return out
-
-
 _NUM = r"(-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?|nan|inf)"
 _PPL_PATTERNS = {
     "ppl": rf"Mean\s+PPL\(Q\)\s*:\s*{_NUM}\s*±\s*{_NUM}",
