@@ -329,7 +329,11 @@ def _device_budget(device: DeviceLimits | None, src: ModelSource, bpw, nbytes) -
 
 def make_plan(an: Analysis, src: ModelSource, *, bpw: float | None = None, nbytes: int | None = None,
               mode: str = "tasa", lam: float | None = None, pins: Pins | None = None,
-              device: DeviceLimits | None = None) -> BitPlan:
+              device: DeviceLimits | None = None, time_limit: float | None = None) -> BitPlan:
+    """The plan of least predicted loss within the budget (``bpw`` or ``nbytes``), the pins and the
+    device's limits. ``time_limit``: seconds for the MILP (a device-limited solve can take minutes
+    on a 1.5B model); when it runs out the best plan found is returned, recorded as
+    ``provenance["optimal"] = False``."""
     if an.model["fingerprint"] != src.fingerprint:
         raise TasaError(f"analysis is for {an.model.get('name')} ({an.model['fingerprint']}), not {src.name} ({src.fingerprint})")
     scores, lam_used = scores_for(an, mode, lam)
@@ -341,7 +345,7 @@ def make_plan(an: Analysis, src: ModelSource, *, bpw: float | None = None, nbyte
         resources = device.resources(src, opts)
     budget, ram, block = _device_budget(device, src, bpw, nbytes)
     _check_pinned_budget(opts, budget, src, pinned)
-    alloc = solve(opts, budget, resources=resources)
+    alloc = solve(opts, budget, resources=resources, time_limit=time_limit)
     plan = plan_from_allocation(an, src, alloc, scores, mode, lam_used, block)
     if device is not None:
         device.record(plan, src, dropped, ram)

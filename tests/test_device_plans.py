@@ -245,6 +245,11 @@ def test_plan_near_a_reference_changes_at_most_max_changes_tensors(src, tmp_path
         assert p.provenance["device_profile"]["limits"]["max_changes_from_reference"] == k
         losses.append(p.predicted["loss"])
     assert losses[0] > losses[1] > losses[2] >= free.predicted["loss"]
+    timed = make_plan(an, src, nbytes=nbytes, device=DeviceLimits(kp, near=ref, max_changes=6), time_limit=60)
+    assert timed.tensors == make_plan(an, src, nbytes=nbytes, device=DeviceLimits(kp, near=ref, max_changes=6)).tensors
+    assert timed.provenance["optimal"] is True       # solved well within the limit: the exact plan
+    with pytest.raises(TasaError, match="time_limit must be positive"):    # the limit reaches HiGHS' options
+        make_plan(an, src, nbytes=nbytes, device=DeviceLimits(kp), time_limit=0)
     with pytest.raises(TasaError, match="needs a reference plan"):
         make_plan(an, src, nbytes=nbytes, device=DeviceLimits(kp, max_changes=3))
 
