@@ -98,8 +98,25 @@ def combined(out: Path, models: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summary(out: Path, models: list[str], header: str) -> None:
-    parts = [f"# Device-aware plans: one run\n\n{header}\n", "## All models\n", combined(out, models)]
+def run_headers(out: Path) -> dict[str, str]:
+    """model -> the device_run command whose results ``<model>.json`` holds (commit, start and end):
+    ``run.json`` keeps one per model, so a run of some models does not relabel the others'."""
+    f = out / "run.json"
+    if not f.is_file():
+        return {}
+    d = json.loads(f.read_text())
+    if "runs" in d:
+        return dict(d["runs"])
+    return {m: d["header"] for m in d.get("models", [])}      # written before per-model headers
+
+
+def write_summary(out: Path, models: list[str], headers: dict[str, str]) -> None:
+    runs: dict[str, list[str]] = {}
+    for m in models:
+        runs.setdefault(headers.get(m, "A run that did not reach its end (no header written): profile dates below."), []).append(m)
+    head = "\n".join(f"- {', '.join(ms)}: {h}" for h, ms in runs.items())
+    title = "one run" if len(runs) == 1 else f"{len(runs)} runs"
+    parts = [f"# Device-aware plans: {title}\n\n{head}\n", "## All models\n", combined(out, models)]
     for m in models:
         created = tomllib.loads((out / f"{m}.profile.toml").read_text())["measured"].get("created")
         parts.append(f"## {m}\n\nProfile measured {created}.\n")
@@ -121,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reprofile", nargs="*", default=[], choices=list(MODELS), metavar="MODEL",
                     help="profile these models again in this run, just before their plans (the old profile is replaced)")
     ap.add_argument("--summary-only", action="store_true", help="measure nothing: write summary.md from the saved results")
+    ap.add_argument("--note", default="", help="added to the run's header in run.json / summary.md (e.g. what an "
+                                               "interrupted run this one resumes had measured, and when)")
     a = ap.parse_args(argv)
     if any("=" not in s for s in a.analysis):
         ap.error("--analysis takes MODEL=PATH")
@@ -130,11 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         missing = [str(out / f"{m}.{x}") for m in a.models for x in ("json", "md", "profile.toml") if not (out / f"{m}.{x}").is_file()]
         if missing:
             ap.error(f"no saved results to summarise: {missing[0]} is missing (run without --summary-only first)")
-        if (out / "run.json").is_file():
-            header = json.loads((out / "run.json").read_text())["header"]
-        else:
-            header = "Results as saved (a run that did not reach its end writes no header): profile dates below."
-        write_summary(out, a.models, header)
+        write_summary(out, a.models, run_headers(out))
         log(f"wrote {out / 'summary.md'}")
         return 0
     out.mkdir(parents=True, exist_ok=True)
@@ -156,10 +171,16 @@ def main(argv: list[str] | None = None) -> int:
             run(["tasa-edge", "analyze", m, "-o", str(an.parent)])
         run([py, "benchmarks/device_plans.py", "--model", m, "--profile", str(prof), "--analysis", str(an),
              "--bpw", *map(str, MODELS[m][0]), "--rounds", str(MODELS[m][2]), "--win", "Q3_K_S", "Q3_K_M", "--n-eval", str(a.n_eval), "--out", str(out)])
-    header = (f"`python benchmarks/device_run.py {' '.join(sys.argv[1:] if argv is None else argv)}` at commit {commit}, "
-              f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(t0))} to {time.strftime('%H:%M UTC', time.gmtime())}.")
-    atomic_write_text(out / "run.json", json.dumps({"header": header, "models": a.models}) + "\n")
-    write_summary(out, a.models, header)
+    args = list(sys.argv[1:] if argv is None else argv)
+    shown = [x for i, x in enumerate(args) if x != "--note" and not x.startswith("--note=") and (i == 0 or args[i - 1] != "--note")]
+    header = (f"`python benchmarks/device_run.py {' '.join(shown)}` at commit {commit}, "
+              f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(t0))} to {time.strftime('%H:%M UTC', time.gmtime())}."
+              + (f" {a.note}" if a.note else ""))
+    headers = {**run_headers(out), **{m: header for m in a.models}}
+    atomic_write_text(out / "run.json", json.dumps({"runs": headers}, indent=1) + "\n")
+    # every model with saved results, each under the run that made them
+    write_summary(out, [m for m in MODELS if m in headers and all((out / f"{m}.{x}").is_file() for x in ("json", "md", "profile.toml"))],
+                  headers)
     log(f"wrote {out / 'summary.md'} ({(time.time() - t0) / 60:.0f} min)")
     return 0
 

@@ -51,3 +51,21 @@ def test_summary_only_without_results_is_a_usage_error(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "device_run.py"), "--summary-only", "--analysis", "x"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "MODEL=PATH" in p.stderr
+
+
+def test_summary_names_the_run_of_each_model(tmp_path):
+    """run.json keeps one header per model: models measured by different runs are labelled so, and
+    a run.json from before per-model headers still labels the models it names."""
+    for m in ("m1", "m2", "m3"):
+        (tmp_path / f"{m}.json").write_text(json.dumps({"rows": {"TASA 4.6 bpw": _row(100.0, 101.0, 0.01)}}))
+        (tmp_path / f"{m}.md").write_text(f"{m} tables\n")
+        (tmp_path / f"{m}.profile.toml").write_text(f'[measured]\ncreated = "2026-12-05T1{m[1]}:00:00Z"\n')
+    (tmp_path / "run.json").write_text(json.dumps({"header": "old run", "models": ["m1", "m2"]}))
+    assert dr.run_headers(tmp_path) == {"m1": "old run", "m2": "old run"}
+    dr.write_summary(tmp_path, ["m1", "m2", "m3"], {**dr.run_headers(tmp_path), "m2": "new run"})
+    text = (tmp_path / "summary.md").read_text()
+    assert text.startswith("# Device-aware plans: 3 runs")
+    assert "- m1: old run" in text and "- m2: new run" in text and "- m3: A run that did not reach its end" in text
+    assert "Profile measured 2026-12-05T13:00:00Z" in text and "m3 tables" in text
+    dr.write_summary(tmp_path, ["m1"], {"m1": "old run"})
+    assert (tmp_path / "summary.md").read_text().startswith("# Device-aware plans: one run\n\n- m1: old run\n")
