@@ -19,9 +19,13 @@ one), task KLD against the F32 reference on 100 held-out GSM8K answers and 50 Hu
 general KLD on 50 held-out documents; Wilson / bootstrap 95% intervals, exact McNemar tests and
 paired bootstrap intervals of KLD differences on the same samples.
 
-Everything is saved as it comes under ``--out/<model>`` and skipped on a re-run (analyses, plans,
-files, per-file KLD sums, generations question by question), so the hours it takes can be spread over
-several runs; ``results.md`` / ``results.json`` are rewritten after every step with what exists and
+Everything is saved as it comes and skipped on a re-run, so the hours it takes can be spread over
+several runs, on several machines: what is small and costly is kept under ``--out/<model>/state``, which
+is committed (analysis.json and imatrix.gguf of each analysis, the plans, per-file KLD sums, sizes,
+lm-eval generations question by question); what is large and cheap to make again from it is under
+``work`` (the GGUF files, re-exported from the saved plans byte for byte -- an evaluation's journal
+records the file's sha256 and refuses another -- the F32 reference's log-probs, the analyses'
+gradient caches). ``results.md`` / ``results.json`` are rewritten after every step with what exists and
 say what has not run.  ``--stop-after SECONDS`` ends the run cleanly between steps.
 
     python benchmarks/evidence.py                                   # Qwen, everything (hours; resumes)
@@ -108,8 +112,10 @@ class Run:
         self.args = args
         self.src = ModelSource.open(resolve_model(args.model))
         self.out = args.out / args.model
-        self.work = self.out / "work"
+        self.work = self.out / "work"         # large, re-made from ``state``
+        self.state = self.out / "state"       # small, costly, committed: the run resumes from it on a new machine
         self.work.mkdir(parents=True, exist_ok=True)
+        self.state.mkdir(parents=True, exist_ok=True)
         self.t0 = time.monotonic()
         self.specs = file_specs(args)
         self.evals = evals_of(args, self.specs)
@@ -134,9 +140,9 @@ class Run:
             return self.analyses[name]
         from tasa_edge.analysis import analyze
 
-        d = self.work / f"analysis-{name}"
-        if (d / "analysis.json").exists():
-            an = Analysis.load(d / "analysis.json")
+        d, keep = self.work / f"analysis-{name}", self.state / f"analysis-{name}"
+        if (keep / "analysis.json").exists():
+            an = Analysis.load(keep / "analysis.json")
         else:
             data = None
             if name == "humaneval":
@@ -147,13 +153,23 @@ class Run:
             t = time.perf_counter()
             an = analyze(self.src, d, self.config(name), task=data, show_progress=False)
             log(f"   analysis {name}: {time.perf_counter() - t:.0f} s, task ratio {an.mixture.chosen.task_ratio}")
+            keep.mkdir(parents=True, exist_ok=True)       # the imatrix first: analysis.json marks the pair done
+            if an.imatrix_path:
+                shutil.copyfile(an.imatrix_path, keep / "imatrix.gguf")
+            shutil.copyfile(d / "analysis.json", keep / "analysis.json")
+            an = Analysis.load(keep / "analysis.json")    # its imatrix found beside it (Analysis.load)
         self.analyses[name] = an
         return an
 
     def path(self, name: str) -> Path:
         return Path(self.src.path) if self.specs[name]["kind"] == "source" else self.work / f"{name}.gguf"
 
+    def plan_path(self, name: str) -> Path:
+        return self.state / "plans" / f"{name}.plan.json"
+
     def make(self, name: str) -> None:
+        """Make the file ``name`` if it is not on disk: a saved plan is exported again (the same bytes:
+        the same plan, the same saved imatrix, checked by its sha256), else planned from its analysis."""
         spec, p = self.specs[name], self.path(name)
         if p.exists():
             return
@@ -163,9 +179,13 @@ class Run:
             quantize_baseline(self.reference(), p, spec["mix"], imatrix=im)
         else:
             an = self.analysis(spec["analysis"])
-            plan = make_plan(an, self.src, mode=spec["mode"], bpw=spec["bpw"])
-            plan.save(self.work / f"{name}.plan.json")
-            export_gguf(self.src, plan, p, imatrix=plan.export_imatrix(None), show_progress=False)
+            if self.plan_path(name).exists():
+                plan = BitPlan.load(self.plan_path(name))
+            else:
+                plan = make_plan(an, self.src, mode=spec["mode"], bpw=spec["bpw"])
+                self.plan_path(name).parent.mkdir(parents=True, exist_ok=True)
+                plan.save(self.plan_path(name))
+            export_gguf(self.src, plan, p, imatrix=plan.export_imatrix(an.imatrix_path), show_progress=False)
         log(f"   made {p.name} ({time.perf_counter() - t:.0f} s)")
 
     def reference(self) -> Path:
@@ -175,10 +195,12 @@ class Run:
 
     def size_of(self, name: str) -> dict:
         """bits/weight and tensor bytes of a made file (gguf-py's reader is slow on big vocabularies: kept)."""
-        p, f = self.path(name), self.work / "sizes" / f"{name}.json"
-        key = [p.stat().st_size, p.stat().st_mtime_ns]
-        if f.exists() and json.loads(f.read_text())["key"] == key:
+        p, f = self.path(name), self.state / "sizes" / f"{name}.json"
+        if f.exists() and (not p.exists() or json.loads(f.read_text())["key"] == p.stat().st_size):
             return json.loads(f.read_text())["size"]
+        if not p.exists():
+            return None
+        key = p.stat().st_size
         rep = inspect_gguf(p)
         size = {"bpw": rep["bpw"], "tensor_bytes": rep["bytes"]}
         save_json(f, {"key": key, "size": size})
@@ -194,16 +216,17 @@ class Run:
         return pick(load_general("eval"), max(1, n // 2), "bench")
 
     def kld_file(self, name: str, which: str) -> Path:
-        return self.work / "kld" / f"{name}.{which}.json"
+        return self.state / "kld" / f"{name}.{which}.json"
 
     def kld(self, names: list[str], which: str) -> None:
-        todo = [n for n in names if not self.kld_file(n, which).exists() and self.path(n).exists()]
+        todo = [n for n in names if not self.kld_file(n, which).exists()]
         if not todo:
             return
         ref = self.reference_store(which)
         for n in todo:
             if self.out_of_time():
                 break
+            self.make(n)
             t = time.perf_counter()
             summ, sums = score_vs_reference(ref, self.path(n), self.args.threads)
             save_json(self.kld_file(n, which), {"summary": summ, "sums": {k: v.tolist() for k, v in sums.to_arrays().items()}})
@@ -246,13 +269,14 @@ class Run:
 
     # ------------------------------------------------------------------ task accuracy
     def eval_dir(self, name: str, task: str) -> Path:
-        return self.out / "eval" / f"{name}-{task}"
+        return self.state / "eval" / f"{name}-{task}"
 
     def evaluate(self, name: str, task: str) -> None:
         a = self.args
         rd = self.eval_dir(name, task)
         if (rd / "results.json").exists() and json.loads((rd / "results.json").read_text())["settings"].get("limit") == a.limit:
             return
+        self.make(name)
         log(f"   eval {name} on {task} (resumes {rd})")
         kw = {"max_gen_toks": a.max_gen_tokens} if a.max_gen_tokens else {}
         fn = eval_gsm8k if task == "gsm8k" else eval_humaneval
@@ -273,12 +297,11 @@ class Run:
         """(description, callable) in order; each is skipped when its output exists."""
         mid = self.args.bpw[1]
         head = [n for n in self.specs if "seed" not in n and n != f"humaneval-{mid}"]
-        yield "files", lambda: [self.make(n) for n in head]
-        yield "KLD gsm8k", lambda: self.kld(head, "gsm8k")
+        yield "analysis gsm8k", lambda: self.analysis("gsm8k")   # first: benchmarks/device_run.py uses it too
+        yield "KLD gsm8k", lambda: self.kld(head, "gsm8k")       # files are made as a step first needs them
         for n in self.evals["gsm8k"]:
             if n != f"humaneval-{mid}":
                 yield f"eval {n} gsm8k", lambda n=n: self.evaluate(n, "gsm8k")
-        yield "humaneval file", lambda: self.make(f"humaneval-{mid}")
         yield "KLD humaneval", lambda: self.kld(list(self.specs), "humaneval")
         yield "KLD gsm8k (cross-task)", lambda: self.kld([f"humaneval-{mid}"], "gsm8k")
         yield f"eval humaneval-{mid} gsm8k", lambda: self.evaluate(f"humaneval-{mid}", "gsm8k")
@@ -286,7 +309,6 @@ class Run:
             yield f"eval {n} humaneval", lambda n=n: self.evaluate(n, "humaneval")
         yield "KLD general", lambda: self.kld([n for n in self.specs if "seed" not in n], "general")
         seeds = [n for n in self.specs if "seed" in n]
-        yield "seed files", lambda: [self.make(n) for n in seeds]
         yield "KLD gsm8k (seeds)", lambda: self.kld(seeds, "gsm8k")
 
     def run(self) -> int:
@@ -312,12 +334,12 @@ class Run:
         res = {"model": self.args.model, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.args).items()},
                "files": {}, "paired": {}, "seeds": {}, "missing": []}
         for n, spec in self.specs.items():
-            p = self.path(n)
             row = res["files"][n] = {"spec": spec}
-            if not p.exists():
+            size = self.size_of(n)
+            if size is None:
                 res["missing"].append(f"file {n}")
                 continue
-            row.update(self.size_of(n))
+            row.update(size)
             for which in KLD_SETS:
                 s = self.sums(n, which)
                 if s is not None:
@@ -348,10 +370,10 @@ class Run:
                     d[f"kld_{which}"] = {**k.to_dict(), "verdict": stats.verdict(k.lo, k.hi, lower_is_better=True)}
             if d:
                 res["paired"][f"{a} vs {b}"] = d
-        base = BitPlan.load(self.work / f"tasa-{mid}.plan.json") if (self.work / f"tasa-{mid}.plan.json").exists() else None
+        base = BitPlan.load(self.plan_path(f"tasa-{mid}")) if self.plan_path(f"tasa-{mid}").exists() else None
         for n in self.specs:
-            if "seed" in n and base is not None and (self.work / f"{n}.plan.json").exists():
-                other = BitPlan.load(self.work / f"{n}.plan.json")
+            if "seed" in n and base is not None and self.plan_path(n).exists():
+                other = BitPlan.load(self.plan_path(n))
                 changed = sum(1 for k, v in base.tensors.items() if other.tensors.get(k) != v)
                 res["seeds"][n] = {"tensors": len(base.tensors), "changed": changed}
         res["goal"] = goal(res, self.args.bpw[1], self.args.mixes)

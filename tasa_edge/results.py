@@ -188,6 +188,10 @@ class Analysis:
             imatrix = d.get("imatrix")
             if imatrix is None and d.get("imatrix_path"):   # written before the sha256 was recorded
                 imatrix = {"path": d["imatrix_path"], "sha256": None, "entries": None}
+            if imatrix is not None and not Path(imatrix["path"]).is_file() and (p.parent / Path(imatrix["path"]).name).is_file():
+                # an analysis folder moved or copied elsewhere (another machine, a committed copy): its
+                # imatrix beside it; plan export still checks the sha256 recorded here
+                imatrix = {**imatrix, "path": str((p.parent / Path(imatrix["path"]).name).resolve())}
             return cls(d["model"], d["config"], Mixture.from_dict(d["mixture"]), SensitivityTable.from_dict(d["table"]),
                        float(d["lam"]), imatrix, d.get("timings", {}))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

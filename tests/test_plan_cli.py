@@ -240,3 +240,31 @@ def test_plan_exports_with_the_imatrix_it_was_scored_with(tmp_path, smollm, smol
     plan.save(tmp_path / "plan.json")
     copy.unlink()
     assert_one_line_error(export("gone.gguf"), "is missing")
+
+
+def test_an_analysis_folder_moved_elsewhere_finds_its_imatrix_beside_it(tmp_path, smollm):
+    """An analysis copied to another machine or a committed folder (benchmarks/evidence' state)
+    records its imatrix by absolute path; loaded from the copy, it takes the imatrix beside it."""
+    import shutil
+
+    from synthetic import write_analysis
+    from tasa_edge.imatrix import imatrix_ref
+    from tasa_edge.results import Analysis
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    names = [t.name for t in smollm.quantizable][:2]
+    table = {n: {"Q4_0": 1.0, "Q8_0": 0.1} for n in names}
+    write_analysis(smollm, a / "analysis.json", table, table, {n: {"Q4_0": 10, "Q8_0": 20} for n in names})
+    st = ImatrixStats(datasets=["calib.txt"], chunk_count=1, chunk_size=8)
+    st.add(names[0], np.ones(smollm.tensors[names[0]].shape[0]), 4)
+    st.save(a / "imatrix.gguf")
+    d = json.loads((a / "analysis.json").read_text())
+    d["imatrix"] = imatrix_ref(a / "imatrix.gguf")
+    (a / "analysis.json").write_text(json.dumps(d))
+    assert Analysis.load(a / "analysis.json").imatrix_path == str((a / "imatrix.gguf").resolve())
+    shutil.copytree(a, b)
+    shutil.rmtree(a)
+    moved = Analysis.load(b / "analysis.json")
+    assert moved.imatrix_path == str((b / "imatrix.gguf").resolve())
+    assert moved.imatrix["sha256"] == d["imatrix"]["sha256"]
