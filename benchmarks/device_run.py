@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    code = ["tasa_edge", "exporters", "devices", "benchmarks/device_run.py", "benchmarks/device_plans.py"]
+    if subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *code], cwd=ROOT).returncode == 1:
+        commit += " with uncommitted changes to the code"     # the header must not claim a commit that did not run
     py = sys.executable
     if a.fresh:
         for m in a.models:
