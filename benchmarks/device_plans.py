@@ -199,6 +199,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.rounds < 1:
         ap.error("--rounds must be at least 1")
+    if not a.solve_seconds > 0:
+        ap.error("--solve-seconds must be positive")
 
     src = ModelSource.open(resolve_model(a.model))
     kp = load_kernel_profile(a.profile)
@@ -342,7 +344,7 @@ def speed_search(plan_fn, measure_fn, target: dict[str, float], bias: dict[str, 
         row = {"bpw": plan.predicted["bpw"], "pred_tg_ts": plan.predicted["tg_ts"], "pred_pp_ts": plan.predicted["pp_ts"],
                "types": plan.types_used(), **measure_fn(plan)}
         got = measured_times(row, pp)
-        out.append({"limits_ms": lim, "optimal": bool(getattr(plan, "provenance", {}).get("optimal", True)), "predicted_ms": {k: plan.predicted[k] for k in target}, "measured_ms": got,
+        out.append({"limits_ms": lim, "optimal": bool(plan.provenance.get("optimal", True)), "predicted_ms": {k: plan.predicted[k] for k in target}, "measured_ms": got,
                     "tg_ts": row["tg_ts"], "pp_ts": row["pp_ts"],
                     **({"max_changes": max_changes, "changes": changes(plan)} if changes is not None else {})})
         if not limited or all(got[k] <= target[k] for k in target) or len(out) >= tries:

@@ -196,8 +196,9 @@ class Run:
     def size_of(self, name: str) -> dict:
         """bits/weight and tensor bytes of a made file (gguf-py's reader is slow on big vocabularies: kept)."""
         p, f = self.path(name), self.state / "sizes" / f"{name}.json"
-        if f.exists() and (not p.exists() or json.loads(f.read_text())["key"] == p.stat().st_size):
-            return json.loads(f.read_text())["size"]
+        saved = json.loads(f.read_text()) if f.exists() else None
+        if saved is not None and (not p.exists() or saved["key"] == p.stat().st_size):
+            return saved["size"]
         if not p.exists():
             return None
         key = p.stat().st_size
