@@ -24,7 +24,9 @@ profile; the table gives the raw error (the plan's speed over all passes against
 and the error with the drift taken out (the prediction against the median over passes of the plan's
 speed / that pass's drift). The verdict line judges by the raw error and gives the other beside it.
 In the win (``--win``) every TASA file alternates with llama.cpp's mix and is compared with it by
-the median per-pass ratio.
+the median per-pass ratio; the verdict reads the 95% t-interval of that ratio over the passes
+(:func:`win_verdict`): a speed is at least the goal only when its whole interval is, and a budget
+whose interval contains the goal is inconclusive, not met or missed.
 
 An ONNX profile (``tasa-edge profile -f onnx``) with an ONNX analysis (``analyze --target onnx``)
 checks ONNX plans the same way: exported with the default graph and timed by the bench harness's
@@ -66,6 +68,7 @@ from tasa_edge.llama_run import score  # noqa: E402
 from tasa_edge.model import ModelSource  # noqa: E402
 from tasa_edge.planner import DeviceLimits, make_plan  # noqa: E402
 from tasa_edge.results import Analysis  # noqa: E402
+from tasa_edge.stats import at_least_verdict, pass_ratio_interval  # noqa: E402
 from tasa_edge.zoo import resolve_model  # noqa: E402
 
 
@@ -371,8 +374,9 @@ def win(a, src, kp, an, res, res_path, work) -> None:
     from file to file (up to ~14% on the prefill of a mix), so the limits are set and corrected by
     measurement: the first plan's limits are the mix's measured times / goal, brought into predicted
     time by the mix's own measured / predicted ratio; a plan that misses on the device is re-planned
-    with its own ratio, at most ``--tries`` plans. Task KLD is measured for the last plan only (no
-    plan is chosen by its KLD); every try is recorded."""
+    with its own ratio, at most ``--tries`` plans (the search stops on the point ratios; the
+    report's verdict reads their intervals). Task KLD is measured for the last plan only (no plan
+    is chosen by its KLD); every try is recorded."""
     from tasa_edge.imatrix import load_imatrix
 
     held = None
@@ -461,11 +465,43 @@ def win(a, src, kp, an, res, res_path, work) -> None:
         print(win_table({"win": {mix: res["win"][mix]}}), flush=True)
 
 
-def win_verdict(w: dict) -> tuple[bool, bool]:
-    """Item 4 at one budget (``w``: a ``win`` entry with a speed-aware row): (the plan's measured tg
-    and pp both >= the goal x the mix's, its task KLD significantly lower than the mix's)."""
+def speed_intervals(r: dict) -> dict | None:
+    """A TASA row's tg and pp ratios to the mix over the passes that timed both (``raw`` /
+    ``mix_now``), each a :func:`tasa_edge.stats.pass_ratio_interval`; None for a row measured in
+    fewer than 2 passes."""
+    raw, mix = r.get("raw") or {}, r.get("mix_now") or {}
+    if len(raw.get("round_tg") or []) < 2 or len(mix.get("round_tg") or []) != len(raw["round_tg"]):
+        return None
+    return {k: pass_ratio_interval(raw[f"round_{k}"], mix[f"round_{k}"]) for k in ("tg", "pp")}
+
+
+def win_verdict(w: dict) -> tuple[str, str, str]:
+    """Item 4 at one budget (``w``: a ``win`` entry with a speed-aware row): (speed, task KLD,
+    verdict). Speed: ``at least`` when the 95% intervals of both the plan's tg and pp ratios to the
+    mix lie at or above the goal, ``below`` when either lies under it, else ``inconclusive`` (rows
+    of one pass: their point ratios, ``at least`` or ``below``). Task KLD: ``lower`` / ``higher``
+    when the paired 95% interval of the difference to the mix excludes 0, else ``inconclusive``.
+    Verdict: ``met`` (at least, lower), ``not met`` (below or higher), else ``inconclusive``."""
     r, g = w["rows"]["TASA speed-aware"], w.get("goal", 0.98)
-    return r["tg_ratio"] >= g and r["pp_ratio"] >= g, r["dkld_vs_llama"] + r["dkld_vs_llama_ci95"] < 0
+    ivs = speed_intervals(r)
+    if ivs is None:
+        speed = "at least" if r["tg_ratio"] >= g and r["pp_ratio"] >= g else "below"
+    else:
+        vs = [at_least_verdict(iv, g) for iv in ivs.values()]
+        speed = "below" if "below" in vs else "at least" if all(v == "at least" for v in vs) else "inconclusive"
+    d, ci = r["dkld_vs_llama"], r["dkld_vs_llama_ci95"]
+    kld = "lower" if d + ci < 0 else "higher" if d - ci > 0 else "inconclusive"
+    verdict = ("not met" if speed == "below" or kld == "higher" else
+               "met" if speed == "at least" and kld == "lower" else "inconclusive")
+    return speed, kld, verdict
+
+
+def ratio_cell(r: dict, k: str) -> str:
+    """``0.965`` (a row without passes), or ``0.965, 95% 0.862-1.080`` (the point ratio is the median
+    of the passes, the interval :func:`speed_intervals`')."""
+    ivs = speed_intervals(r)
+    point = f"{r[k + '_ratio']:.3f}"
+    return point if ivs is None else f"{point}, 95% {ivs[k].lo:.3f}-{ivs[k].hi:.3f}"
 
 
 def win_table(res: dict) -> str:
@@ -481,23 +517,22 @@ def win_table(res: dict) -> str:
             vs_blind = f"{r['dkld_vs_blind']:+.4f} ± {r['dkld_vs_blind_ci95']:.4f}" if "dkld_vs_blind" in r else ""
             vs_llama = "" if label == "llama.cpp" else f"{r['dkld_vs_llama']:+.4f} ± {r['dkld_vs_llama_ci95']:.4f}"
             pred = (f"{r['pred_tg_ts']:.2f}", f"{r['pred_pp_ts']:.2f}") if "pred_tg_ts" in r else ("", "")
-            lines.append(f"| {mix} | {label} | {r['bpw']:.3f} | {pred[0]} | {r['tg_ts']:.2f} ({r['tg_ratio']:.3f}) | {pred[1]} | "
-                         f"{r['pp_ts']:.2f} ({r['pp_ratio']:.3f}) | {r['task_kld']:.4f} ± {r['task_kld_se']:.4f} | "
+            lines.append(f"| {mix} | {label} | {r['bpw']:.3f} | {pred[0]} | {r['tg_ts']:.2f} ({ratio_cell(r, 'tg')}) | {pred[1]} | "
+                         f"{r['pp_ts']:.2f} ({ratio_cell(r, 'pp')}) | {r['task_kld']:.4f} ± {r['task_kld_se']:.4f} | "
                          f"{vs_llama} | {vs_blind} |")
         r = w["rows"].get("TASA speed-aware")
         if r:
             g = w.get("goal", 0.98)
-            fast, better = win_verdict(w)
+            speed, kld, verdict = win_verdict(w)
             n = len([t for t in r.get("tries") or [{}] if "infeasible" not in t])
             verdicts.append(f"- {mix} (speed margin {w.get('speed_margin', 0):g}, plan {n} of at most {w.get('max_tries', 1)}): "
-                            f"speed-aware TASA at tg {r['tg_ratio']:.3f}x, "
-                            f"pp {r['pp_ratio']:.3f}x llama.cpp's mix ({'both' if fast else 'NOT both'} >= {g:g}), task KLD "
-                            f"{'significantly lower' if better else 'NOT significantly lower'} than the mix's: "
-                            f"{'met' if fast and better else 'not met'}")
+                            f"speed-aware TASA at tg {ratio_cell(r, 'tg')}, pp {ratio_cell(r, 'pp')} x llama.cpp's mix "
+                            f"(speed {speed} {g:g}x), task KLD {kld} than the mix's: {verdict}")
     rounds = {w.get("rounds") for mix, w in res["win"].items() if mix != "errors" and w.get("paired")}
     if rounds:
         verdicts.append(f"- each TASA file measured in {'/'.join(map(str, sorted(rounds)))} passes alternating with the mix; "
-                        f"its speed = the median per-pass ratio (in brackets) x the mix's speed in its first pairing")
+                        f"its speed = the median per-pass ratio (in brackets, with the 95% t-interval of the ratio over the passes) "
+                        f"x the mix's speed in its first pairing; a speed is at least the goal when its whole interval is")
     return "\n".join(lines + ([""] + verdicts if verdicts else [])) + "\n"
 
 

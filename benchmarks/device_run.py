@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from device_plans import win_verdict  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
+from device_plans import ratio_cell, win_verdict  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
 from tasa_edge.fsutil import atomic_write_text  # noqa: E402
 
 # model -> the three budgets of the prediction table (bits/weight), llama-bench repetitions (-r) of its
@@ -84,17 +84,20 @@ def combined(out: Path, models: list[str]) -> str:
             for label, r in w["rows"].items():
                 vs_mix = "" if label == "llama.cpp" else f"{r['dkld_vs_llama']:+.4f} ± {r['dkld_vs_llama_ci95']:.4f}"
                 vs_blind = f"{r['dkld_vs_blind']:+.4f} ± {r['dkld_vs_blind_ci95']:.4f}" if "dkld_vs_blind" in r else ""
-                win.append(f"| {m} | {mix} | {label} | {r['bpw']:.3f} | {r['tg_ts']:.2f} ({r['tg_ratio']:.3f}) | "
-                           f"{r['pp_ts']:.2f} ({r['pp_ratio']:.3f}) | {r['task_kld']:.4f} ± {r['task_kld_se']:.4f} | {vs_mix} | {vs_blind} |")
+                win.append(f"| {m} | {mix} | {label} | {r['bpw']:.3f} | {r['tg_ts']:.2f} ({ratio_cell(r, 'tg')}) | "
+                           f"{r['pp_ts']:.2f} ({ratio_cell(r, 'pp')}) | {r['task_kld']:.4f} ± {r['task_kld_se']:.4f} | {vs_mix} | {vs_blind} |")
             if "TASA speed-aware" in w["rows"]:
-                verdicts.append((m, mix, all(win_verdict(w))))
+                verdicts.append((m, mix, win_verdict(w)[2]))
     n_in = sum(1 for e in raw if e <= 0.10)
-    lines = pred + ["", f"Raw: {n_in} of {len(raw)} numbers within 10% (max |error| {100 * max(raw):.1f}%)"
-                    + (f"; with the machine's drift since the profile taken out: max |error| {100 * max(adj):.1f}%."
-                       if adj else ".")] + [""] + win
-    met = [f"{m} {mix}" for m, mix, ok in verdicts if ok]
-    lines += ["", f"Win (speed-aware TASA >= the goal x the mix's measured tg and pp, task KLD significantly lower): "
-                  f"met at {len(met)} of {len(verdicts)} budgets ({', '.join(met) or 'none'})."]
+    within = (f"Raw: {n_in} of {len(raw)} numbers within 10% (max |error| {100 * max(raw):.1f}%)"
+              + (f"; with the machine's drift since the profile taken out: max |error| {100 * max(adj):.1f}%."
+                 if adj else ".")) if raw else "No prediction checks saved."
+    lines = pred + ["", within] + [""] + win
+    by = {v: [f"{m} {mix}" for m, mix, got in verdicts if got == v] for v in ("met", "inconclusive", "not met")}
+    lines += ["", "Win (speed-aware TASA's tg and pp >= the goal x the mix's, judged by the 95% interval of the ratio over "
+                  "the paired passes; task KLD significantly lower): "
+              + "; ".join(f"{v} at {len(ms)} of {len(verdicts)} budgets" + (f" ({', '.join(ms)})" if ms else "")
+                          for v, ms in by.items()) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -15,7 +15,10 @@ bootstrapped by resampling samples with replacement:
 * :func:`wilson`: Wilson score interval of an accuracy ``k / n`` (closed form);
 * :func:`mcnemar_exact`: exact McNemar test of two accuracies on the same questions (a two-sided
   binomial test of the discordant pairs, ``scipy.stats.binomtest``);
-* :func:`verdict`: a three-valued reading of a difference at the interval's level.
+* :func:`verdict`: a three-valued reading of a difference at the interval's level;
+* :func:`pass_ratio_interval`: the speed of one file over another from passes that timed both in
+  the same minutes (a Student-t interval on the per-pass log ratios: a handful of passes is too few
+  for a bootstrap), and :func:`at_least_verdict`: whether it is at least a goal ratio.
 
 The percentile bootstrap under-covers on few samples (its intervals are too narrow below ~20):
 reports say so where they have fewer.  Results are dataclasses with ``to_dict`` for JSON
@@ -29,7 +32,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
-from scipy.stats import binomtest, norm
+from scipy.stats import binomtest, norm, t as student_t
 
 from .errors import TasaError
 
@@ -208,6 +211,34 @@ def mcnemar_verdict(t: McNemar, alpha: float = 1.0 - LEVEL) -> str:
     if t.pvalue >= alpha or t.a_only == t.b_only:
         return "inconclusive"
     return "inverted" if t.a_only > t.b_only else "not inverted"
+
+
+def pass_ratio_interval(a, b, level: float = LEVEL) -> Interval:
+    """Speed of file ``a`` over file ``b`` from ``n >= 2`` passes that measured both in the same
+    minutes (``a[i]``, ``b[i]``: their speeds in pass ``i``): the geometric mean of the per-pass
+    ratios with a Student-t interval (``n - 1`` degrees of freedom) on their logs. The machine's
+    drift between passes cancels in each ratio; what is left is the pass-to-pass scatter."""
+    _check_level(level)
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    if a.shape != b.shape or a.size < 2:
+        raise TasaError(f"a paired speed ratio needs at least 2 passes of both files, got {a.size} and {b.size}")
+    if not ((a > 0).all() and (b > 0).all()):
+        raise TasaError("speeds must be positive")
+    lr = np.log(a / b)
+    m, se = float(lr.mean()), float(lr.std(ddof=1) / math.sqrt(lr.size))
+    half = float(student_t.ppf(0.5 + level / 2.0, lr.size - 1)) * se
+    return Interval(math.exp(m), math.exp(m - half), math.exp(m + half), level,
+                    f"t on the log ratios of {lr.size} paired passes", int(lr.size))
+
+
+AT_LEAST = ("at least", "below", "inconclusive")
+
+
+def at_least_verdict(iv: Interval, goal: float) -> str:
+    """``at least`` when the whole interval is >= ``goal``, ``below`` when it is all < ``goal``,
+    ``inconclusive`` when it contains ``goal``."""
+    return "at least" if iv.lo >= goal else "below" if iv.hi < goal else "inconclusive"
 
 
 def per_sample_sums(values, lengths) -> np.ndarray:

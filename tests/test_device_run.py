@@ -22,10 +22,15 @@ def _row(pred, meas, drift_err):
             "pp_err_drift": 0.0}
 
 
-def _win(tg_ratio, pp_ratio, dkld, ci):
+def _win(tg_ratio, pp_ratio, dkld, ci, passes=None):
+    """A win entry; ``passes``: the plan's per-pass tg ratios to the mix (pp the same), else one pass."""
     base = {"bpw": 5.0, "tg_ts": 100.0, "pp_ts": 1000.0, "tg_ratio": 1.0, "pp_ratio": 1.0, "task_kld": 0.2, "task_kld_se": 0.01}
     aware = {**base, "tg_ts": 100 * tg_ratio, "pp_ts": 1000 * pp_ratio, "tg_ratio": tg_ratio, "pp_ratio": pp_ratio,
              "dkld_vs_llama": dkld, "dkld_vs_llama_ci95": ci, "dkld_vs_blind": 0.01, "dkld_vs_blind_ci95": 0.005}
+    if passes:
+        mix = [100.0, 130.0, 90.0, 110.0][:len(passes)]          # the machine's speed moves from pass to pass
+        aware["mix_now"] = {"round_tg": mix, "round_pp": [10 * x for x in mix]}
+        aware["raw"] = {"round_tg": [r * x for r, x in zip(passes, mix)], "round_pp": [10 * r * x for r, x in zip(passes, mix)]}
     return {"goal": 0.98, "rows": {"llama.cpp": base, "TASA speed-aware": aware}}
 
 
@@ -38,8 +43,26 @@ def test_combined_tables_count_what_is_within_10_percent_and_where_the_win_is_me
     # 4 numbers: tg -4.8% and +17.6%, pp 0% twice -> 3 within 10%
     assert "Raw: 3 of 4 numbers within 10% (max |error| 17.6%)" in text
     assert "max |error| 12.0%" in text                              # with the drift out
-    # Q3_K_M misses the prefill goal, Q2_K's task KLD is not significantly lower
-    assert "met at 1 of 3 budgets (a Q3_K_S)" in text
+    # one pass each (point ratios): Q3_K_M misses the prefill goal; Q2_K is fast enough but its task
+    # KLD is not significantly lower (nor higher)
+    assert ("met at 1 of 3 budgets (a Q3_K_S); inconclusive at 1 of 3 budgets (a Q2_K); "
+            "not met at 1 of 3 budgets (a Q3_K_M).") in text
+
+
+def test_win_verdict_reads_the_interval_of_the_paired_passes(tmp_path):
+    # point ratios above the goal, but passes that scatter around it: inconclusive; steady passes
+    # above it: met; steady passes below it: not met
+    (tmp_path / "a.json").write_text(json.dumps({"rows": {}, "win": {
+        "Q3_K_S": _win(1.0, 1.0, -0.05, 0.01, passes=[1.06, 0.93, 1.05, 0.94]),
+        "Q3_K_M": _win(1.01, 1.01, -0.05, 0.01, passes=[1.01, 1.012, 1.008, 1.01]),
+        "Q4_K_S": _win(0.97, 0.97, -0.05, 0.01, passes=[0.97, 0.972, 0.968, 0.97])}}))
+    text = dr.combined(tmp_path, ["a"])
+    assert "No prediction checks saved." in text
+    assert ("met at 1 of 3 budgets (a Q3_K_M); inconclusive at 1 of 3 budgets (a Q3_K_S); "
+            "not met at 1 of 3 budgets (a Q4_K_S).") in text
+    row = next(ln for ln in text.splitlines() if "| a | Q3_K_S | TASA speed-aware |" in ln)
+    lo, hi = (float(x) for x in row.split("95% ")[1].split(")")[0].split("-"))
+    assert lo < 0.98 < 1.0 < hi
 
 
 def test_summary_only_without_results_is_a_usage_error(tmp_path):

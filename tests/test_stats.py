@@ -156,3 +156,31 @@ def test_summarize_intervals_and_sample_sums_pairing():
                                               same=same[: int(lengths[:-1].sum())])
     with pytest.raises(TasaError, match="same samples"):
         a.paired(other)
+
+
+def test_pass_ratio_interval_hand_computed_and_drift_cancels():
+    # a runs at 1.0x, 0.9x, 1.1x, 1.0x of b in four passes while the machine's speed moves by 2x
+    b = np.array([100.0, 200.0, 150.0, 50.0])
+    r = np.array([1.0, 0.9, 1.1, 1.0])
+    iv = stats.pass_ratio_interval(r * b, b)
+    lr = np.log(r)
+    half = 3.182446305284263 * lr.std(ddof=1) / 2.0          # t(0.975, 3) x se over 4 passes
+    assert iv.estimate == pytest.approx(np.exp(lr.mean()))
+    assert (iv.lo, iv.hi) == pytest.approx((np.exp(lr.mean() - half), np.exp(lr.mean() + half)))
+    assert iv.n == 4 and iv.lo < iv.estimate < iv.hi
+    # the same ratio in every pass: no scatter, whatever the machine did
+    same = stats.pass_ratio_interval(0.97 * b, b)
+    assert same.lo == pytest.approx(0.97) and same.hi == pytest.approx(0.97)
+
+
+def test_at_least_verdict_is_three_valued():
+    iv = lambda lo, hi: stats.Interval(1.0, lo, hi, 0.95, "t", 4)  # noqa: E731
+    assert stats.at_least_verdict(iv(0.99, 1.05), 0.98) == "at least"
+    assert stats.at_least_verdict(iv(0.90, 0.97), 0.98) == "below"
+    assert stats.at_least_verdict(iv(0.95, 1.02), 0.98) == "inconclusive"
+
+
+@pytest.mark.parametrize("a, b", [([1.0], [1.0]), ([1.0, 2.0], [1.0]), ([1.0, -1.0], [1.0, 1.0])])
+def test_pass_ratio_interval_bad_input(a, b):
+    with pytest.raises(TasaError):
+        stats.pass_ratio_interval(a, b)
