@@ -35,12 +35,14 @@ from tasa_edge.fsutil import atomic_write_text  # noqa: E402
 # --rounds) and the profile's passes over its design files (profile --rounds). The small models'
 # decode is fast and noisy on a shared machine (one SmolLM2 file's 5 tg128 repetitions: 151-181 t/s
 # within seconds, and >10% apart between minutes), so they take the fastest of 20 (a second per
-# repetition), in 4 passes of 5; Qwen's 5 repetitions take a minute per file: 3 passes of 2 in the
-# checks, one pass in the profile (its 30 design files, ~1.3 GB each, do not fit on this disk at once).
+# repetition): the profile in 4 passes of 5, the checks in 8 passes of 3; Qwen's 5 repetitions take
+# a minute per file: 6 passes of 1 in the checks, one pass in the profile (its 30 design files, ~1.3 GB
+# each, do not fit on this disk at once). The checks' passes are many because the win's verdict
+# reads the 95% interval of a speed ratio over them (t over 4 passes spans ~±3-10% on this VM).
 MODELS = {
-    "smollm2-135m": ((4.6, 5.5, 6.5), 20, 4, 4),
-    "gemma3-270m": ((4.6, 5.5, 6.5), 20, 4, 4),
-    "qwen2.5-coder-1.5b": ((3.5, 4.5, 5.5), 5, 3, 1),
+    "smollm2-135m": ((4.6, 5.5, 6.5), 20, 8, 4),
+    "gemma3-270m": ((4.6, 5.5, 6.5), 20, 8, 4),
+    "qwen2.5-coder-1.5b": ((3.5, 4.5, 5.5), 5, 6, 1),
 }
 
 
