@@ -115,11 +115,36 @@ def run_headers(out: Path) -> dict[str, str]:
     return {m: d["header"] for m in d.get("models", [])}      # written before per-model headers
 
 
-def write_summary(out: Path, models: list[str], headers: dict[str, str]) -> None:
+def run_times(out: Path) -> dict[str, str]:
+    """model -> when its results were measured (``2026-12-06 02:09 to 02:41 UTC``), for runs that
+    record it per model."""
+    f = out / "run.json"
+    return dict(json.loads(f.read_text()).get("times", {})) if f.is_file() else {}
+
+
+def set_header(out: Path, model: str, header: str | None, when: str | None = None) -> None:
+    """Record (or, with None, drop) the header of the run that made ``model``'s results, and when
+    they were measured, in ``run.json``, keeping the other models'."""
+    headers, times = run_headers(out), run_times(out)
+    headers.pop(model, None)
+    times.pop(model, None)
+    if header is not None:
+        headers[model] = header
+        if when:
+            times[model] = when
+    atomic_write_text(out / "run.json", json.dumps({"runs": headers, "times": times}, indent=1) + "\n")
+
+
+def write_summary(out: Path, models: list[str], headers: dict[str, str], times: dict[str, str] | None = None) -> None:
     runs: dict[str, list[str]] = {}
     for m in models:
         runs.setdefault(headers.get(m, "A run that did not reach its end (no header written): profile dates below."), []).append(m)
-    head = "\n".join(f"- {', '.join(ms)}: {h}" for h, ms in runs.items())
+    times = times or {}
+
+    def named(m: str) -> str:
+        return f"{m} ({times[m]})" if m in times else m
+
+    head = "\n".join(f"- {', '.join(map(named, ms))}: {h}" for h, ms in runs.items())
     title = "one run" if len(runs) == 1 else f"{len(runs)} runs"
     parts = [f"# Device-aware plans: {title}\n\n{head}\n", "## All models\n", combined(out, models)]
     for m in models:
@@ -154,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         missing = [str(out / f"{m}.{x}") for m in a.models for x in ("json", "md", "profile.toml") if not (out / f"{m}.{x}").is_file()]
         if missing:
             ap.error(f"no saved results to summarise: {missing[0]} is missing (run without --summary-only first)")
-        write_summary(out, a.models, run_headers(out))
+        write_summary(out, a.models, run_headers(out), run_times(out))
         log(f"wrote {out / 'summary.md'}")
         return 0
     out.mkdir(parents=True, exist_ok=True)
@@ -164,10 +189,18 @@ def main(argv: list[str] | None = None) -> int:
     if subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *code], cwd=ROOT).returncode == 1:
         commit += " with uncommitted changes to the code"     # the header must not claim a commit that did not run
     py = sys.executable
+    args = list(sys.argv[1:] if argv is None else argv)
+    shown = [x for i, x in enumerate(args) if x != "--note" and not x.startswith("--note=") and (i == 0 or args[i - 1] != "--note")]
+    header = (f"`python benchmarks/device_run.py {' '.join(shown)}` at commit {commit}, started "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(t0))}." + (f" {a.note}" if a.note else ""))
     if a.fresh:
         for m in a.models:
             (out / f"{m}.json").unlink(missing_ok=True)
+            set_header(out, m, None)        # its results are gone: so is the header that named their run
     for m in a.models:
+        t_m = time.time()
+        res = out / f"{m}.json"
+        before = res.read_bytes() if res.is_file() else None
         prof = out / f"{m}.profile.toml"
         if m in a.reprofile:
             (out / f"{m}.profile-progress.json").unlink(missing_ok=True)
@@ -179,16 +212,14 @@ def main(argv: list[str] | None = None) -> int:
             run(["tasa-edge", "analyze", m, "-o", str(an.parent)])
         run([py, "benchmarks/device_plans.py", "--model", m, "--profile", str(prof), "--analysis", str(an),
              "--bpw", *map(str, MODELS[m][0]), "--rounds", str(MODELS[m][2]), "--win", "Q3_K_S", "Q3_K_M", "--n-eval", str(a.n_eval), "--out", str(out)])
-    args = list(sys.argv[1:] if argv is None else argv)
-    shown = [x for i, x in enumerate(args) if x != "--note" and not x.startswith("--note=") and (i == 0 or args[i - 1] != "--note")]
-    header = (f"`python benchmarks/device_run.py {' '.join(shown)}` at commit {commit}, "
-              f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(t0))} to {time.strftime('%H:%M UTC', time.gmtime())}."
-              + (f" {a.note}" if a.note else ""))
-    headers = {**run_headers(out), **{m: header for m in a.models}}
-    atomic_write_text(out / "run.json", json.dumps({"runs": headers}, indent=1) + "\n")
+        # each model's header as soon as it is done, so a run stopped later still names what made
+        # the models it finished; a model this run found complete (nothing measured) keeps its own
+        if before is None or res.read_bytes() != before or m not in run_headers(out):
+            set_header(out, m, header, f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(t_m))} to {time.strftime('%H:%M UTC', time.gmtime())}")
+    headers = run_headers(out)
     # every model with saved results, each under the run that made them
     write_summary(out, [m for m in MODELS if m in headers and all((out / f"{m}.{x}").is_file() for x in ("json", "md", "profile.toml"))],
-                  headers)
+                  headers, run_times(out))
     log(f"wrote {out / 'summary.md'} ({(time.time() - t0) / 60:.0f} min)")
     return 0
 

@@ -92,3 +92,44 @@ def test_summary_names_the_run_of_each_model(tmp_path):
     assert "Profile measured 2026-12-05T13:00:00Z" in text and "m3 tables" in text
     dr.write_summary(tmp_path, ["m1"], {"m1": "old run"})
     assert (tmp_path / "summary.md").read_text().startswith("# Device-aware plans: one run\n\n- m1: old run\n")
+
+
+def test_each_model_is_labelled_when_it_is_done_so_a_stopped_run_keeps_them(tmp_path, monkeypatch):
+    """A run stopped on its last model still names the run that made the models it finished; a
+    resumed run labels what it measured and leaves a model it found complete under its own run."""
+    out = tmp_path / "device"
+    stop_at = {"qwen2.5-coder-1.5b"}
+
+    def fake_run(cmd):                  # the profile, the analysis and device_plans, made of files
+        if cmd[:2] == ["tasa-edge", "profile"]:
+            Path(cmd[cmd.index("-o") + 1]).write_text('[measured]\ncreated = "2026-12-06T02:00:00Z"\n')
+        elif cmd[:2] == ["tasa-edge", "analyze"]:
+            d = Path(cmd[cmd.index("-o") + 1])
+            d.mkdir(parents=True)
+            (d / "analysis.json").write_text("{}")
+        else:
+            m = cmd[cmd.index("--model") + 1]
+            if m in stop_at:
+                raise SystemExit("stopped")
+            if not (out / f"{m}.json").is_file():      # device_plans resumes: nothing to measure again
+                (out / f"{m}.json").write_text(json.dumps({"rows": {"TASA 4.6 bpw": _row(100.0, 101.0, 0.01)}}))
+                (out / f"{m}.md").write_text(f"{m} tables\n")
+
+    monkeypatch.setattr(dr, "run", fake_run)
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"runs": {"smollm2-135m": "an older run"}}))
+    with pytest.raises(SystemExit):
+        dr.main(["--out", str(out), "--fresh"])
+    first = dr.run_headers(out)
+    assert sorted(first) == ["gemma3-270m", "smollm2-135m"]
+    assert len(set(first.values())) == 1                  # one run, each model with its own times
+    assert first["smollm2-135m"].startswith("`python benchmarks/device_run.py --out ") and "--fresh` at commit" in first["smollm2-135m"]
+    assert sorted(dr.run_times(out)) == ["gemma3-270m", "smollm2-135m"]
+    stop_at.clear()
+    assert dr.main(["--out", str(out), "--note", "Resumes the run above."]) == 0
+    second = dr.run_headers(out)
+    assert {m: second[m] for m in first} == first
+    assert second["qwen2.5-coder-1.5b"].endswith("Resumes the run above.") and "--fresh" not in second["qwen2.5-coder-1.5b"]
+    text = (out / "summary.md").read_text()
+    assert text.startswith("# Device-aware plans: 2 runs")
+    assert f"- smollm2-135m ({dr.run_times(out)['smollm2-135m']}), gemma3-270m (" in text
