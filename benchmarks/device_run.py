@@ -1,8 +1,8 @@
 """Issue 14's benchmark in one run: for each packaged model, the kernel profile (made when missing,
 resumable), the analysis (CLI defaults, made when missing) and ``benchmarks/device_plans.py``
 (predicted vs measured speed at three budgets, with the drift check, and the win at llama.cpp's
-Q3_K_S / Q3_K_M bytes), then ``<out>/summary.md``: every model's tables, the run's start and end,
-the commit and the profiles' dates.
+Q3_K_S / Q3_K_M bytes), then ``<out>/summary.md``: every model's tables under the run that made
+them (its command, commit and start, and when each model was measured) and the profiles' dates.
 
     python benchmarks/device_run.py                            # all three models (hours on 2 cores)
     python benchmarks/device_run.py --models smollm2-135m --analysis smollm2-135m=tasa-out/analysis.json
