@@ -68,7 +68,7 @@ from tasa_edge.llama_run import score  # noqa: E402
 from tasa_edge.model import ModelSource  # noqa: E402
 from tasa_edge.planner import DeviceLimits, make_plan  # noqa: E402
 from tasa_edge.results import Analysis  # noqa: E402
-from tasa_edge.stats import at_least_verdict, pass_ratio_interval  # noqa: E402
+from tasa_edge.stats import at_least_verdict, pass_ratio_interval, verdict  # noqa: E402
 from tasa_edge.zoo import resolve_model  # noqa: E402
 
 
@@ -491,10 +491,10 @@ def win_verdict(w: dict) -> tuple[str, str, str]:
         vs = [at_least_verdict(iv, g) for iv in ivs.values()]
         speed = "below" if "below" in vs else "at least" if all(v == "at least" for v in vs) else "inconclusive"
     d, ci = r["dkld_vs_llama"], r["dkld_vs_llama_ci95"]
-    kld = "lower" if d + ci < 0 else "higher" if d - ci > 0 else "inconclusive"
-    verdict = ("not met" if speed == "below" or kld == "higher" else
-               "met" if speed == "at least" and kld == "lower" else "inconclusive")
-    return speed, kld, verdict
+    kld = {"inverted": "lower", "not inverted": "higher"}.get(verdict(d - ci, d + ci, lower_is_better=True), "inconclusive")
+    met = ("not met" if speed == "below" or kld == "higher" else
+           "met" if speed == "at least" and kld == "lower" else "inconclusive")
+    return speed, kld, met
 
 
 def ratio_cell(r: dict, k: str) -> str:
@@ -524,11 +524,11 @@ def win_table(res: dict) -> str:
         r = w["rows"].get("TASA speed-aware")
         if r:
             g = w.get("goal", 0.98)
-            speed, kld, verdict = win_verdict(w)
+            speed, kld, met = win_verdict(w)
             n = len([t for t in r.get("tries") or [{}] if "infeasible" not in t])
             verdicts.append(f"- {mix} (speed margin {w.get('speed_margin', 0):g}, plan {n} of at most {w.get('max_tries', 1)}): "
                             f"speed-aware TASA at tg {ratio_cell(r, 'tg')}, pp {ratio_cell(r, 'pp')} x llama.cpp's mix "
-                            f"(speed {speed} {g:g}x), task KLD {kld} than the mix's: {verdict}")
+                            f"(speed {speed} {g:g}x), task KLD {kld} than the mix's: {met}")
     rounds = {w.get("rounds") for mix, w in res["win"].items() if mix != "errors" and w.get("paired")}
     if rounds:
         verdicts.append(f"- each TASA file measured in {'/'.join(map(str, sorted(rounds)))} passes alternating with the mix; "
