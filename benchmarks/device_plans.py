@@ -196,6 +196,10 @@ def main() -> None:
     ap.add_argument("--replan", choices=["nearer-mix", "own-ratio"], default="nearer-mix",
                     help="--win: a plan that misses is re-planned with at most half as many tensors changed from the mix, "
                          "under the mix's measured / predicted ratio (nearer-mix), or free under its own ratio (own-ratio)")
+    ap.add_argument("--check-answers", type=int, default=0, metavar="K",
+                    help="--win: also measure each speed-aware plan that meets the speed on K held-out GSM8K answers "
+                         "after the report's --n-eval, and re-plan nearer the mix when its task KLD there is "
+                         "significantly above the mix's (needs --replan nearer-mix; 0: off)")
     ap.add_argument("--solve-seconds", type=float, default=600,
                     help="--win: HiGHS time limit per plan (a speed-limited Qwen solve ran past 20 min); when it runs out "
                          "the best plan found is used and its try records optimal: false")
@@ -205,6 +209,10 @@ def main() -> None:
         ap.error("--rounds must be at least 1")
     if not a.solve_seconds > 0:
         ap.error("--solve-seconds must be positive")
+    if a.check_answers < 0:
+        ap.error("--check-answers must be at least 0")
+    if a.check_answers and a.replan != "nearer-mix":
+        ap.error("--check-answers re-plans nearer the mix: use it with --replan nearer-mix")
 
     src = ModelSource.open(resolve_model(a.model))
     kp = load_kernel_profile(a.profile)
@@ -316,7 +324,8 @@ def speed_limits(target: dict[str, float], bias: dict[str, float], margin: float
 
 
 def speed_search(plan_fn, measure_fn, target: dict[str, float], bias: dict[str, float], margin: float, tries: int,
-                 pp: int, limited: bool = True, log=print, changes=None) -> tuple[dict | None, list[dict], str | None]:
+                 pp: int, limited: bool = True, log=print, changes=None,
+                 quality=None) -> tuple[dict | None, list[dict], str | None]:
     """Plan, measure, and re-plan until the measured times are within ``target`` (ms: decode per
     token, prefill for ``pp`` tokens) or ``tries`` plans were measured. ``plan_fn(limits, max_changes)``
     solves a plan under predicted-time limits (a :class:`TasaError` when infeasible), with at most
@@ -331,7 +340,15 @@ def speed_search(plan_fn, measure_fn, target: dict[str, float], bias: dict[str, 
     and a plan that keeps most of the mix's tensors keeps most of the mix's errors, which the
     mix's measurement has taken out (the mix itself, no change, meets the limits). ``limited=False``:
     one plan without limits (speed-blind). Returns (the last measured plan's row or None, every try,
-    the error when the first plan was infeasible)."""
+    the error when the first plan was infeasible).
+
+    ``quality(plan)`` (needs ``changes``), called on a plan that met the speed target right after
+    ``measure_fn``: its task KLD minus the mix's, paired on answers *other than the report's*
+    (``{"dkld": mean, "ci95": half-width}``). A plan significantly worse than the mix
+    (``dkld - ci95 > 0``) misses too, and is re-planned nearer the mix: the allocator's loss model can
+    rank a plan above the mix that measures below it."""
+    if quality is not None and changes is None:
+        raise ValueError("a quality check re-plans nearer the mix: it needs changes")
     out: list[dict] = []
     row = None
     mix_bias, max_changes = dict(bias), None
@@ -351,8 +368,18 @@ def speed_search(plan_fn, measure_fn, target: dict[str, float], bias: dict[str, 
         out.append({"limits_ms": lim, "optimal": bool(plan.provenance.get("optimal", True)), "predicted_ms": {k: plan.predicted[k] for k in target}, "measured_ms": got,
                     "tg_ts": row["tg_ts"], "pp_ts": row["pp_ts"],
                     **({"max_changes": max_changes, "changes": changes(plan)} if changes is not None else {})})
-        if not limited or all(got[k] <= target[k] for k in target) or len(out) >= tries:
+        met = all(got[k] <= target[k] for k in target)
+        worse = False
+        if limited and met and quality is not None:
+            q = out[-1]["check"] = quality(plan)
+            worse = q["dkld"] - q["ci95"] > 0
+        if not limited or (met and not worse) or len(out) >= tries:
             return row, out, None
+        if worse:               # fast enough but measurably worse than the mix: nearer the mix, same limits
+            bias, max_changes = mix_bias, changes(plan) // 2
+            log(f"try {len(out)} met the speed but its task KLD on the check answers is {q['dkld']:+.4f} "
+                f"± {q['ci95']:.4f} against the mix's; re-planning at most {max_changes} tensors changed from the mix")
+            continue
         if changes is None:     # missed on the device: the next limits use this plan's own measured / predicted ratio
             bias = {k: got[k] / plan.predicted[k] for k in target}
             how = ""
@@ -376,11 +403,13 @@ def win(a, src, kp, an, res, res_path, work) -> None:
     measurement: the first plan's limits are the mix's measured times / goal, brought into predicted
     time by the mix's own measured / predicted ratio; a plan that misses on the device is re-planned
     with its own ratio, at most ``--tries`` plans (the search stops on the point ratios; the
-    report's verdict reads their intervals). Task KLD is measured for the last plan only (no plan
-    is chosen by its KLD); every try is recorded."""
+    report's verdict reads their intervals). The report's task KLD (``--n-eval`` answers) is
+    measured for the last plan only, so no plan is chosen by it; with ``--check-answers K`` a plan
+    that meets the speed is also measured on the K answers after those, and re-planned nearer the
+    mix when it is significantly worse than the mix there. Every try is recorded."""
     from tasa_edge.imatrix import load_imatrix
 
-    held = None
+    held = check = None
     res.setdefault("win", {})
     for mix in a.win:
         if mix in res["win"] or any(k.startswith(mix + " ") for k in res["win"].get("errors", {})):
@@ -440,9 +469,23 @@ def win(a, src, kp, an, res, res_path, work) -> None:
             export_gguf(src, plan, f, imatrix=plan.export_imatrix(None), show_progress=False)
             return paired(f)
 
+        check_fn = None
+        if a.check_answers:     # answers after the report's: the re-plan never sees what judges it
+            if check is None:
+                qs = load_gsm8k("eval")[a.n_eval: a.n_eval + a.check_answers]
+                if len(qs) < a.check_answers:
+                    raise SystemExit(f"--check-answers {a.check_answers}: only {len(qs)} held-out answers after the "
+                                     f"report's {a.n_eval}")
+                check = reference_logprobs(reference_gguf(src), qs)
+            mix_check = kl_tokens(check, lf)
+
+            def check_fn(plan):
+                d = kl_tokens(check, f) - mix_check
+                return {"dkld": float(d.mean()), "ci95": 1.96 * quality.std_error(d), "n": int(d.size)}
+
         row, tries, err = speed_search(plan_fn, measure_fn, target, bias, a.speed_margin, a.tries, kp.pp,
                                        log=lambda m: print(f"{mix} TASA speed-aware: {m}", flush=True),
-                                       changes=None if a.replan == "own-ratio" else changes)
+                                       changes=None if a.replan == "own-ratio" else changes, quality=check_fn)
         if err:
             res["win"].setdefault("errors", {})[f"{mix} TASA speed-aware"] = err
         if row is not None:
@@ -461,7 +504,8 @@ def win(a, src, kp, an, res, res_path, work) -> None:
         for r in rows.values():
             r.pop("kl")
         res["win"][mix] = {"bytes": nbytes, "n_eval": a.n_eval, "speed_margin": a.speed_margin, "goal": a.goal,
-                           "max_tries": a.tries, "replan": a.replan, "rounds": a.rounds, "paired": True, "rows": rows}
+                           "max_tries": a.tries, "replan": a.replan, "rounds": a.rounds, "paired": True,
+                           "check_answers": a.check_answers, "rows": rows}
         atomic_write_text(res_path, json.dumps(res, indent=1) + "\n")
         print(win_table({"win": {mix: res["win"][mix]}}), flush=True)
 

@@ -107,6 +107,38 @@ def test_speed_blind_is_one_plan_without_limits():
     assert len(tries) == 1 and tries[0]["limits_ms"] == {} and row is not None and err is None
 
 
+def test_a_fast_plan_worse_than_the_mix_on_the_check_answers_is_replanned_nearer_the_mix():
+    """Qwen Q3_K_S, 6 Dec: the first speed-aware plan ran at the mix's speed with 100 tensors changed
+    from it, and its task KLD came out above the mix's. With a quality check the search re-plans it
+    (half as many changes, the same limits) until the check no longer shows it worse; a plan that
+    misses on speed is not checked (it is re-planned anyway), and the worse-check's reading is kept."""
+    target = {"decode_ms": 10.0, "prefill_ms": 1000.0}
+    mix_bias = {"decode_ms": 1.0, "prefill_ms": 1.0}
+    plan_fn, measure_fn, made = world(lambda p: 1.0)          # every plan runs as predicted: speed met
+    checked, logs = [], []
+
+    def quality(plan):          # the more tensors changed from the mix, the worse than the mix
+        checked.append(plan.changes)
+        return {"dkld": 0.0004 * plan.changes - 0.01, "ci95": 0.005, "n": 20}
+
+    row, tries, err = dp.speed_search(plan_fn, measure_fn, target, mix_bias, 0.03, 4, PP, log=logs.append,
+                                      changes=lambda p: p.changes, quality=quality)
+    # 100 changes: +0.030 > 0.005, worse; 50: +0.010 > 0.005, worse; 25: 0.000, not significantly
+    assert err is None and checked == [100, 50, 25] and [t["max_changes"] for t in tries] == [None, 50, 25]
+    assert all(t["limits_ms"] == tries[0]["limits_ms"] for t in tries)
+    assert [t["check"]["dkld"] for t in tries] == pytest.approx([0.03, 0.01, 0.0])
+    assert row["pp_ts"] == tries[-1]["pp_ts"] and "task KLD on the check answers is +0.0300" in logs[0]
+    # a plan that misses the speed is re-planned for its speed, without a quality check
+    plan_fn, measure_fn, made = world(lambda p: 1.2 if p.changes == 100 else 1.0)
+    checked.clear()
+    row, tries, err = dp.speed_search(plan_fn, measure_fn, target, mix_bias, 0.03, 4, PP, log=lambda m: None,
+                                      changes=lambda p: p.changes, quality=lambda p: checked.append(p.changes) or
+                                      {"dkld": -0.01, "ci95": 0.005, "n": 20})
+    assert checked == [50] and "check" not in tries[0] and tries[1]["check"]["dkld"] == -0.01 and len(tries) == 2
+    with pytest.raises(ValueError, match="needs changes"):
+        dp.speed_search(plan_fn, measure_fn, target, mix_bias, 0.03, 4, PP, quality=quality)
+
+
 # ---------------------------------------------------------------------------- the machine's drift
 @pytest.fixture(scope="module")
 def smollm():

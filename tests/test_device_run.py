@@ -74,6 +74,13 @@ def test_summary_only_without_results_is_a_usage_error(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "device_run.py"), "--summary-only", "--analysis", "x"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "MODEL=PATH" in p.stderr
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "device_run.py"), "--check-answers", "-1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--check-answers must be at least 0" in p.stderr and not out.exists()
+    # device_plans refuses a check that cannot re-plan nearer the mix before it opens anything
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "device_plans.py"), "--model", "x", "--profile", "x",
+                        "--analysis", "x", "--check-answers", "8", "--replan", "own-ratio"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--replan nearer-mix" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_summary_names_the_run_of_each_model(tmp_path):
