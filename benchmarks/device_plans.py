@@ -68,7 +68,7 @@ from tasa_edge.llama_run import score  # noqa: E402
 from tasa_edge.model import ModelSource  # noqa: E402
 from tasa_edge.planner import DeviceLimits, make_plan  # noqa: E402
 from tasa_edge.results import Analysis  # noqa: E402
-from tasa_edge.stats import at_least_verdict, pass_ratio_interval, verdict  # noqa: E402
+from tasa_edge.stats import at_least_verdict, paired_difference, pass_ratio_interval, ratio_interval, verdict  # noqa: E402
 from tasa_edge.zoo import resolve_model  # noqa: E402
 
 
@@ -280,13 +280,23 @@ def main() -> None:
     print(md)
 
 
-def kl_tokens(ref, path: Path) -> np.ndarray:
-    """Per-token KL of the GGUF at ``path`` against the reference store (for paired comparisons)."""
-    out = []
+def kl_answers(ref, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """KL of the GGUF at ``path`` against the reference store, per answer: (summed KL of its
+    tokens, its token count). Intervals resample answers, not tokens: the tokens of one answer
+    are not independent."""
+    sums, lens = [], []
     for i, lg in enumerate(score(path, ref.seqs, ref.starts, None)):
         k, _, _ = quality.score_rows(ref.lp[i], ref.top1[i], lg, np.asarray(ref.seqs[i][ref.starts[i]:]))
-        out.append(k)
-    return np.concatenate(out)
+        sums.append(float(np.sum(k)))
+        lens.append(int(np.size(k)))
+    return np.asarray(sums), np.asarray(lens, dtype=np.float64)
+
+
+def kld_difference(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> dict:
+    """Task KLD of ``a`` minus ``b`` (:func:`kl_answers` of two files on the same answers) with the
+    paired 95% bootstrap interval over answers."""
+    d = paired_difference(a[0], b[0], a[1])
+    return {"dkld": d.diff, "lo": d.lo, "hi": d.hi, "n": d.n}
 
 
 def file_types(rep: dict) -> dict[str, str]:
@@ -344,8 +354,8 @@ def speed_search(plan_fn, measure_fn, target: dict[str, float], bias: dict[str, 
 
     ``quality(plan)`` (needs ``changes``), called on a plan that met the speed target right after
     ``measure_fn``: its task KLD minus the mix's, paired on answers *other than the report's*
-    (``{"dkld": mean, "ci95": half-width}``). A plan significantly worse than the mix
-    (``dkld - ci95 > 0``) misses too, and is re-planned nearer the mix: the allocator's loss model can
+    (``{"dkld": difference, "lo": .., "hi": ..}``, 95%). A plan significantly worse than the mix
+    (``lo > 0``) misses too, and is re-planned nearer the mix: the allocator's loss model can
     rank a plan above the mix that measures below it."""
     if quality is not None and changes is None:
         raise ValueError("a quality check re-plans nearer the mix: it needs changes")
@@ -372,13 +382,13 @@ def speed_search(plan_fn, measure_fn, target: dict[str, float], bias: dict[str, 
         worse = False
         if limited and met and quality is not None:
             q = out[-1]["check"] = quality(plan)
-            worse = q["dkld"] - q["ci95"] > 0
+            worse = q["lo"] > 0
         if not limited or (met and not worse) or len(out) >= tries:
             return row, out, None
         if worse:               # fast enough but measurably worse than the mix: nearer the mix, same limits
             bias, max_changes = mix_bias, changes(plan) // 2
             log(f"try {len(out)} met the speed but its task KLD on the check answers is {q['dkld']:+.4f} "
-                f"± {q['ci95']:.4f} against the mix's; re-planning at most {max_changes} tensors changed from the mix")
+                f"[{q['lo']:+.4f}, {q['hi']:+.4f}] against the mix's; re-planning at most {max_changes} tensors changed from the mix")
             continue
         if changes is None:     # missed on the device: the next limits use this plan's own measured / predicted ratio
             bias = {k: got[k] / plan.predicted[k] for k in target}
@@ -453,9 +463,9 @@ def win(a, src, kp, an, res, res_path, work) -> None:
         export_gguf(src, blind, fb, imatrix=blind.export_imatrix(None), show_progress=False)
         brow = {"bpw": blind.predicted["bpw"], "pred_tg_ts": blind.predicted["tg_ts"], "pred_pp_ts": blind.predicted["pp_ts"],
                 "types": blind.types_used(), **paired(fb)}
-        brow["kl"] = kl_tokens(held, fb)
+        brow["kl"] = kl_answers(held, fb)
         fb.unlink()
-        rows["llama.cpp"] = {"bpw": rep["bpw"], **first, "kl": kl_tokens(held, lf), "types": counts,
+        rows["llama.cpp"] = {"bpw": rep["bpw"], **first, "kl": kl_answers(held, lf), "types": counts,
                              "pred_tg_ts": pred.tg_ts, "pred_pp_ts": pred.pp_ts, "approximated": approx}
         rows["TASA speed-blind"] = brow
         target = measured_times(rows["llama.cpp"], kp.pp)
@@ -477,11 +487,10 @@ def win(a, src, kp, an, res, res_path, work) -> None:
                     raise SystemExit(f"--check-answers {a.check_answers}: only {len(qs)} held-out answers after the "
                                      f"report's {a.n_eval}")
                 check = reference_logprobs(reference_gguf(src), qs)
-            mix_check = kl_tokens(check, lf)
+            mix_check = kl_answers(check, lf)
 
             def check_fn(plan):
-                d = kl_tokens(check, f) - mix_check
-                return {"dkld": float(d.mean()), "ci95": 1.96 * quality.std_error(d), "n": int(d.size)}
+                return kld_difference(kl_answers(check, f), mix_check)
 
         row, tries, err = speed_search(plan_fn, measure_fn, target, bias, a.speed_margin, a.tries, kp.pp,
                                        log=lambda m: print(f"{mix} TASA speed-aware: {m}", flush=True),
@@ -489,20 +498,23 @@ def win(a, src, kp, an, res, res_path, work) -> None:
         if err:
             res["win"].setdefault("errors", {})[f"{mix} TASA speed-aware"] = err
         if row is not None:
-            rows["TASA speed-aware"] = {**row, "tries": tries, "kl": kl_tokens(held, f)}
+            rows["TASA speed-aware"] = {**row, "tries": tries, "kl": kl_answers(held, f)}
         f.unlink(missing_ok=True)
         lf.unlink()
         base = rows["llama.cpp"]
         for r in rows.values():
-            d = r["kl"] - base["kl"]
-            r.update(task_kld=float(r["kl"].mean()), task_kld_se=quality.std_error(r["kl"]),
-                     tg_ratio=r["tg_ts"] / base["tg_ts"], pp_ratio=r["pp_ts"] / base["pp_ts"],
-                     dkld_vs_llama=float(d.mean()), dkld_vs_llama_ci95=1.96 * quality.std_error(d))
+            iv = ratio_interval(*r["kl"])
+            r.update(task_kld=iv.estimate, task_kld_ci=[iv.lo, iv.hi],
+                     tg_ratio=r["tg_ts"] / base["tg_ts"], pp_ratio=r["pp_ts"] / base["pp_ts"])
+            if r is not base:
+                d = kld_difference(r["kl"], base["kl"])
+                r.update(dkld_vs_llama=d["dkld"], dkld_vs_llama_ci=[d["lo"], d["hi"]])
         if "TASA speed-aware" in rows:
-            d = rows["TASA speed-aware"]["kl"] - rows["TASA speed-blind"]["kl"]
-            rows["TASA speed-aware"].update(dkld_vs_blind=float(d.mean()), dkld_vs_blind_ci95=1.96 * quality.std_error(d))
-        for r in rows.values():
-            r.pop("kl")
+            d = kld_difference(rows["TASA speed-aware"]["kl"], rows["TASA speed-blind"]["kl"])
+            rows["TASA speed-aware"].update(dkld_vs_blind=d["dkld"], dkld_vs_blind_ci=[d["lo"], d["hi"]])
+        for r in rows.values():     # per answer, so the intervals can be read again
+            sums, lens = r.pop("kl")
+            r.update(kl_sums=sums.tolist(), kl_tokens=lens.astype(int).tolist())
         res["win"][mix] = {"bytes": nbytes, "n_eval": a.n_eval, "speed_margin": a.speed_margin, "goal": a.goal,
                            "max_tries": a.tries, "replan": a.replan, "rounds": a.rounds, "paired": True,
                            "check_answers": a.check_answers, "rows": rows}
@@ -520,6 +532,29 @@ def speed_intervals(r: dict) -> dict | None:
     return {k: pass_ratio_interval(raw[f"round_{k}"], mix[f"round_{k}"]) for k in ("tg", "pp")}
 
 
+def kld_interval(r: dict, key: str) -> tuple[float, float, float, bool] | None:
+    """(value, lo, hi, over answers) of a row's task-KLD figure ``key`` (``task_kld``,
+    ``dkld_vs_llama``, ``dkld_vs_blind``): the 95% bootstrap over answers, or, in rows recorded
+    before it (``*_ci95`` / ``task_kld_se``), the normal interval over tokens, which is too narrow:
+    the tokens of one answer are not independent."""
+    if key not in r:
+        return None
+    if f"{key}_ci" in r:
+        return r[key], *r[f"{key}_ci"], True
+    half = r[f"{key}_ci95"] if f"{key}_ci95" in r else 1.96 * r["task_kld_se"]
+    return r[key], r[key] - half, r[key] + half, False
+
+
+def kld_cell(r: dict, key: str, signed: bool = True) -> str:
+    """``-0.0051 [-0.0090, -0.0012]`` (over answers), or ``-0.0051 ± 0.0037 tok`` (an old row, over tokens)."""
+    iv = kld_interval(r, key)
+    if iv is None:
+        return ""
+    v, lo, hi, answers = iv
+    f = "{:+.4f}" if signed else "{:.4f}"
+    return f"{f.format(v)} [{f.format(lo)}, {f.format(hi)}]" if answers else f"{f.format(v)} ± {(hi - lo) / 2:.4f} tok"
+
+
 def win_verdict(w: dict) -> tuple[str, str, str]:
     """Item 4 at one budget (``w``: a ``win`` entry with a speed-aware row): (speed, task KLD,
     verdict). Speed: ``at least`` when the 95% intervals of both the plan's tg and pp ratios to the
@@ -534,8 +569,8 @@ def win_verdict(w: dict) -> tuple[str, str, str]:
     else:
         vs = [at_least_verdict(iv, g) for iv in ivs.values()]
         speed = "below" if "below" in vs else "at least" if all(v == "at least" for v in vs) else "inconclusive"
-    d, ci = r["dkld_vs_llama"], r["dkld_vs_llama_ci95"]
-    kld = {"inverted": "lower", "not inverted": "higher"}.get(verdict(d - ci, d + ci, lower_is_better=True), "inconclusive")
+    _, lo, hi, _ = kld_interval(r, "dkld_vs_llama")
+    kld = {"inverted": "lower", "not inverted": "higher"}.get(verdict(lo, hi, lower_is_better=True), "inconclusive")
     met = ("not met" if speed == "below" or kld == "higher" else
            "met" if speed == "at least" and kld == "lower" else "inconclusive")
     return speed, kld, met
@@ -551,7 +586,7 @@ def ratio_cell(r: dict, k: str) -> str:
 
 def win_table(res: dict) -> str:
     lines = ["", "| llama.cpp budget | file | bits/weight | tg predicted | tg measured (x llama.cpp) | pp predicted | "
-                 "pp measured (x llama.cpp) | task KLD ± se | Δ task KLD vs llama.cpp (95% CI, paired) | Δ vs speed-blind TASA |",
+                 "pp measured (x llama.cpp) | task KLD (95%) | Δ task KLD vs llama.cpp (95%, paired) | Δ vs speed-blind TASA |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     verdicts = []
     for mix, w in res["win"].items():
@@ -559,11 +594,11 @@ def win_table(res: dict) -> str:
             lines += [f"| {k} | infeasible: {v} |  |  |  |  |  |  |  |  |" for k, v in w.items()]
             continue
         for label, r in w["rows"].items():
-            vs_blind = f"{r['dkld_vs_blind']:+.4f} ± {r['dkld_vs_blind_ci95']:.4f}" if "dkld_vs_blind" in r else ""
-            vs_llama = "" if label == "llama.cpp" else f"{r['dkld_vs_llama']:+.4f} ± {r['dkld_vs_llama_ci95']:.4f}"
+            vs_blind = kld_cell(r, "dkld_vs_blind")
+            vs_llama = "" if label == "llama.cpp" else kld_cell(r, "dkld_vs_llama")
             pred = (f"{r['pred_tg_ts']:.2f}", f"{r['pred_pp_ts']:.2f}") if "pred_tg_ts" in r else ("", "")
             lines.append(f"| {mix} | {label} | {r['bpw']:.3f} | {pred[0]} | {r['tg_ts']:.2f} ({ratio_cell(r, 'tg')}) | {pred[1]} | "
-                         f"{r['pp_ts']:.2f} ({ratio_cell(r, 'pp')}) | {r['task_kld']:.4f} ± {r['task_kld_se']:.4f} | "
+                         f"{r['pp_ts']:.2f} ({ratio_cell(r, 'pp')}) | {kld_cell(r, 'task_kld', False)} | "
                          f"{vs_llama} | {vs_blind} |")
         r = w["rows"].get("TASA speed-aware")
         if r:

@@ -119,7 +119,8 @@ def test_a_fast_plan_worse_than_the_mix_on_the_check_answers_is_replanned_nearer
 
     def quality(plan):          # the more tensors changed from the mix, the worse than the mix
         checked.append(plan.changes)
-        return {"dkld": 0.0004 * plan.changes - 0.01, "ci95": 0.005, "n": 20}
+        d = 0.0004 * plan.changes - 0.01
+        return {"dkld": d, "lo": d - 0.005, "hi": d + 0.005, "n": 20}
 
     row, tries, err = dp.speed_search(plan_fn, measure_fn, target, mix_bias, 0.03, 4, PP, log=logs.append,
                                       changes=lambda p: p.changes, quality=quality)
@@ -127,13 +128,13 @@ def test_a_fast_plan_worse_than_the_mix_on_the_check_answers_is_replanned_nearer
     assert err is None and checked == [100, 50, 25] and [t["max_changes"] for t in tries] == [None, 50, 25]
     assert all(t["limits_ms"] == tries[0]["limits_ms"] for t in tries)
     assert [t["check"]["dkld"] for t in tries] == pytest.approx([0.03, 0.01, 0.0])
-    assert row["pp_ts"] == tries[-1]["pp_ts"] and "task KLD on the check answers is +0.0300" in logs[0]
+    assert row["pp_ts"] == tries[-1]["pp_ts"] and "task KLD on the check answers is +0.0300 [+0.0250, +0.0350]" in logs[0]
     # a plan that misses the speed is re-planned for its speed, without a quality check
     plan_fn, measure_fn, made = world(lambda p: 1.2 if p.changes == 100 else 1.0)
     checked.clear()
     row, tries, err = dp.speed_search(plan_fn, measure_fn, target, mix_bias, 0.03, 4, PP, log=lambda m: None,
                                       changes=lambda p: p.changes, quality=lambda p: checked.append(p.changes) or
-                                      {"dkld": -0.01, "ci95": 0.005, "n": 20})
+                                      {"dkld": -0.01, "lo": -0.015, "hi": -0.005, "n": 20})
     assert checked == [50] and "check" not in tries[0] and tries[1]["check"]["dkld"] == -0.01 and len(tries) == 2
     with pytest.raises(ValueError, match="needs changes"):
         dp.speed_search(plan_fn, measure_fn, target, mix_bias, 0.03, 4, PP, quality=quality)
@@ -229,3 +230,30 @@ def test_the_drift_since_the_profile_is_taken_out_pass_by_pass():
     assert d["tg_err_drift"] == pytest.approx(0.0) and d["pp_err_drift"] == pytest.approx(0.0)
     d = dp.drift_check(kp, "uniform Q4_K", ref, plan, 44.0, 270.0)
     assert d["tg_err_drift"] == pytest.approx(0.1) and d["pp_err_drift"] == pytest.approx(-0.1)
+
+
+def test_task_kld_intervals_resample_answers_not_tokens():
+    """Every token of an answer shares that answer's difference between two files: over the 1,000
+    tokens of 20 answers a +0.004 difference looks certain, over the 20 answers it is not. The win
+    reads the answers (a plan is not judged better on the strength of one answer's length)."""
+    np = pytest.importorskip("numpy")
+    lens = np.full(20, 50.0)
+    shift = np.array([0.024, -0.016] * 10)                         # per answer, per token: mean +0.004
+    mix = np.random.default_rng(0).gamma(2.0, 0.02, (20, 50))
+    plan = mix + shift[:, None]
+    d_tok = (plan - mix).ravel()
+    half_tok = 1.96 * d_tok.std(ddof=1) / np.sqrt(d_tok.size)
+    assert d_tok.mean() - half_tok > 0                              # the per-token reading: significantly worse
+    d = dp.kld_difference((plan.sum(1), lens), (mix.sum(1), lens))
+    assert d["dkld"] == pytest.approx(0.004) and d["lo"] < 0 < d["hi"] and d["n"] == 20
+    base = {"bpw": 4.0, "tg_ts": 100.0, "pp_ts": 1000.0, "tg_ratio": 1.0, "pp_ratio": 1.0,
+            "task_kld": float(mix.mean()), "task_kld_ci": [0.03, 0.05]}
+    aware = {**base, "tg_ratio": 1.1, "pp_ratio": 1.1, "dkld_vs_llama": d["dkld"], "dkld_vs_llama_ci": [d["lo"], d["hi"]]}
+    w = {"goal": 0.98, "rows": {"llama.cpp": base, "TASA speed-aware": aware}}
+    assert dp.win_verdict(w) == ("at least", "inconclusive", "inconclusive")
+    assert dp.kld_cell(aware, "dkld_vs_llama").startswith("+0.0040 [-")
+    # a row recorded before (a normal interval over tokens) is read as it was, and marked
+    old = {**aware, "dkld_vs_llama_ci95": half_tok}
+    del old["dkld_vs_llama_ci"]
+    assert dp.win_verdict({**w, "rows": {"llama.cpp": base, "TASA speed-aware": old}})[1] == "higher"
+    assert dp.kld_cell(old, "dkld_vs_llama").endswith(" tok")

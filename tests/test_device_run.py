@@ -47,6 +47,7 @@ def test_combined_tables_count_what_is_within_10_percent_and_where_the_win_is_me
     # KLD is not significantly lower (nor higher)
     assert ("met at 1 of 3 budgets (a Q3_K_S); inconclusive at 1 of 3 budgets (a Q2_K); "
             "not met at 1 of 3 budgets (a Q3_K_M).") in text
+    assert "-0.0500 ± 0.0100 tok" in text and "Task-KLD intervals marked `tok`" in text     # recorded over tokens
 
 
 def test_win_verdict_reads_the_interval_of_the_paired_passes(tmp_path):
