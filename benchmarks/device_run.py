@@ -86,7 +86,8 @@ def combined(out: Path, models: list[str]) -> str:
             for label, r in w["rows"].items():
                 vs_mix = "" if label == "llama.cpp" else kld_cell(r, "dkld_vs_llama")
                 vs_blind = kld_cell(r, "dkld_vs_blind")
-                tokens |= any(kld_interval(r, k) and not kld_interval(r, k)[3] for k in ("task_kld", "dkld_vs_llama"))
+                ivs = [kld_interval(r, k) for k in ("task_kld", "dkld_vs_llama")]
+                tokens |= any(iv is not None and not iv[3] for iv in ivs)     # an old row, over tokens
                 win.append(f"| {m} | {mix} | {label} | {r['bpw']:.3f} | {r['tg_ts']:.2f} ({ratio_cell(r, 'tg')}) | "
                            f"{r['pp_ts']:.2f} ({ratio_cell(r, 'pp')}) | {kld_cell(r, 'task_kld', False)} | {vs_mix} | {vs_blind} |")
             if "TASA speed-aware" in w["rows"]:
