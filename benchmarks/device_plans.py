@@ -304,6 +304,23 @@ def file_types(rep: dict) -> dict[str, str]:
     return {r["name"]: r["type"] for r in rep["tensors"] if len(r["shape"]) >= 2}
 
 
+def predicted_loss(an, types: dict[str, str]) -> tuple[float | None, dict[str, int]]:
+    """The allocator's objective (TASA's scores, as ``make_plan`` sums them) for an existing file's
+    formats (``types``: :func:`file_types`): (loss, {}), or (None, {format: tensors}) when the
+    analysis did not score some of them (a mix's fallback formats for rows no K-quant fits)."""
+    from tasa_edge.planner import scores_for
+
+    scores, _ = scores_for(an, "tasa")
+    loss, unscored = 0.0, {}
+    for name, t in types.items():
+        v = scores.get(name, {}).get(t)
+        if v is None:
+            unscored[t] = unscored.get(t, 0) + 1
+        else:
+            loss += max(0.0, float(v))
+    return (None, unscored) if unscored else (loss, {})
+
+
 def predict_file(kp, src, types: dict[str, str]):
     """The profile's prediction for an existing file (a llama.cpp mix; ``types``: :func:`file_types`);
     a type the profile did not measure is costed as the measured format nearest in bits per weight
@@ -335,7 +352,7 @@ def speed_limits(target: dict[str, float], bias: dict[str, float], margin: float
 
 def speed_search(plan_fn, measure_fn, target: dict[str, float], bias: dict[str, float], margin: float, tries: int,
                  pp: int, limited: bool = True, log=print, changes=None,
-                 quality=None) -> tuple[dict | None, list[dict], str | None]:
+                 quality=None, mix_loss: float | None = None) -> tuple[dict | None, list[dict], str | None]:
     """Plan, measure, and re-plan until the measured times are within ``target`` (ms: decode per
     token, prefill for ``pp`` tokens) or ``tries`` plans were measured. ``plan_fn(limits, max_changes)``
     solves a plan under predicted-time limits (a :class:`TasaError` when infeasible), with at most
@@ -356,26 +373,45 @@ def speed_search(plan_fn, measure_fn, target: dict[str, float], bias: dict[str, 
     ``measure_fn``: its task KLD minus the mix's, paired on answers *other than the report's*
     (``{"dkld": difference, "lo": .., "hi": ..}``, 95%). A plan significantly worse than the mix
     (``lo > 0``) misses too, and is re-planned nearer the mix: the allocator's loss model can
-    rank a plan above the mix that measures below it."""
+    rank a plan above the mix that measures below it.
+
+    ``mix_loss``: the mix's own predicted loss (the allocator's objective for the mix's formats).
+    The margin makes the mix itself infeasible, and the loss can rise steeply for the last percent of
+    speed (Qwen Q3_K_S, 6 Dec: at margin 0.03 the plan needed 1.0103x the mix's predicted speed, and
+    the allocator bought it by putting the output head in Q2_K, predicted loss 2.79 against the
+    mix's 2.78; at 0.02, 1.80). A plan predicted no better than the mix cannot be the win, so it is
+    not measured: the search halves the margin and plans again (m, m/2, m/4, then 0, where the mix
+    itself meets the limits); the margin stays there for the later tries. Such a plan is recorded
+    (``skipped``) and does not count as one of the ``tries``."""
     if quality is not None and changes is None:
         raise ValueError("a quality check re-plans nearer the mix: it needs changes")
     out: list[dict] = []
     row = None
     mix_bias, max_changes = dict(bias), None
+    margins = [margin / 2, margin / 4, 0.0] if margin > 0 else []
     while True:
         lim = speed_limits(target, bias, margin) if limited else {}
         try:
             plan = plan_fn(lim, max_changes)
         except TasaError as exc:            # the limits may be infeasible at this budget
             log(str(exc))
-            if not out:
+            if row is None:
                 return None, out, str(exc)
             out.append({"infeasible": str(exc), "limits_ms": lim, "max_changes": max_changes})   # the last measured plan stands
             return row, out, None
+        loss = plan.predicted.get("loss")
+        if limited and mix_loss is not None and loss is not None and loss >= mix_loss and margins:
+            out.append({"limits_ms": lim, "margin": margin, "predicted_loss": loss, "max_changes": max_changes,
+                        "skipped": f"predicted loss {loss:.4f} >= the mix's {mix_loss:.4f}"})
+            log(f"plan at margin {margin:g} is predicted no better than the mix (loss {loss:.4f} >= {mix_loss:.4f}): "
+                f"not measured; planning at margin {margins[0]:g}")
+            margin = margins.pop(0)
+            continue
         row = {"bpw": plan.predicted["bpw"], "pred_tg_ts": plan.predicted["tg_ts"], "pred_pp_ts": plan.predicted["pp_ts"],
-               "types": plan.types_used(), **measure_fn(plan)}
+               **({"pred_loss": loss} if loss is not None else {}), "types": plan.types_used(), **measure_fn(plan)}
         got = measured_times(row, pp)
-        out.append({"limits_ms": lim, "optimal": bool(plan.provenance.get("optimal", True)), "predicted_ms": {k: plan.predicted[k] for k in target}, "measured_ms": got,
+        out.append({"limits_ms": lim, "margin": margin, "predicted_loss": loss, "optimal": bool(plan.provenance.get("optimal", True)),
+                    "predicted_ms": {k: plan.predicted[k] for k in target}, "measured_ms": got,
                     "tg_ts": row["tg_ts"], "pp_ts": row["pp_ts"],
                     **({"max_changes": max_changes, "changes": changes(plan)} if changes is not None else {})})
         met = all(got[k] <= target[k] for k in target)
@@ -383,7 +419,7 @@ def speed_search(plan_fn, measure_fn, target: dict[str, float], bias: dict[str, 
         if limited and met and quality is not None:
             q = out[-1]["check"] = quality(plan)
             worse = q["lo"] > 0
-        if not limited or (met and not worse) or len(out) >= tries:
+        if not limited or (met and not worse) or sum(1 for x in out if "measured_ms" in x) >= tries:
             return row, out, None
         if worse:               # fast enough but measurably worse than the mix: nearer the mix, same limits
             bias, max_changes = mix_bias, changes(plan) // 2
@@ -462,11 +498,16 @@ def win(a, src, kp, an, res, res_path, work) -> None:
         blind = plan_fn({})
         export_gguf(src, blind, fb, imatrix=blind.export_imatrix(None), show_progress=False)
         brow = {"bpw": blind.predicted["bpw"], "pred_tg_ts": blind.predicted["tg_ts"], "pred_pp_ts": blind.predicted["pp_ts"],
-                "types": blind.types_used(), **paired(fb)}
+                "pred_loss": blind.predicted["loss"], "types": blind.types_used(), **paired(fb)}
         brow["kl"] = kl_answers(held, fb)
         fb.unlink()
+        mix_loss, unscored = predicted_loss(an, types)
+        if unscored:
+            print(f"{mix}: the analysis did not score {', '.join(sorted(unscored))} (the mix's): its predicted loss is "
+                  "unknown, and speed-aware plans are measured whatever their predicted loss", flush=True)
         rows["llama.cpp"] = {"bpw": rep["bpw"], **first, "kl": kl_answers(held, lf), "types": counts,
-                             "pred_tg_ts": pred.tg_ts, "pred_pp_ts": pred.pp_ts, "approximated": approx}
+                             "pred_tg_ts": pred.tg_ts, "pred_pp_ts": pred.pp_ts, "approximated": approx,
+                             **({"pred_loss": mix_loss} if mix_loss is not None else {"unscored": unscored})}
         rows["TASA speed-blind"] = brow
         target = measured_times(rows["llama.cpp"], kp.pp)
         target = {k: v / a.goal for k, v in target.items()}      # the plan's measured times may be this long
@@ -494,7 +535,8 @@ def win(a, src, kp, an, res, res_path, work) -> None:
 
         row, tries, err = speed_search(plan_fn, measure_fn, target, bias, a.speed_margin, a.tries, kp.pp,
                                        log=lambda m: print(f"{mix} TASA speed-aware: {m}", flush=True),
-                                       changes=None if a.replan == "own-ratio" else changes, quality=check_fn)
+                                       changes=None if a.replan == "own-ratio" else changes, quality=check_fn,
+                                       mix_loss=mix_loss)
         if err:
             res["win"].setdefault("errors", {})[f"{mix} TASA speed-aware"] = err
         if row is not None:
@@ -585,27 +627,36 @@ def ratio_cell(r: dict, k: str) -> str:
 
 
 def win_table(res: dict) -> str:
-    lines = ["", "| llama.cpp budget | file | bits/weight | tg predicted | tg measured (x llama.cpp) | pp predicted | "
+    with_loss = any("pred_loss" in r or r.get("unscored") for mix, w in res["win"].items() if mix != "errors"
+                    for r in w["rows"].values())        # recorded since the run of 6 Dec
+    lc = ("predicted loss | ", "---|") if with_loss else ("", "")
+    lines = ["", f"| llama.cpp budget | file | bits/weight | {lc[0]}tg predicted | tg measured (x llama.cpp) | pp predicted | "
                  "pp measured (x llama.cpp) | task KLD (95%) | Δ task KLD vs llama.cpp (95%, paired) | Δ vs speed-blind TASA |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"|---|---|---|{lc[1]}---|---|---|---|---|---|---|"]
     verdicts = []
     for mix, w in res["win"].items():
         if mix == "errors":
-            lines += [f"| {k} | infeasible: {v} |  |  |  |  |  |  |  |  |" for k, v in w.items()]
+            lines += [f"| {k} | infeasible: {v} |  |  |  |  |  |  |  |{'  |' if with_loss else ''}" for k, v in w.items()]
             continue
         for label, r in w["rows"].items():
             vs_blind = kld_cell(r, "dkld_vs_blind")
             vs_llama = "" if label == "llama.cpp" else kld_cell(r, "dkld_vs_llama")
             pred = (f"{r['pred_tg_ts']:.2f}", f"{r['pred_pp_ts']:.2f}") if "pred_tg_ts" in r else ("", "")
-            lines.append(f"| {mix} | {label} | {r['bpw']:.3f} | {pred[0]} | {r['tg_ts']:.2f} ({ratio_cell(r, 'tg')}) | {pred[1]} | "
+            loss = f"{r['pred_loss']:.4f}" if "pred_loss" in r else ("unscored " + ", ".join(r["unscored"]) if r.get("unscored") else "")
+            loss = f"{loss} | " if with_loss else ""
+            lines.append(f"| {mix} | {label} | {r['bpw']:.3f} | {loss}{pred[0]} | {r['tg_ts']:.2f} ({ratio_cell(r, 'tg')}) | {pred[1]} | "
                          f"{r['pp_ts']:.2f} ({ratio_cell(r, 'pp')}) | {kld_cell(r, 'task_kld', False)} | "
                          f"{vs_llama} | {vs_blind} |")
         r = w["rows"].get("TASA speed-aware")
         if r:
             g = w.get("goal", 0.98)
             speed, kld, met = win_verdict(w)
-            n = len([t for t in r.get("tries") or [{}] if "infeasible" not in t])
-            verdicts.append(f"- {mix} (speed margin {w.get('speed_margin', 0):g}, plan {n} of at most {w.get('max_tries', 1)}): "
+            measured = [t for t in r.get("tries") or [{}] if "infeasible" not in t and "skipped" not in t]
+            skipped = sum(1 for t in r.get("tries") or [] if "skipped" in t)
+            margin = measured[-1].get("margin", w.get("speed_margin", 0))
+            verdicts.append(f"- {mix} (speed margin {margin:g}"
+                            f"{f', {skipped} plan(s) predicted no better than the mix not measured' if skipped else ''}, "
+                            f"plan {len(measured)} of at most {w.get('max_tries', 1)}): "
                             f"speed-aware TASA at tg {ratio_cell(r, 'tg')}, pp {ratio_cell(r, 'pp')} x llama.cpp's mix "
                             f"(speed {speed} {g:g}x), task KLD {kld} than the mix's: {met}")
     rounds = {w.get("rounds") for mix, w in res["win"].items() if mix != "errors" and w.get("paired")}

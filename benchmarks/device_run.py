@@ -66,11 +66,15 @@ def combined(out: Path, models: list[str]) -> str:
     and the win at llama.cpp's mixes' bytes, with the verdicts."""
     pred = ["| model | plan | tg128 predicted | measured | error | drift out | pp512 predicted | measured | error | drift out |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-    win = ["| model | budget | file | bits/weight | tg128 (× mix) | pp512 (× mix) | task KLD (95%) | Δ vs mix (95%) | Δ vs speed-blind |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    results = {m: json.loads((out / f"{m}.json").read_text()) for m in models}
+    with_loss = any("pred_loss" in r for res in results.values() for mix, w in res.get("win", {}).items()
+                    if mix != "errors" for r in w["rows"].values())      # recorded since the run of 6 Dec
+    lc = ("predicted loss | ", "---|") if with_loss else ("", "")
+    win = [f"| model | budget | file | bits/weight | {lc[0]}tg128 (× mix) | pp512 (× mix) | task KLD (95%) | Δ vs mix (95%) | Δ vs speed-blind |",
+           f"|---|---|---|---|{lc[1]}---|---|---|---|---|"]
     raw, adj, verdicts, tokens = [], [], [], False
     for m in models:
-        res = json.loads((out / f"{m}.json").read_text())
+        res = results[m]
         for label, r in res.get("rows", {}).items():
             used = f" ({r['bpw']:.3f} used)" if abs(r["bpw"] - float(label.split()[1])) > 0.01 else ""
             d = (pct(r["tg_err_drift"]), pct(r["pp_err_drift"])) if "reference" in r else ("", "")
@@ -81,14 +85,15 @@ def combined(out: Path, models: list[str]) -> str:
                 adj += [abs(r["tg_err_drift"]), abs(r["pp_err_drift"])]
         for mix, w in res.get("win", {}).items():
             if mix == "errors":
-                win += [f"| {m} | {k.split()[0]} | {' '.join(k.split()[1:])} | infeasible: {v} | | | | | |" for k, v in w.items()]
+                win += [f"| {m} | {k.split()[0]} | {' '.join(k.split()[1:])} | infeasible: {v} | | | | | |{' |' if with_loss else ''}" for k, v in w.items()]
                 continue
             for label, r in w["rows"].items():
                 vs_mix = "" if label == "llama.cpp" else kld_cell(r, "dkld_vs_llama")
                 vs_blind = kld_cell(r, "dkld_vs_blind")
                 ivs = [kld_interval(r, k) for k in ("task_kld", "dkld_vs_llama")]
                 tokens |= any(iv is not None and not iv[3] for iv in ivs)     # an old row, over tokens
-                win.append(f"| {m} | {mix} | {label} | {r['bpw']:.3f} | {r['tg_ts']:.2f} ({ratio_cell(r, 'tg')}) | "
+                loss = (f"{r['pred_loss']:.4f} | " if "pred_loss" in r else " | ") if with_loss else ""
+                win.append(f"| {m} | {mix} | {label} | {r['bpw']:.3f} | {loss}{r['tg_ts']:.2f} ({ratio_cell(r, 'tg')}) | "
                            f"{r['pp_ts']:.2f} ({ratio_cell(r, 'pp')}) | {kld_cell(r, 'task_kld', False)} | {vs_mix} | {vs_blind} |")
             if "TASA speed-aware" in w["rows"]:
                 verdicts.append((m, mix, win_verdict(w)[2]))

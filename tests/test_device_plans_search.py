@@ -140,6 +140,52 @@ def test_a_fast_plan_worse_than_the_mix_on_the_check_answers_is_replanned_nearer
         dp.speed_search(plan_fn, measure_fn, target, mix_bias, 0.03, 4, PP, quality=quality)
 
 
+def test_a_plan_predicted_no_better_than_the_mix_is_not_measured_and_the_margin_shrinks():
+    """Qwen Q3_K_S, 6 Dec: the margin asked for 1.01x the mix's predicted speed, and the allocator
+    bought the last percent with a Q2_K output head (predicted loss above the mix's). Such a plan is
+    not measured: the margin halves (0.03, 0.015, 0.0075, then 0) until the plan is predicted better
+    than the mix; those plans are recorded as skipped and are not among the ``tries``."""
+    target = {"decode_ms": 10.0, "prefill_ms": 1000.0}
+    bias = {"decode_ms": 1.0, "prefill_ms": 1.0}
+    plan_fn, measure_fn, made = world(lambda p: 1.0)
+
+    def lossy(cliff):
+        def fn(lim, max_changes=None):
+            p = plan_fn(lim, max_changes)
+            p.predicted["loss"] = 2.0 if lim["decode_ms"] < cliff else 0.5     # the mix's: 1.0
+            return p
+        return fn
+
+    logs = []
+    row, tries, err = dp.speed_search(lossy(9.9), measure_fn, target, bias, 0.03, 1, PP, log=logs.append, mix_loss=1.0)
+    assert err is None and len(made) == 3 and row is not None
+    assert ["skipped" in t for t in tries] == [True, True, False]
+    assert [t["margin"] for t in tries] == pytest.approx([0.03, 0.015, 0.0075])
+    assert tries[0]["predicted_loss"] == 2.0 and "measured_ms" not in tries[0]
+    assert tries[2]["limits_ms"]["decode_ms"] == pytest.approx(10 * (1 - 0.0075)) and row["pred_loss"] == 0.5
+    assert "predicted no better than the mix (loss 2.0000 >= 1.0000)" in logs[0]
+    # at margin 0 the plan is measured whatever its predicted loss; without the mix's loss nothing is skipped
+    made.clear()
+    row, tries, err = dp.speed_search(lossy(11.0), measure_fn, target, bias, 0.03, 1, PP, log=lambda m: None, mix_loss=1.0)
+    assert [t["margin"] for t in tries] == pytest.approx([0.03, 0.015, 0.0075, 0.0]) and "measured_ms" in tries[-1]
+    assert row["pred_loss"] == 2.0 and sum("skipped" in t for t in tries) == 3
+    made.clear()
+    row, tries, err = dp.speed_search(lossy(11.0), measure_fn, target, bias, 0.03, 1, PP, log=lambda m: None)
+    assert len(tries) == 1 and "skipped" not in tries[0] and tries[0]["margin"] == 0.03
+
+
+def test_predicted_loss_of_a_file_is_the_allocators_objective(smollm):
+    from tasa_edge.planner import make_plan
+    from tasa_edge.results import Analysis
+
+    an = Analysis.load(Path(__file__).resolve().parents[1] / "benchmarks/device/analysis-smollm2-135m/analysis.json")
+    plan = make_plan(an, smollm, bpw=5.0)
+    loss, unscored = dp.predicted_loss(an, dict(plan.tensors))
+    assert unscored == {} and loss == pytest.approx(plan.predicted["loss"])
+    some = next(iter(plan.tensors))
+    assert dp.predicted_loss(an, {**plan.tensors, some: "Q5_1"}) == (None, {"Q5_1": 1})
+
+
 # ---------------------------------------------------------------------------- the machine's drift
 @pytest.fixture(scope="module")
 def smollm():
@@ -257,3 +303,49 @@ def test_task_kld_intervals_resample_answers_not_tokens():
     del old["dkld_vs_llama_ci"]
     assert dp.win_verdict({**w, "rows": {"llama.cpp": base, "TASA speed-aware": old}})[1] == "higher"
     assert dp.kld_cell(old, "dkld_vs_llama").endswith(" tok")
+
+
+def test_win_loss_solves_the_recorded_plans_again_and_follows_the_current_search(smollm, tmp_path, capsys):
+    """benchmarks/win_loss.py on a recorded run (SmolLM2's committed profile and analysis, a win entry
+    whose one try asked for 1.03x the mix's predicted speed): the mix's predicted loss, the
+    speed-blind plan below it, and the current search's margins until a plan is predicted better
+    than the mix (or the margin is 0)."""
+    import json
+    import shutil
+
+    import win_loss
+    from device_plans import file_types, predict_file, predicted_loss
+    from exporters.baseline import quantize_baseline
+    from exporters.reference import reference_gguf
+    from tasa_edge.costmodel import load_kernel_profile
+    from tasa_edge.inspect import inspect_gguf
+    from tasa_edge.results import Analysis
+
+    dev = Path(__file__).resolve().parents[1] / "benchmarks" / "device"
+    res_dir = tmp_path / "device"
+    res_dir.mkdir()
+    shutil.copy(dev / "smollm2-135m.profile.toml", res_dir)
+    an_path = dev / "analysis-smollm2-135m" / "analysis.json"
+    lf = tmp_path / "work" / "smollm2-135m-Q3_K_S.gguf"
+    lf.parent.mkdir()
+    quantize_baseline(reference_gguf(smollm), lf, "Q3_K_S")
+    rep = inspect_gguf(lf)
+    kp = load_kernel_profile(res_dir / "smollm2-135m.profile.toml")
+    pred, _ = predict_file(kp, smollm, file_types(rep))
+    mix_loss, unscored = predicted_loss(Analysis.load(an_path), file_types(rep))
+    assert not unscored
+    lim = {"decode_ms": pred.decode_ms * 0.97, "prefill_ms": pred.prefill_ms * 0.97}   # margin 0.03
+    (res_dir / "smollm2-135m.json").write_text(json.dumps({"win": {"Q3_K_S": {
+        "bytes": rep["bytes"], "speed_margin": 0.03,
+        "rows": {"TASA speed-aware": {"tries": [{"limits_ms": lim, "margin": 0.03}]}}}}}))
+    assert win_loss.main(["--model", "smollm2-135m", "--analysis", str(an_path), "--results", str(res_dir),
+                          "--work", str(lf.parent)]) == 0
+    rows = [[c.strip() for c in r.strip().strip("|").split("|")] for r in capsys.readouterr().out.splitlines() if r.startswith("| Q3_K_S |")]
+    assert rows[0][1] == "llama.cpp" and float(rows[0][3]) == pytest.approx(mix_loss, abs=1e-4)
+    assert rows[1][1] == "TASA speed-blind" and float(rows[1][3]) < mix_loss
+    assert rows[2][1].startswith("speed-aware, try 1") and rows[3][1] == "speed-aware, current search"
+    assert rows[2][3] == rows[3][3]                 # the first margin: the run's own limits
+    search = rows[3:]
+    assert [r[2] for r in search] == ["0.03", "0.015", "0.0075", "0"][: len(search)]
+    assert all(float(r[3]) >= mix_loss for r in search[:-1])
+    assert float(search[-1][3]) < mix_loss or search[-1][2] == "0"
