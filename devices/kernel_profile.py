@@ -165,11 +165,12 @@ def features(src: ModelSource, tensors: dict[str, str], menu: list[str], pp: int
     return dec, pre
 
 
-def _nnls(x: np.ndarray, y: np.ndarray, smooth: list[tuple[int, int]] = ()) -> np.ndarray:
+def _nnls(x: np.ndarray, y: np.ndarray, smooth: list[tuple[int, int]] = (), lower: np.ndarray | None = None) -> np.ndarray:
     """Non-negative least squares (bounded-variable LS: exact also when the system has more
     columns than files, where scipy's ``nnls`` may stop short of the optimum). ``smooth``: column
     pairs whose coefficients are pulled together by a penalty far below the data's scale -- it only
-    picks, among equally good fits, the one whose widths differ least (see :func:`fit`)."""
+    picks, among equally good fits, the one whose widths differ least (see :func:`fit`). ``lower``:
+    a floor per coefficient (default 0)."""
     from scipy.optimize import lsq_linear
 
     rows = np.zeros((len(smooth), x.shape[1]))
@@ -181,13 +182,27 @@ def _nnls(x: np.ndarray, y: np.ndarray, smooth: list[tuple[int, int]] = ()) -> n
     sd = np.abs(a).max(axis=0)        # scale columns so that the solver is well conditioned
     sd[sd == 0] = 1
     ys = max(float(np.abs(b).max()), 1e-30)
-    sol = lsq_linear(a / sd, b / ys, bounds=(0.0, np.inf), method="bvls", tol=1e-12).x
+    lo = np.zeros(x.shape[1]) if lower is None else np.asarray(lower, dtype=float) * sd / ys
+    sol = lsq_linear(a / sd, b / ys, bounds=(lo, np.inf), method="bvls", tol=1e-12).x
     return sol / sd * ys
 
 
+def decode_floor(fmt: str, kernels: str, bandwidth: float | None) -> float:
+    """The least decode cost of a format, ns per weight: a mat-vec streams every byte of its matrix
+    once, and the matrices of a token are multiplied one after another, so no format decodes faster
+    than its bytes per weight over the probed read bandwidth (0 when none was probed)."""
+    if not bandwidth:
+        return 0.0
+    return formats.get(kernels).bits(fmt, (256, 256)) / 8.0 / float(bandwidth) * 1e9
+
+
 def fit(src: ModelSource, runs: list[DesignRun], menu: list[str], pp: int, head_prefill: str = "last",
-        by_width: bool = False) -> dict[str, FormatCost]:
-    """Non-negative least squares, decode then prefill (ns per weight); with ``by_width`` one
+        by_width: bool = False, floors: dict[str, float] | None = None) -> dict[str, FormatCost]:
+    """Least squares, decode then prefill (ns per weight), every coefficient non-negative and each
+    decode coefficient (the layers' and the head's) at least its format's ``floors`` entry
+    (:func:`decode_floor`: without it a fit on a noisy machine can make a format's decode nearly
+    free -- gemma-3's Q6_K at 0.3x, Qwen's Q2_K head at 0.65x what streaming its bytes takes, 6 Dec
+    -- and the allocator then buys speed that is not there); with ``by_width`` one
     coefficient per (format, layer input width) (:attr:`FormatCost.by_ne0`), the format's own
     ``decode_ns_per_weight`` / ``prefill_ns_per_weight`` then being their average over the model's
     weights of that format's widths.
@@ -210,7 +225,9 @@ def fit(src: ModelSource, runs: list[DesignRun], menu: list[str], pp: int, head_
         if j not in own:
             x[:, j * g + hg] += xd[:, k * g + j]
     smooth = [(j * g + i, j * g + i + 1) for j in range(k) for i in range(g - 1)]
-    sol = _nnls(np.hstack([x, xd[:, [k * g + j for j in own]]]), yd, smooth)
+    fl = np.array([(floors or {}).get(f, 0.0) for f in menu])
+    lower = np.concatenate([np.repeat(fl, g), fl[own]])
+    sol = _nnls(np.hstack([x, xd[:, [k * g + j for j in own]]]), yd, smooth, lower)
     a = sol[:k * g].reshape(k, g)
     a_out = {j: float(sol[k * g + i]) for i, j in enumerate(own)}
     xp = np.array([features(src, r.tensors, menu, pp, head_prefill, widths)[1] for r in runs])
@@ -484,12 +501,15 @@ def measure_profile(src: ModelSource, *, target: str = "local", menu: list[str] 
     }
     uniform = [r for r in runs if not r.label.startswith("random")]   # the designed files
     held = [r for r in runs if r.label.startswith("random")]
-    kp = KernelProfile(name or f"{target}-{src.name}", kernels, ident, measured, fit(src, uniform, menu, pp, head_prefill, by_width))
+    floors = {f: decode_floor(f, kernels, measured["bandwidth_bytes_per_s"]) for f in menu}
+    measured["decode_floor"] = bool(measured["bandwidth_bytes_per_s"])
+    kp = KernelProfile(name or f"{target}-{src.name}", kernels, ident, measured,
+                       fit(src, uniform, menu, pp, head_prefill, by_width, floors))
     if held:
         errs = _errors(kp, src, held)
         measured["holdout"] = {"max_abs_tg_err": max(abs(e["tg_err"]) for e in errs.values()),
                                "max_abs_pp_err": max(abs(e["pp_err"]) for e in errs.values()), "files": len(held)}
-    kp.costs = fit(src, runs, menu, pp, head_prefill, by_width)
+    kp.costs = fit(src, runs, menu, pp, head_prefill, by_width, floors)
     errs = _errors(kp, src, runs)
     measured["fit"] = {"max_abs_tg_err": max(abs(e["tg_err"]) for e in errs.values()),
                        "max_abs_pp_err": max(abs(e["pp_err"]) for e in errs.values()), "files": len(runs)}

@@ -184,6 +184,42 @@ def test_fit_recovers_the_heads_own_cost_from_the_design_files(src):
     assert abs(one.predict(src, mix.tensors).tg_ts / mix.tg_ts - 1) > 0.02
 
 
+def test_decode_costs_are_floored_at_streaming_their_bytes(src):
+    """A noisy machine can fit a format's decode at less than it takes to read its bytes (gemma-3's
+    Q6_K at 0.3x, 6 Dec): with the probed bandwidth's floors every decode coefficient, the head's
+    own included, is at least bytes per weight / bandwidth; where the timings' own costs are all
+    above their floors the floored fit still recovers them."""
+    from devices.kernel_profile import DesignRun, decode_floor, design_plans, fit
+    from tasa_edge.costmodel import FormatCost
+
+    menu = ["Q8_0", "Q4_0", "Q6_K"]
+    bw = 2.0e10                                       # 20 GB/s: Q6_K's floor 0.041 ns/weight
+    floors = {f: decode_floor(f, "gguf", bw) for f in menu}
+    assert floors["Q6_K"] == pytest.approx(6.5625 / 8 / bw * 1e9) and floors["Q8_0"] == pytest.approx(8.5 / 8 / bw * 1e9)
+    assert decode_floor("Q6_K", "gguf", None) == 0.0
+
+    def runs_of(layer):
+        truth = KernelProfile("t", "gguf", {}, {"pp": 512},
+                              {f: FormatCost(layer[f], 0.01, 0.07 if f == "Q4_0" else None) for f in menu})
+        out = []
+        for label, tensors in design_plans(src, menu, n_random=0):
+            p = truth.predict(src, tensors)
+            out.append(DesignRun(label, tensors, p.tg_ts, p.pp_ts, 0.0, 0.0, 0))
+        return out
+
+    above = {"Q8_0": 0.080, "Q4_0": 0.038, "Q6_K": 0.050}
+    got = fit(src, runs_of(above), menu, 512, floors=floors)
+    assert {f: got[f].decode_ns_per_weight for f in menu} == pytest.approx(above, rel=1e-6)
+    assert got["Q4_0"].output_decode_ns_per_weight == pytest.approx(0.07, rel=1e-6)
+    below = {**above, "Q6_K": 0.010}                  # Q6_K below its floor, as a noisy fit had it
+    runs = runs_of(below)
+    assert fit(src, runs, menu, 512)["Q6_K"].decode_ns_per_weight == pytest.approx(0.010, rel=1e-6)   # the data alone allow it
+    got = fit(src, runs, menu, 512, floors=floors)
+    assert got["Q6_K"].decode_ns_per_weight == pytest.approx(floors["Q6_K"], rel=1e-6)
+    assert all(got[f].decode_ns_per_weight >= floors[f] * (1 - 1e-9) for f in menu)
+    assert got["Q4_0"].output_decode_ns_per_weight >= floors["Q4_0"] * (1 - 1e-9)
+
+
 def test_kv_cache_size_from_gguf_metadata(src):
     # SmolLM2-135M: 30 layers, 3 KV heads of 64 (F16 K and V): 90 MiB at 4096 tokens, as llama.cpp reports
     assert kv_cache_bytes(src, 4096) == 30 * 4096 * 3 * (64 + 64) * 2 == 90 * 2**20
@@ -580,3 +616,26 @@ def test_costs_per_input_width_predict_what_one_cost_per_format_cannot():
     assert back.predict(src, plan).pp_ts == pytest.approx(want.pp_ts, rel=1e-9)
     with pytest.raises(TasaError, match="by_ne0.1024 must be"):
         kernel_profile_from_dict(tomllib.loads(got.to_toml().replace("1024 = [", "1024 = [-1.0, ", 1)), "t")
+
+
+def test_refit_profile_reproduces_the_recorded_fit_from_its_design_speeds(tmp_path, capsys):
+    """benchmarks/refit_profile.py on SmolLM2's committed profile: fitted again from the design
+    speeds the profile recorded, without the floor it gives back the recorded coefficients and fit
+    errors; with it no decode coefficient is below its floor."""
+    import shutil
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import refit_profile
+
+    prof = Path(__file__).resolve().parents[1] / "benchmarks" / "device" / "smollm2-135m.profile.toml"
+    shutil.copy(prof, tmp_path)
+    assert refit_profile.main(["--model", "smollm2-135m", "--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rec = tomllib.loads(prof.read_text())
+    rows = {r[0]: r for r in ([c.strip() for c in line.strip().strip("|").split("|")] for line in out.splitlines()
+                              if line.startswith("| ") and not line.startswith("| format"))}
+    for f, c in rec["kernels"]["gguf"].items():
+        floor, dec_rec, dec_floored = float(rows[f][1]), float(rows[f][2].split()[0]), float(rows[f][3])
+        assert dec_rec == pytest.approx(c["decode_ns_per_weight"], abs=1e-4) and dec_floored >= floor - 1e-4
+    fit_err = rec["measured"]["fit"]["max_abs_tg_err"]
+    assert f"recorded fit {fit_err:.3f}, {rec['measured']['fit']['max_abs_pp_err']:.3f}" in out
