@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -50,9 +51,12 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run(cmd: list[str]) -> None:
+def run(cmd: list[str], progress: bool = False) -> None:
+    """Run a step; ``progress``: let it print its progress lines (importing device_plans turned
+    them off in this process, TASA_NO_PROGRESS, which its children inherit)."""
     log("$ " + " ".join(cmd))
-    r = subprocess.run(cmd, cwd=ROOT)
+    env = {k: v for k, v in os.environ.items() if k != "TASA_NO_PROGRESS"} if progress else None
+    r = subprocess.run(cmd, cwd=ROOT, env=env)
     if r.returncode != 0:
         raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}")
 
@@ -222,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             (out / f"{m}.profile-progress.json").unlink(missing_ok=True)
         if m in a.reprofile or not prof.is_file():
             run(["tasa-edge", "profile", "-m", m, "-o", str(prof), "-t", str(a.threads), "-r", str(a.reps or MODELS[m][1]),
-                 "--rounds", str(MODELS[m][3]), "--resume", str(out / f"{m}.profile-progress.json")])
+                 "--rounds", str(MODELS[m][3]), "--resume", str(out / f"{m}.profile-progress.json")], progress=True)
         an = given[m] if m in given else out / f"analysis-{m}" / "analysis.json"
         if not an.is_file():
             run(["tasa-edge", "analyze", m, "-o", str(an.parent)])

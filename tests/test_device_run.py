@@ -108,8 +108,9 @@ def test_each_model_is_labelled_when_it_is_done_so_a_stopped_run_keeps_them(tmp_
     out = tmp_path / "device"
     stop_at = {"qwen2.5-coder-1.5b"}
 
-    def fake_run(cmd):                  # the profile, the analysis and device_plans, made of files
+    def fake_run(cmd, progress=False):  # the profile, the analysis and device_plans, made of files
         if cmd[:2] == ["tasa-edge", "profile"]:
+            assert progress                 # its per-file lines show in the run's log
             Path(cmd[cmd.index("-o") + 1]).write_text('[measured]\ncreated = "2026-12-06T02:00:00Z"\n')
         elif cmd[:2] == ["tasa-edge", "analyze"]:
             d = Path(cmd[cmd.index("-o") + 1])
@@ -141,3 +142,14 @@ def test_each_model_is_labelled_when_it_is_done_so_a_stopped_run_keeps_them(tmp_
     text = (out / "summary.md").read_text()
     assert text.startswith("# Device-aware plans: 2 runs")
     assert f"- smollm2-135m ({dr.run_times(out)['smollm2-135m']}), gemma3-270m (" in text
+
+
+def test_a_step_shows_its_progress_only_when_asked(capfd, monkeypatch):
+    """device_plans, imported here, turns progress off for this process (TASA_NO_PROGRESS), and the
+    children inherit it: the profile's 49-minute step on Qwen printed nothing until its end."""
+    monkeypatch.setenv("TASA_NO_PROGRESS", "1")
+    show = [sys.executable, "-c", "import os; print('progress off' if os.environ.get('TASA_NO_PROGRESS') else 'progress on')"]
+    dr.run(show)
+    dr.run(show, progress=True)
+    out = capfd.readouterr().out
+    assert out.index("progress off") < out.index("progress on")
