@@ -24,24 +24,18 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import json  # noqa: E402
 
-from device_plans import file_types, predict_file  # noqa: E402
+from device_plans import predict_file  # noqa: E402
 from devices.kernel_profile import DesignRun, _errors, decode_floor, design_plans, fit  # noqa: E402
-from exporters.baseline import quantize_baseline  # noqa: E402
-from exporters.reference import reference_gguf  # noqa: E402
 from tasa_edge.costmodel import load_kernel_profile  # noqa: E402
-from tasa_edge.inspect import inspect_gguf  # noqa: E402
 from tasa_edge.model import ModelSource  # noqa: E402
-from tasa_edge.planner import DeviceLimits, make_plan  # noqa: E402
 from tasa_edge.results import Analysis  # noqa: E402
 from tasa_edge.zoo import resolve_model  # noqa: E402
+from win_loss import mix_types, recorded_run_args, solve  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--analysis", type=Path, help="default: benchmarks/device/analysis-<model>/analysis.json")
-    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks/device")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/tasa-win-loss"))
+    recorded_run_args(ap)
     a = ap.parse_args(argv)
     m = a.model
     path = a.results / f"{m}.profile.toml"
@@ -84,23 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     win = {k: w for k, w in res.get("win", {}).items() if k != "errors" and "TASA speed-aware" in w["rows"]}
     if win:
         an = Analysis.load(a.analysis or a.results / f"analysis-{m}" / "analysis.json")
-        a.work.mkdir(parents=True, exist_ok=True)
         L += ["", "| budget | file | tg x mix: recorded fit | floored | measured | pp x mix: recorded fit | floored | measured |",
               "|---|---|---|---|---|---|---|---|"]
     for mix, w in win.items():
-        lf = a.work / f"{m}-{mix}.gguf"
-        if not lf.exists():
-            quantize_baseline(reference_gguf(src), lf, mix)
-        types = file_types(inspect_gguf(lf))
+        types, _ = mix_types(src, m, mix, w, a.work)
         base = {k: predict_file(kp, src, types)[0] for k, kp in fits.items()}
         mrow = w["rows"]["llama.cpp"]
-        files = [("TASA speed-blind", make_plan(an, src, nbytes=w["bytes"], device=DeviceLimits(old)), w["rows"]["TASA speed-blind"])]
+        files = [("TASA speed-blind", solve(an, src, old, w["bytes"], {}, types, None, a.solve_seconds), w["rows"]["TASA speed-blind"])]
         tries = [t for t in w["rows"]["TASA speed-aware"]["tries"] if "measured_ms" in t]
         for i, t in enumerate(tries, 1):
-            lim, mc = t["limits_ms"], t.get("max_changes")
-            files.append((f"speed-aware try {i}", make_plan(an, src, nbytes=w["bytes"], time_limit=120, device=DeviceLimits(
-                old, max_decode_ms=lim["decode_ms"], max_prefill_ms=lim["prefill_ms"],
-                near=types if mc is not None else None, max_changes=mc)), t))
+            files.append((f"speed-aware try {i}", solve(an, src, old, w["bytes"], t["limits_ms"], types, t.get("max_changes"),
+                                                        a.solve_seconds), t))
         for label, plan, r in files:
             p = {k: kp.predict(src, plan.tensors) for k, kp in fits.items()}
             tg = [p[k].tg_ts / base[k].tg_ts for k in fits] + [r["tg_ts"] / mrow["tg_ts"]]

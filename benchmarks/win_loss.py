@@ -41,13 +41,40 @@ def heads(plan_types: dict[str, str], mix: dict[str, str]) -> str:
     return ", ".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def recorded_run_args(ap: argparse.ArgumentParser) -> None:
+    """The options of the scripts that read a recorded win run (this one, refit_profile.py)."""
     ap.add_argument("--model", required=True)
     ap.add_argument("--analysis", type=Path, help="default: benchmarks/device/analysis-<model>/analysis.json")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks/device")
     ap.add_argument("--work", type=Path, default=Path("/tmp/tasa-win-loss"))
     ap.add_argument("--solve-seconds", type=float, default=120.0)
+
+
+def mix_types(src: ModelSource, model: str, mix: str, w: dict, work: Path) -> tuple[dict[str, str], dict]:
+    """The formats of llama.cpp's ``mix`` (quantized again from the F32 reference into ``work``
+    when missing) and its inspect report; refused when its bytes are not the recorded run's."""
+    lf = work / f"{model}-{mix}.gguf"
+    if not lf.exists():
+        work.mkdir(parents=True, exist_ok=True)
+        quantize_baseline(reference_gguf(src), lf, mix)
+    rep = inspect_gguf(lf)
+    if rep["bytes"] != w["bytes"]:
+        raise SystemExit(f"{mix}: the mix made now has {rep['bytes']} bytes, the run's {w['bytes']}")
+    return file_types(rep), rep
+
+
+def solve(an, src, kp, nbytes: int, lim: dict, mix: dict[str, str], max_changes: int | None = None,
+          seconds: float = 120.0):
+    """A plan as device_plans' win solves it: ``lim`` the predicted-time limits ({} for the
+    speed-blind plan), at most ``max_changes`` tensors in another format than ``mix``."""
+    return make_plan(an, src, nbytes=nbytes, time_limit=seconds, device=DeviceLimits(
+        kp, max_decode_ms=lim.get("decode_ms"), max_prefill_ms=lim.get("prefill_ms"),
+        near=mix if max_changes is not None else None, max_changes=max_changes))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    recorded_run_args(ap)
     a = ap.parse_args(argv)
     m = a.model
     src = ModelSource.open(resolve_model(m))
@@ -61,13 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     for mix, w in res.get("win", {}).items():
         if mix == "errors" or "TASA speed-aware" not in w["rows"]:
             continue
-        lf = a.work / f"{m}-{mix}.gguf"
-        if not lf.exists():
-            quantize_baseline(reference_gguf(src), lf, mix)
-        rep = inspect_gguf(lf)
-        if rep["bytes"] != w["bytes"]:
-            raise SystemExit(f"{mix}: the mix made now has {rep['bytes']} bytes, the run's {w['bytes']}")
-        types = file_types(rep)
+        types, _ = mix_types(src, m, mix, w, a.work)
         pred, _ = predict_file(kp, src, types)
         mix_loss, unscored = predicted_loss(an, types)
         ml = f"{mix_loss:.4f}" if mix_loss is not None else "unscored " + ", ".join(unscored)
@@ -82,22 +103,20 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {mix} | {label} | {margin} | {p['loss']:.4f} | {ch} | {heads(plan.tensors, types)} | {sp} |")
             return p["loss"]
 
-        def solve(lim, max_changes=None):
-            return make_plan(an, src, nbytes=w["bytes"], time_limit=a.solve_seconds, device=DeviceLimits(
-                kp, max_decode_ms=lim.get("decode_ms"), max_prefill_ms=lim.get("prefill_ms"),
-                near=types if max_changes is not None else None, max_changes=max_changes))
+        def solved(lim, max_changes=None):
+            return solve(an, src, kp, w["bytes"], lim, types, max_changes, a.solve_seconds)
 
-        row("TASA speed-blind", "", solve({}))
+        row("TASA speed-blind", "", solved({}))
         tries = [t for t in w["rows"]["TASA speed-aware"]["tries"] if "limits_ms" in t and "infeasible" not in t]
         for i, t in enumerate(tries, 1):
             margin = t.get("margin", w["speed_margin"])
             row(f"speed-aware, try {i} of the run" + (" (skipped)" if "skipped" in t else ""), f"{margin:g}",
-                solve(t["limits_ms"], t.get("max_changes")), t.get("changes"))
+                solved(t["limits_ms"], t.get("max_changes")), t.get("changes"))
         m0 = w["speed_margin"]
         first = tries[0]["limits_ms"]
         for margin in (m0, m0 / 2, m0 / 4, 0.0):        # speed_search's margins from the first try's limits
             lim = {k: v / (1 - m0) * (1 - margin) for k, v in first.items()}
-            loss = row("speed-aware, current search", f"{margin:g}", solve(lim))
+            loss = row("speed-aware, current search", f"{margin:g}", solved(lim))
             if mix_loss is None or loss < mix_loss:
                 break
     out = "\n".join(lines) + "\n"
