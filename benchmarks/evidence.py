@@ -303,7 +303,7 @@ class Run:
         for n in self.evals["gsm8k"]:
             if n != f"humaneval-{mid}":
                 yield f"eval {n} gsm8k", lambda n=n: self.evaluate(n, "gsm8k")
-        yield "KLD humaneval", lambda: self.kld(list(self.specs), "humaneval")
+        yield "KLD humaneval", lambda: self.kld([n for n in self.specs if "seed" not in n], "humaneval")   # seeds: GSM8K only
         yield "KLD gsm8k (cross-task)", lambda: self.kld([f"humaneval-{mid}"], "gsm8k")
         yield f"eval humaneval-{mid} gsm8k", lambda: self.evaluate(f"humaneval-{mid}", "gsm8k")
         for n in self.evals["humaneval"]:
