@@ -27,6 +27,7 @@ import json  # noqa: E402
 from device_plans import predict_file  # noqa: E402
 from devices.kernel_profile import DesignRun, _errors, decode_floor, design_plans, fit  # noqa: E402
 from tasa_edge.costmodel import load_kernel_profile  # noqa: E402
+from tasa_edge.errors import TasaError  # noqa: E402
 from tasa_edge.model import ModelSource  # noqa: E402
 from tasa_edge.results import Analysis  # noqa: E402
 from tasa_edge.zoo import resolve_model  # noqa: E402
@@ -39,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     m = a.model
     path = a.results / f"{m}.profile.toml"
+    old = load_kernel_profile(path)                 # one-line errors for a missing or bad profile
     meas = tomllib.loads(path.read_text())["measured"]
-    old = load_kernel_profile(path)
     if old.target != "gguf" or meas.get("by_width"):
         raise SystemExit("refit_profile: GGUF profiles without --by-width only")
     src = ModelSource.open(resolve_model(m))
@@ -99,4 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (TasaError, OSError, KeyError) as exc:     # bad input: one line, no traceback
+        print(f"refit_profile.py: {exc}", file=sys.stderr)
+        sys.exit(2)

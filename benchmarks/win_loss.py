@@ -27,6 +27,7 @@ from device_plans import file_types, predict_file, predicted_loss  # noqa: E402
 from exporters.baseline import quantize_baseline  # noqa: E402
 from exporters.reference import reference_gguf  # noqa: E402
 from tasa_edge.costmodel import load_kernel_profile  # noqa: E402
+from tasa_edge.errors import TasaError  # noqa: E402
 from tasa_edge.inspect import inspect_gguf  # noqa: E402
 from tasa_edge.model import ModelSource  # noqa: E402
 from tasa_edge.planner import DeviceLimits, make_plan  # noqa: E402
@@ -125,4 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (TasaError, OSError, KeyError) as exc:     # bad input: one line, no traceback
+        print(f"win_loss.py: {exc}", file=sys.stderr)
+        sys.exit(2)
