@@ -626,9 +626,15 @@ def ratio_cell(r: dict, k: str) -> str:
     return point if ivs is None else f"{point}, 95% {ivs[k].lo:.3f}-{ivs[k].hi:.3f}"
 
 
+def records_loss(results: list[dict]) -> bool:
+    """Whether some win row of these device_plans results records a predicted loss (rows measured
+    since the run of 6 Dec): the win tables show that column only then."""
+    return any("pred_loss" in r or r.get("unscored") for res in results for mix, w in res.get("win", {}).items()
+               if mix != "errors" for r in w["rows"].values())
+
+
 def win_table(res: dict) -> str:
-    with_loss = any("pred_loss" in r or r.get("unscored") for mix, w in res["win"].items() if mix != "errors"
-                    for r in w["rows"].values())        # recorded since the run of 6 Dec
+    with_loss = records_loss([res])
     lc = ("predicted loss | ", "---|") if with_loss else ("", "")
     lines = ["", f"| llama.cpp budget | file | bits/weight | {lc[0]}tg predicted | tg measured (x llama.cpp) | pp predicted | "
                  "pp measured (x llama.cpp) | task KLD (95%) | Δ task KLD vs llama.cpp (95%, paired) | Δ vs speed-blind TASA |",

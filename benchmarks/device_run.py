@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from device_plans import kld_cell, kld_interval, ratio_cell, win_verdict  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
+from device_plans import kld_cell, kld_interval, ratio_cell, records_loss, win_verdict  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
 from tasa_edge.fsutil import atomic_write_text  # noqa: E402
 
 # model -> the three budgets of the prediction table (bits/weight), llama-bench repetitions (-r) of its
@@ -71,8 +71,7 @@ def combined(out: Path, models: list[str]) -> str:
     pred = ["| model | plan | tg128 predicted | measured | error | drift out | pp512 predicted | measured | error | drift out |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     results = {m: json.loads((out / f"{m}.json").read_text()) for m in models}
-    with_loss = any("pred_loss" in r for res in results.values() for mix, w in res.get("win", {}).items()
-                    if mix != "errors" for r in w["rows"].values())      # recorded since the run of 6 Dec
+    with_loss = records_loss(list(results.values()))
     lc = ("predicted loss | ", "---|") if with_loss else ("", "")
     win = [f"| model | budget | file | bits/weight | {lc[0]}tg128 (× mix) | pp512 (× mix) | task KLD (95%) | Δ vs mix (95%) | Δ vs speed-blind |",
            f"|---|---|---|---|{lc[1]}---|---|---|---|---|"]
