@@ -16,7 +16,7 @@ Files (default Qwen2.5-Coder-1.5B; ``--model`` for another packaged model):
 Measured: GSM8K accuracy by lm-eval-harness on all 323 held-out questions (``tasa-edge eval``'s code,
 continuous batching), HumanEval pass@1 on the 100 held-out problems (cross-task files and the packaged
 one), task KLD against the F32 reference on 100 held-out GSM8K answers and 50 HumanEval solutions,
-general KLD on 50 held-out documents; Wilson / bootstrap 95% intervals, exact McNemar tests and
+general KLD on 50 held-out documents (the second half of a 256-token window each, as llama-perplexity scores); Wilson / bootstrap 95% intervals, exact McNemar tests and
 paired bootstrap intervals of KLD differences on the same samples.
 
 Everything is saved as it comes and skipped on a re-run, so the hours it takes can be spread over
@@ -239,7 +239,10 @@ class Run:
         """The F32 reference's log-probs on the ``which`` KLD set, computed once and kept on disk
         (float16 rows, memory-mapped when read back: ~8 GB for 100 Qwen answers), so the steps that
         need the same set and a resumed run skip the ~25-minute F32 pass."""
-        d = self.work / "kld" / f"ref-{which}-{self.args.n_kld}-{self.args.kld_tokens}"
+        # general text is scored on each window's second half since 6 Dec (llama-perplexity's
+        # convention); a store of the whole window is not reused
+        tag = "-half" if which == "general" else ""
+        d = self.work / "kld" / f"ref-{which}-{self.args.n_kld}-{self.args.kld_tokens}{tag}"
         if (d / "index.json").exists():
             ix = json.loads((d / "index.json").read_text())
             r = Reference(ix["seqs"], ix["starts"])
@@ -429,7 +432,9 @@ def render(res: dict) -> str:
          f"`python benchmarks/evidence.py {' '.join(res['args'].get('argv') or [])}`; status: **{res['status']}**.", "",
          "GSM8K: lm-eval-harness (5-shot, first_n few-shot sampler), flexible-extract (strict-match in its own"
          " column), held-out split; HumanEval pass@1 on the held-out problems; Wilson 95% intervals. KLD:"
-         " mean per token against the F32 reference, percentile-bootstrap 95% interval over samples.", "",
+         " mean per token against the F32 reference, percentile-bootstrap 95% interval over samples; task KLD"
+         " on the answer tokens, general KLD on the second half of each document's window (llama-perplexity's"
+         " scoring).", "",
          "## Headline", "",
          "| file | bits/weight | GSM8K flexible | GSM8K strict | task KLD (GSM8K) | general KLD |", "|---|---|---|---|---|---|"]
     for n, r in res["files"].items():

@@ -74,7 +74,7 @@ class Size:
     tg: int                       # generated tokens (tg test)
     reps: int                     # timed repetitions after one warm-up
     general_docs: int | None      # general-text eval documents (275 in the split)
-    general_tokens: int           # tokens per document (and llama-perplexity -c on devices)
+    general_tokens: int           # window per document, second half scored (llama-perplexity -c on devices)
     task_examples: int | None     # GSM8K eval questions scored on their answers (KLD)
     gsm8k_examples: int | None    # GSM8K eval questions generated (accuracy; 323 in the split)
     shots: int                    # few-shot examples from the calib split
@@ -264,8 +264,8 @@ def _quiet_stderr():
 
 def tokenize_sets(tok: Tokenizer, samples: dict, size: Size, chat: bool = False) -> dict[str, list[tuple[list[int], int]]]:
     """Per set: (token ids, first scored index) by :func:`tasa_edge.evaluate.sample_tokens` (the
-    README path's tokenization). General text: every token after the first (BOS), at most
-    ``general_tokens`` scored; task: the answer tokens after ``Question: ...\\nAnswer:`` (or after
+    README path's tokenization). General text: one window of ``general_tokens`` (after BOS, where
+    the model adds one) per document, its second half scored, as llama-perplexity -c scores; task: the answer tokens after ``Question: ...\\nAnswer:`` (or after
     the chat template's generation prompt, ``chat``: special tokens parsed); ``user`` (``--task-data``):
     likewise, plain-text rows every token."""
     from tasa_edge.evaluate import sample_tokens

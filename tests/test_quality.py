@@ -89,6 +89,32 @@ def test_identity_and_no_reference(logits):
     assert quality.std_error(np.array([1.0])) == 0.0
 
 
+def test_general_text_is_scored_on_the_second_half_of_its_window_as_llama_perplexity():
+    """General text: one window, its second half scored (llama-perplexity's ``first = n_ctx/2``:
+    logits n_ctx/2 .. n_ctx-2 predict tokens n_ctx/2+1 .. n_ctx-1), with or without a BOS; a task
+    sample: the answer tokens after the question; too short to leave a token: None."""
+    from tasa_edge.data import TextSample
+    from tasa_edge.evaluate import sample_tokens
+
+    def tok_bos(t):   # one token per word, BOS 0 first
+        return [0] + [len(w) + 1 for w in t.split()]
+
+    def tok_plain(t):
+        return [len(w) + 1 for w in t.split()]
+
+    doc = TextSample("enwiki", "enwiki:1", "", " ".join(["w"] * 300))
+    for tok, bos in ((tok_bos, 1), (tok_plain, 0)):
+        ids, start = sample_tokens(tok, doc, 128)
+        assert len(ids) == 128 and start == 65          # 63 tokens scored, as llama-perplexity -c 128
+        ids, start = sample_tokens(tok, TextSample("enwiki", "e:2", "", "a bb ccc dddd e"), 128)
+        assert len(ids) == 5 + bos and start == len(ids) // 2 + 1
+    task = TextSample("gsm8k", "gsm8k:1", "Question: two words\nAnswer:", " forty two")
+    ids, start = sample_tokens(tok_bos, task, 128)
+    assert start == len(tok_bos(task.prompt)) == 5 and ids[start:] == tok_bos(" forty two")[1:]
+    assert sample_tokens(tok_plain, TextSample("enwiki", "e:3", "", "one"), 128) is None
+
+
+
 @pytest.mark.slow
 def test_readme_numbers_and_bench_give_identical_kld(tmp_path, smollm, smollm_f32):
     """The README's path (tasa_edge.evaluate) and `tasa-edge bench` (devices.harness: tokenizer,
