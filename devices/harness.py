@@ -11,7 +11,8 @@
 * quality against the float reference (``reference_gguf``: the dequantized F32 GGUF), whose
   next-token log-probs are computed **once per run** and stored (float16, as llama-perplexity's
   ``--kl-divergence-base`` file) for every model to compare with: KL-divergence, top-1 agreement,
-  perplexity and Δp on general held-out text (every token) and on the GSM8K held-out split
+  perplexity and Δp on general held-out text (each document's window scored on its second half, as
+  llama-perplexity scores) and on the GSM8K held-out split
   (answer tokens only, conditioned on the question);
 * GSM8K accuracy (lm-eval ``gsm8k``: few-shot examples from the calib split, greedy,
   strict-match and flexible-extract) on held-out questions;
@@ -265,9 +266,10 @@ def _quiet_stderr():
 def tokenize_sets(tok: Tokenizer, samples: dict, size: Size, chat: bool = False) -> dict[str, list[tuple[list[int], int]]]:
     """Per set: (token ids, first scored index) by :func:`tasa_edge.evaluate.sample_tokens` (the
     README path's tokenization). General text: one window of ``general_tokens`` (after BOS, where
-    the model adds one) per document, its second half scored, as llama-perplexity -c scores; task: the answer tokens after ``Question: ...\\nAnswer:`` (or after
+    the model adds one) per document, its second half scored, as llama-perplexity -c scores; task:
+    the answer tokens after ``Question: ...\\nAnswer:`` (or after
     the chat template's generation prompt, ``chat``: special tokens parsed); ``user`` (``--task-data``):
-    likewise, plain-text rows every token."""
+    likewise, plain-text rows as general text."""
     from tasa_edge.evaluate import sample_tokens
 
     start0 = max(1, len(tok("")))

@@ -149,3 +149,29 @@ def test_readme_numbers_and_bench_give_identical_kld(tmp_path, smollm, smollm_f3
         assert readme == benched
         # the README's default threading (every core) scores the same bits
         assert kld_vs_reference(ref, qf)["kld"] == benched["kld"]
+
+
+def test_first_position_script_second_half_is_what_the_readme_path_scores(smollm_path, smollm_f32):
+    """benchmarks/first_position.py's "second half" is the general KLD that tasa_edge.evaluate
+    reports (same positions; float64 against the float16 store: within 1%), and its whole-document
+    mean contains the first position; bad input ends with one line and exit 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    from first_position import by_position
+
+    from tasa_edge.data import load_general
+    from tasa_edge.evaluate import kld_vs_reference, reference_logprobs
+
+    docs = load_general("eval")[:3]
+    r = by_position(smollm_f32, smollm_path, docs, 64, 1)
+    k = kld_vs_reference(reference_logprobs(smollm_f32, docs, 64, n_threads=1), smollm_path, n_threads=1)
+    assert k["n"] == r["half_positions"] and r["positions"] > 1.9 * r["half_positions"]
+    assert r["half"] == pytest.approx(k["kld"], rel=0.01) and k["kld"] > 0
+    assert 0 < r["first_share"] < 1 and r["first_mean"] > 0
+    p = subprocess.run([sys.executable, str(root / "benchmarks/first_position.py"), "--model", "smollm2-135m",
+                        "--docs", "0"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "--docs" in p.stderr
