@@ -16,8 +16,9 @@ Files (default Qwen2.5-Coder-1.5B; ``--model`` for another packaged model):
 Measured: GSM8K accuracy by lm-eval-harness on all 323 held-out questions (``tasa-edge eval``'s code,
 continuous batching), HumanEval pass@1 on the 100 held-out problems (cross-task files and the packaged
 one), task KLD against the F32 reference on 100 held-out GSM8K answers and 50 HumanEval solutions,
-general KLD on 50 held-out documents (the second half of a 256-token window each, as llama-perplexity scores); Wilson / bootstrap 95% intervals, exact McNemar tests and
-paired bootstrap intervals of KLD differences on the same samples.
+general KLD on 50 held-out documents (the second half of a 256-token window each, as
+llama-perplexity scores); Wilson / bootstrap 95% intervals, exact McNemar tests and paired
+bootstrap intervals of KLD differences on the same samples.
 
 Everything is saved as it comes and skipped on a re-run, so the hours it takes can be spread over
 several runs, on several machines: what is small and costly is kept under ``--out/<model>/state``, which

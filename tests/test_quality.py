@@ -114,7 +114,6 @@ def test_general_text_is_scored_on_the_second_half_of_its_window_as_llama_perple
     assert sample_tokens(tok_plain, TextSample("enwiki", "e:3", "", "one"), 128) is None
 
 
-
 @pytest.mark.slow
 def test_readme_numbers_and_bench_give_identical_kld(tmp_path, smollm, smollm_f32):
     """The README's path (tasa_edge.evaluate) and `tasa-edge bench` (devices.harness: tokenizer,
@@ -151,6 +150,7 @@ def test_readme_numbers_and_bench_give_identical_kld(tmp_path, smollm, smollm_f3
         assert kld_vs_reference(ref, qf)["kld"] == benched["kld"]
 
 
+@pytest.mark.slow
 def test_first_position_script_second_half_is_what_the_readme_path_scores(smollm_path, smollm_f32):
     """benchmarks/first_position.py's "second half" is the general KLD that tasa_edge.evaluate
     reports (same positions; float64 against the float16 store: within 1%), and its whole-document
