@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from exporters.reference import reference_gguf  # noqa: E402
+from tasa_edge import quality  # noqa: E402
 from tasa_edge.data import TextSample, load_general  # noqa: E402
 from tasa_edge.errors import TasaError  # noqa: E402
 from tasa_edge.evaluate import tokenize_samples  # noqa: E402
@@ -27,20 +28,14 @@ from tasa_edge.llama_run import score  # noqa: E402
 from tasa_edge.zoo import resolve_model  # noqa: E402
 
 
-def log_softmax64(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float64)
-    m = x.max(1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(1, keepdims=True))
-
-
 def by_position(ref: Path, path: Path, docs: list[TextSample], tokens: int, threads: int | None) -> dict:
-    """Per-position KL(reference || file) over every token after the first of each document."""
+    """Per-position KL(reference || file) over every token after the first of each document (the
+    project's :func:`tasa_edge.quality.kl_rows`, on float32 log-probs rather than the float16 store)."""
     seqs = tokenize_samples(ref, docs, tokens)[0]
     starts = [1] * len(seqs)
     kls = []
     for a, b in zip(score(ref, seqs, starts, threads), score(path, seqs, starts, threads)):
-        la, lb = log_softmax64(a), log_softmax64(b)
-        kls.append((np.exp(la) * (la - lb)).sum(1))
+        kls.append(quality.kl_rows(quality.log_softmax(a), quality.log_softmax(b)))
     whole = np.concatenate(kls)
     first = np.array([k[0] for k in kls])
     half = np.concatenate([k[len(s) // 2:] for k, s in zip(kls, seqs)])   # tokens len//2+1 .. len-1
