@@ -35,15 +35,20 @@ from tasa_edge.fsutil import atomic_write_text  # noqa: E402
 # profile and of each file in the checks, the checks' passes over the files compared (device_plans
 # --rounds) and the profile's passes over its design files (profile --rounds). The small models'
 # decode is fast and noisy on a shared machine (one SmolLM2 file's 5 tg128 repetitions: 151-181 t/s
-# within seconds, and >10% apart between minutes), so they take the fastest of 20 (a second per
-# repetition): the profile in 4 passes of 5, the checks in 8 passes of 3; Qwen's 5 repetitions take
-# a minute per file: 6 passes of 1 in the checks, one pass in the profile (its 30 design files, ~1.3 GB
-# each, do not fit on this disk at once). The checks' passes are many because the win's verdict
-# reads the 95% interval of a speed ratio over them (t over 4 passes spans ~±3-10% on this VM).
+# within seconds, and >10% apart between minutes), so they take 20 repetitions (a second each): the
+# profile in 4 passes of 5, the checks in 8 passes of 3; Qwen's 5 repetitions take a minute per file:
+# 6 passes of 1 in the checks, one pass in the profile (its 30 design files, ~1.3 GB each, do not fit
+# on this disk at once). The checks' passes are many because the win's verdict reads the 95% interval
+# of a speed ratio over them (t over 4 passes spans ~±3-10% on this VM).
+# The last field is the speed statistic of a new profile (profile --stat), which its checks use too:
+# the small models' files (77-160 MB) decode at two levels on this VM, the fastest repetition of a
+# ~77 MB SmolLM2 file 1.27x its median (benchmarks/decode_spread.py, 6 Dec), so they take the median;
+# Qwen's committed profile (6 Dec) was made with the best, whose one-pass progress keeps no
+# repetitions to compare, and it stays so until Qwen is profiled again.
 MODELS = {
-    "smollm2-135m": ((4.6, 5.5, 6.5), 20, 8, 4),
-    "gemma3-270m": ((4.6, 5.5, 6.5), 20, 8, 4),
-    "qwen2.5-coder-1.5b": ((3.5, 4.5, 5.5), 5, 6, 1),
+    "smollm2-135m": ((4.6, 5.5, 6.5), 20, 8, 4, "median"),
+    "gemma3-270m": ((4.6, 5.5, 6.5), 20, 8, 4, "median"),
+    "qwen2.5-coder-1.5b": ((3.5, 4.5, 5.5), 5, 6, 1, "best"),
 }
 
 
@@ -225,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             (out / f"{m}.profile-progress.json").unlink(missing_ok=True)
         if m in a.reprofile or not prof.is_file():
             run(["tasa-edge", "profile", "-m", m, "-o", str(prof), "-t", str(a.threads), "-r", str(a.reps or MODELS[m][1]),
-                 "--rounds", str(MODELS[m][3]), "--resume", str(out / f"{m}.profile-progress.json")], progress=True)
+                 "--rounds", str(MODELS[m][3]), "--stat", MODELS[m][4], "--resume", str(out / f"{m}.profile-progress.json")], progress=True)
         an = given[m] if m in given else out / f"analysis-{m}" / "analysis.json"
         if not an.is_file():
             run(["tasa-edge", "analyze", m, "-o", str(an.parent)])

@@ -196,7 +196,7 @@ def profile(
     n_gen: int = typer.Option(128, "--n-gen", "-n", help="tg test size (decoded tokens), as llama-bench -n."),
     reps: int = typer.Option(3, "--repetitions", "-r", help="Timed repetitions per test, as llama-bench -r."),
     rounds: int = typer.Option(1, "--rounds", help="Passes over all design files, each taking ceil(-r / ROUNDS) repetitions per file (every file kept on disk): each file measured in several minutes, for a machine whose speed moves between minutes."),
-    stat: str = typer.Option("best", "--stat", help="Speed of a file: best (fastest repetition; robust to other load on a shared machine) or mean."),
+    stat: str = typer.Option("best", "--stat", help="Speed of a file over its repetitions: best (the fastest), median (robust when a shared machine's speed jumps between levels) or mean."),
     n_random: int = typer.Option(2, "--random-mixes", help="Random per-tensor mixes measured besides one file per format (held out to check the fit, then fitted too)."),
     by_width: bool = typer.Option(False, "--by-width", help="Also measure each format on the layer matrices of each input width apart (more design files): one cost per format and width."),
     name: Optional[str] = typer.Option(None, "--name", help="Profile name (default: TARGET-MODEL)."),

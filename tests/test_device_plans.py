@@ -475,8 +475,19 @@ def test_profile_in_passes_measures_every_file_in_each_pass_and_resumes(src, tmp
     boom["at"] = None
     kp2, runs2, _ = measure_profile(src, rounds=2, resume=prog, **kw)
     assert len(calls) == n - 1 and [r.label for r in runs2] == [r.label for r in runs]
+    assert sorted({e["label"] for e in json.loads(prog.read_text()).values()}) == sorted(r.label for r in runs)
     with pytest.raises(TasaError, match="rounds"):
         measure_profile(src, rounds=0, **kw)
+    # --stat median: the middle of all a file's repetitions over both passes (3 + 3 of them)
+    calls.clear()
+    kp3, runs3, _ = measure_profile(src, rounds=2, stat="median", **kw)
+    for i, r in enumerate(runs3):
+        ks = [k + 1 for k, c in enumerate(c for c, _ in calls) if c == f"design-{i}.gguf"]
+        samples = [(100.0 + 10 * i) * (1.0 + 0.1 * (k % 3)) * x for k in ks for x in (0.98, 0.98, 1.0)]
+        assert r.tg_ts == pytest.approx(float(np.median(samples)))
+    assert kp3.measured["stat"] == "median"
+    with pytest.raises(TasaError, match="unknown speed statistic 'fastest'"):
+        measure_profile(src, stat="fastest", **kw)
 
 
 # ---------------------------------------------------------------------------- ONNX (onnxruntime MatMulNBits)
@@ -639,3 +650,4 @@ def test_refit_profile_reproduces_the_recorded_fit_from_its_design_speeds(tmp_pa
         assert dec_rec == pytest.approx(c["decode_ns_per_weight"], abs=1e-4) and dec_floored >= floor - 1e-4
     fit_err = rec["measured"]["fit"]["max_abs_tg_err"]
     assert f"recorded fit {fit_err:.3f}, {rec['measured']['fit']['max_abs_pp_err']:.3f}" in out
+
