@@ -1,6 +1,7 @@
 """A kernel profile fitted again from the design speeds it recorded (nothing measured): the
 coefficients with and without the decode floor (bytes per weight / the probed bandwidth,
-``devices.kernel_profile.decode_floor``), the fit's and the hold-out's errors, and, for the files of
+``devices.kernel_profile.decode_floor``; a profile made without it, ``decode_floor`` not set, is
+the unfloored fit, one made with it the floored fit), the fit's and the hold-out's errors, and, for the files of
 the recorded win run (``benchmarks/device/<model>.json``; the plans solved again from the limits the
 run recorded, with the recorded profile, as the run solved them), each file's predicted speed
 relative to its mix under both fits against the measured ratio.
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             for label, t in design_plans(src, menu, kernels="gguf")]
     floors = {f: decode_floor(f, "gguf", meas.get("bandwidth_bytes_per_s")) for f in menu}
     fits, errs = {}, {}
-    for name, fl in (("recorded fit", None), ("floored fit", floors)):
+    for name, fl in (("unfloored fit", None), ("floored fit", floors)):
         kp = copy.deepcopy(old)
         held = [r for r in runs if r.label.startswith("random")]
         kp.costs = fit(src, [r for r in runs if not r.label.startswith("random")], menu, old.pp, old.head_prefill, False, fl)
@@ -61,10 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         errs[name] = [max(abs(e[k]) for e in d.values()) for d in (ef, eh) for k in ("tg_err", "pp_err")]
     L = [f"# {m}: its profile fitted again, with the decode floor "
          f"(bandwidth {meas.get('bandwidth_bytes_per_s', 0) / 1e9:.1f} GB/s)", "",
-         "| format | floor | decode, recorded fit | decode, floored | head decode, recorded | head decode, floored |",
+         "| format | floor | decode, unfloored | decode, floored | head decode, unfloored | head decode, floored |",
          "|---|---|---|---|---|---|"]
     for f in menu:
-        c0, c1 = fits["recorded fit"].costs[f], fits["floored fit"].costs[f]
+        c0, c1 = fits["unfloored fit"].costs[f], fits["floored fit"].costs[f]
         h0 = f"{c0.output_decode_ns_per_weight:.4f}" if c0.output_decode_ns_per_weight is not None else ""
         h1 = f"{c1.output_decode_ns_per_weight:.4f}" if c1.output_decode_ns_per_weight is not None else ""
         mark = " (below)" if c0.decode_ns_per_weight < floors[f] * (1 - 1e-6) else ""
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     win = {k: w for k, w in res.get("win", {}).items() if k != "errors" and "TASA speed-aware" in w["rows"]}
     if win:
         an = Analysis.load(a.analysis or a.results / f"analysis-{m}" / "analysis.json")
-        L += ["", "| budget | file | tg x mix: recorded fit | floored | measured | pp x mix: recorded fit | floored | measured |",
+        L += ["", "| budget | file | tg x mix: unfloored | floored | measured | pp x mix: unfloored | floored | measured |",
               "|---|---|---|---|---|---|---|---|"]
     for mix, w in win.items():
         types, _ = mix_types(src, m, mix, w, a.work)

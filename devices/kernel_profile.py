@@ -265,8 +265,8 @@ STATS = ("best", "median", "mean")
 def speed(test: dict, stat: str) -> float:
     """Tokens/s of one llama-bench test: ``best`` (the fastest repetition: what the kernels do when
     nothing else runs), ``median`` (the middle repetition: on a machine whose speed jumps between
-    two levels -- a small model's file in or out of a last-level cache other tenants share -- one
-    lucky repetition sets the best, half of them the median) or ``mean`` (llama-bench's average)."""
+    two levels one lucky repetition sets the best, half of them the median) or ``mean``
+    (llama-bench's average)."""
     if stat not in STATS:
         raise TasaError(f"unknown speed statistic {stat!r} (use {', '.join(STATS)})")
     if stat == "best" and test.get("samples_ts"):

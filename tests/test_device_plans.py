@@ -631,8 +631,9 @@ def test_costs_per_input_width_predict_what_one_cost_per_format_cannot():
 
 def test_refit_profile_reproduces_the_recorded_fit_from_its_design_speeds(tmp_path, capsys):
     """benchmarks/refit_profile.py on SmolLM2's committed profile: fitted again from the design
-    speeds the profile recorded, without the floor it gives back the recorded coefficients and fit
-    errors; with it no decode coefficient is below its floor."""
+    speeds the profile recorded, the fit the profile was made with (floored when it records
+    ``decode_floor``) gives back the recorded coefficients and fit errors; with the floor no decode
+    coefficient is below it."""
     import shutil
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -645,9 +646,56 @@ def test_refit_profile_reproduces_the_recorded_fit_from_its_design_speeds(tmp_pa
     rec = tomllib.loads(prof.read_text())
     rows = {r[0]: r for r in ([c.strip() for c in line.strip().strip("|").split("|")] for line in out.splitlines()
                               if line.startswith("| ") and not line.startswith("| format"))}
+    made = "floored" if rec["measured"].get("decode_floor") else "unfloored"
     for f, c in rec["kernels"]["gguf"].items():
-        floor, dec_rec, dec_floored = float(rows[f][1]), float(rows[f][2].split()[0]), float(rows[f][3])
-        assert dec_rec == pytest.approx(c["decode_ns_per_weight"], abs=1e-4) and dec_floored >= floor - 1e-4
+        floor, dec_free, dec_floored = float(rows[f][1]), float(rows[f][2].split()[0]), float(rows[f][3])
+        assert (dec_floored if made == "floored" else dec_free) == pytest.approx(c["decode_ns_per_weight"], abs=1e-4)
+        assert dec_floored >= floor - 1e-4
     fit_err = rec["measured"]["fit"]["max_abs_tg_err"]
-    assert f"recorded fit {fit_err:.3f}, {rec['measured']['fit']['max_abs_pp_err']:.3f}" in out
+    assert f"{made} fit {fit_err:.3f}, {rec['measured']['fit']['max_abs_pp_err']:.3f}" in out
 
+
+def test_decode_spread_reads_every_design_files_repetitions_from_the_committed_profile(capsys):
+    """benchmarks/decode_spread.py on SmolLM2's committed profile and progress file: one row per
+    design file the profile lists, with all its repetitions, the profile's own figure being their
+    statistic (the profile's ``stat``) and the median no faster than the best; a model without a
+    profile is a one-line error with exit 2."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import decode_spread
+
+    prof = tomllib.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "device" / "smollm2-135m.profile.toml").read_text())
+    m = prof["measured"]
+    rows, stat = decode_spread.spread("smollm2-135m")
+    rows = {r["label"]: r for r in rows}
+    assert stat == m["stat"] and rows.keys() == m["design_tg_ts"].keys()
+    for label, r in rows.items():
+        assert r["profile"] == pytest.approx(m["design_tg_ts"][label], abs=6e-4)
+        assert r[stat] == pytest.approx(r["profile"], abs=6e-4)
+        assert r["median"] <= r["best"] and r["n"] == m["reps"]
+    decode_spread.main(["--model", "smollm2-135m"])
+    assert len([ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and "MB" not in ln and "---" not in ln]) == len(rows)
+    with pytest.raises(SystemExit) as e:
+        decode_spread.main(["--model", "no-such-model"])
+    assert e.value.code == 2 and "no-such-model.profile.toml not found" in capsys.readouterr().err
+
+
+def test_decode_spread_reads_a_checks_files_repetitions(tmp_path, capsys):
+    """``--checks``: every file of a device_plans result that kept its decode repetitions (the
+    plans, the win's mixes), best / median over all of them; not a result: one line, exit 2."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import decode_spread
+
+    res = {"rows": {"TASA 4.6 bpw": {"bytes": 80_000_000, "tg_samples": [150.0, 140.0, 180.0, 145.0]}},
+           "win": {"Q3_K_S": {"rows": {"llama.cpp": {"tg_samples": [100.0, 110.0, 90.0]}, "TASA speed-aware": {"tg_ts": 1.0}}},
+                   "errors": {"Q3_K_M x": "infeasible"}}}
+    (tmp_path / "r.json").write_text(json.dumps(res))
+    rows = {r["label"]: r for r in decode_spread.checks(tmp_path / "r.json")}
+    assert rows.keys() == {"TASA 4.6 bpw", "Q3_K_S llama.cpp"}
+    assert rows["TASA 4.6 bpw"]["ratio"] == pytest.approx(180.0 / 147.5) and rows["TASA 4.6 bpw"]["gbs_median"] == pytest.approx(11.8)
+    assert rows["Q3_K_S llama.cpp"]["median"] == 100.0 and rows["Q3_K_S llama.cpp"]["n"] == 3
+    decode_spread.main(["--checks", str(tmp_path / "r.json")])
+    assert "| TASA 4.6 bpw | 80.0 | 4 | 180.0 | 147.5 | 1.220 |" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit) as e:
+        decode_spread.main(["--checks", str(tmp_path / "bad.json")])
+    assert e.value.code == 2 and "not a device_plans result" in capsys.readouterr().err

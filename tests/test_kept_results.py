@@ -1,6 +1,7 @@
 """The benchmark results a later session resumes from are committed, not ignored: the evidence
-run's state (an ignored imatrix.gguf there was lost with its machine) and the device runs' analyses;
-the large files beside them stay ignored."""
+run's state (an ignored imatrix.gguf there was lost with its machine), the device runs' analyses and
+their profiles' progress files (the repetitions benchmarks/decode_spread.py reads); the large files
+beside them stay ignored."""
 
 from __future__ import annotations
 
@@ -20,12 +21,12 @@ KEPT = [
     "benchmarks/evidence/some-model/state/eval/tasa-3.5-gsm8k/generations.jsonl",
     "benchmarks/device/analysis-some-model/analysis.json",
     "benchmarks/device/analysis-some-model/imatrix.gguf",
+    "benchmarks/device/some-model.profile-progress.json",     # a profile's repetitions (decode_spread.py)
 ]
 IGNORED = [
     "benchmarks/evidence/some-model/work/tasa-3.5.gguf",
     "benchmarks/evidence/some-model/state/eval/tasa-3.5-gsm8k/task/gsm8k_eval.jsonl",
     "benchmarks/device/analysis-some-model/gradstats-0-0.safetensors",
-    "benchmarks/device/some-model.profile-progress.json",
 ]
 
 
