@@ -41,8 +41,9 @@ from tasa_edge.fsutil import atomic_write_text  # noqa: E402
 # on this disk at once). The checks' passes are many because the win's verdict reads the 95% interval
 # of a speed ratio over them (t over 4 passes spans ~±3-10% on this VM).
 # The last field is the speed statistic of a new profile (profile --stat), which its checks use too:
-# the small models' files (77-160 MB) decode at two levels on this VM, the fastest repetition of a
-# ~77 MB SmolLM2 file 1.27x its median (benchmarks/decode_spread.py, 6 Dec), so they take the median;
+# the small models' decode jumps between levels on this VM, the fastest of the 24 repetitions of
+# SmolLM2's 77 MB plan 1.165x their median in the checks of 6 Dec 02:09 (benchmarks/decode_spread.py
+# --checks on commit 439dac5's smollm2-135m.json), so they take the median;
 # Qwen's committed profile (6 Dec) was made with the best, whose one-pass progress keeps no
 # repetitions to compare, and it stays so until Qwen is profiled again.
 MODELS = {
