@@ -672,6 +672,7 @@ def test_decode_spread_reads_every_design_files_repetitions_from_the_committed_p
         assert r["profile"] == pytest.approx(m["design_tg_ts"][label], abs=6e-4)
         assert r[stat] == pytest.approx(r["profile"], abs=6e-4)
         assert r["median"] <= r["best"] and r["n"] == m["reps"]
+        assert len(r["passes"]) == m["rounds"] and min(r["passes"]) <= r["median"] <= max(r["passes"])
     decode_spread.main(["--model", "smollm2-135m"])
     assert len([ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and "MB" not in ln and "---" not in ln]) == len(rows)
     with pytest.raises(SystemExit) as e:
