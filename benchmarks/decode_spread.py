@@ -4,6 +4,7 @@ its ``stat``), their ratio, and the read rate (bytes x tokens/s) at each. Nothin
 repetitions come from the profile's progress file (``--resume`` of ``tasa-edge profile``).
 
     python benchmarks/decode_spread.py --model smollm2-135m           # gemma3-270m, qwen2.5-coder-1.5b
+    python benchmarks/decode_spread.py --model gemma3-270m --dir benchmarks/device/recheck-6dec-gemma
     python benchmarks/decode_spread.py --checks benchmarks/device/smollm2-135m.json   # a device_plans run's files
     python benchmarks/decode_spread.py --sweep                        # measures: read rate by buffer size
 
@@ -36,14 +37,16 @@ def fail(msg: str) -> None:
     sys.exit(2)
 
 
-def spread(model: str) -> tuple[list[dict], str]:
-    """One row per design file of ``benchmarks/device/<model>.profile.toml``, from its progress file
-    (each pass of each file: its repetitions, its size and, since 6 Dec, its design's label)."""
-    prof_path = DEVICE / f"{model}.profile.toml"
-    prog_path = DEVICE / f"{model}.profile-progress.json"
+def spread(model: str, where: Path = DEVICE) -> tuple[list[dict], str]:
+    """One row per design file of ``<where>/<model>.profile.toml`` (``benchmarks/device`` by
+    default), from its progress file (each pass of each file: its repetitions, its size and, since
+    6 Dec, its design's label)."""
+    prof_path = where / f"{model}.profile.toml"
+    prog_path = where / f"{model}.profile-progress.json"
     for p in (prof_path, prog_path):
         if not p.is_file():
-            fail(f"{p.relative_to(ROOT)} not found (profile {model} first)")
+            shown = p.relative_to(ROOT) if p.is_relative_to(ROOT) else p
+            fail(f"{shown} not found (profile {model} first)")
     try:
         prof = tomllib.loads(prof_path.read_text())
         prog = json.loads(prog_path.read_text())
@@ -110,6 +113,7 @@ def sweep(sizes_mib: list[int], repeats: int, threads: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", nargs="*", default=[], help="models whose committed profile to read")
+    ap.add_argument("--dir", type=Path, default=DEVICE, help="folder of the --model profiles (default benchmarks/device)")
     ap.add_argument("--checks", type=Path, nargs="*", default=[], help="device_plans JSON results whose files to read")
     ap.add_argument("--sweep", action="store_true", help="measure the read rate by buffer size")
     ap.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64, 96, 128, 192, 256, 384, 512, 1024, 2048],
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.repeats < 1 or a.threads < 1 or min(a.sizes) < 1:
         ap.error("--repeats, --threads and --sizes must be positive")
     for m in a.model:
-        rows, stat = spread(m)
+        rows, stat = spread(m, a.dir.resolve())
         if not rows:
             print(f"\n**{m}**: its profile's progress file keeps no repetitions (a one-pass profile)")
             continue

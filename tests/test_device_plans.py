@@ -678,6 +678,11 @@ def test_decode_spread_reads_every_design_files_repetitions_from_the_committed_p
     with pytest.raises(SystemExit) as e:
         decode_spread.main(["--model", "no-such-model"])
     assert e.value.code == 2 and "no-such-model.profile.toml not found" in capsys.readouterr().err
+    # --dir: a profile kept elsewhere (a separate check's folder)
+    other = Path(__file__).resolve().parents[1] / "benchmarks" / "device" / "recheck-6dec-gemma"
+    g = tomllib.loads((other / "gemma3-270m.profile.toml").read_text())["measured"]
+    rows, stat = decode_spread.spread("gemma3-270m", other)
+    assert stat == g["stat"] and {r["label"]: round(r[stat], 3) for r in rows} == {k: round(v, 3) for k, v in g["design_tg_ts"].items()}
 
 
 def test_decode_spread_reads_a_checks_files_repetitions(tmp_path, capsys):
