@@ -73,12 +73,17 @@ def spread(model: str, where: Path = DEVICE) -> tuple[list[dict], str]:
             match = [h for h, r in reps.items() if abs(speed_of_samples(r, stat) - float(figure)) < 6e-4]
         if len(match) != 1:
             fail(f"{model}: design file {label!r} not found once in {prog_path.name}")
-        r, b = reps[match[0]], size[match[0]]
-        med = statistics.median(r)
-        rows.append({"label": label, "bytes": b, "n": len(r), "best": max(r), "median": med, "profile": float(figure),
-                     "passes": [passes[match[0]][k] for k in sorted(passes[match[0]])],
-                     "ratio": max(r) / med, "gbs_best": b * max(r) / 1e9, "gbs_median": b * med / 1e9})
+        rows.append({**_row(label, reps[match[0]], size[match[0]]), "profile": float(figure),
+                     "passes": [passes[match[0]][k] for k in sorted(passes[match[0]])]})
     return rows, stat
+
+
+def _row(label: str, reps: list[float], size: int | None) -> dict:
+    """A file's repetitions summed up: how many, the best, the median, their ratio and the read rate
+    (bytes x tokens/s) at each (None without the file's size)."""
+    best, med = max(reps), statistics.median(reps)
+    return {"label": label, "bytes": size, "n": len(reps), "best": best, "median": med, "ratio": best / med,
+            "gbs_best": size * best / 1e9 if size else None, "gbs_median": size * med / 1e9 if size else None}
 
 
 def checks(path: Path) -> list[dict]:
@@ -90,15 +95,7 @@ def checks(path: Path) -> list[dict]:
         found += [(f"{mix} {lb}", r) for mix, w in d.get("win", {}).items() if mix != "errors" for lb, r in w["rows"].items()]
     except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
         fail(f"{path}: not a device_plans result ({e})")
-    rows = []
-    for label, r in found:
-        reps = [float(x) for x in r.get("tg_samples") or []]
-        if reps:
-            med = statistics.median(reps)
-            b = r.get("bytes")
-            rows.append({"label": label, "bytes": b, "n": len(reps), "best": max(reps), "median": med, "ratio": max(reps) / med,
-                         "gbs_best": b * max(reps) / 1e9 if b else None, "gbs_median": b * med / 1e9 if b else None})
-    return rows
+    return [_row(label, [float(x) for x in r["tg_samples"]], r.get("bytes")) for label, r in found if r.get("tg_samples")]
 
 
 def sweep(sizes_mib: list[int], repeats: int, threads: int) -> list[dict]:
