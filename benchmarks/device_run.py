@@ -227,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         res = out / f"{m}.json"
         before = res.read_bytes() if res.is_file() else None
         prof = out / f"{m}.profile.toml"
-        if m in a.reprofile:
+        if m in a.reprofile:        # the old profile goes too: a run stopped in the new one resumes it, not the old
             (out / f"{m}.profile-progress.json").unlink(missing_ok=True)
+            prof.unlink(missing_ok=True)
         if m in a.reprofile or not prof.is_file():
             run(["tasa-edge", "profile", "-m", m, "-o", str(prof), "-t", str(a.threads), "-r", str(a.reps or MODELS[m][1]),
                  "--rounds", str(MODELS[m][3]), "--stat", MODELS[m][4], "--resume", str(out / f"{m}.profile-progress.json")], progress=True)

@@ -174,6 +174,43 @@ def test_a_plan_predicted_no_better_than_the_mix_is_not_measured_and_the_margin_
     assert len(tries) == 1 and "skipped" not in tries[0] and tries[0]["margin"] == 0.03
 
 
+def test_an_inconclusive_plan_is_replanned_at_a_margin_raised_by_its_shortfall():
+    """6 Dec 19:25: four of six speed-aware plans met the goal on their point ratios but their pass
+    intervals reached below it (inconclusive verdicts). The search reads the interval's slow end as
+    the verdict does: a plan whose slow end misses is re-planned aiming higher, by the shortfall."""
+    target = {"decode_ms": 10.0, "prefill_ms": 1000.0}
+    bias = {"decode_ms": 1.0, "prefill_ms": 1.0}
+    plan_fn, measure_fn, made = world(lambda p: 1.0)          # every plan runs as predicted
+
+    def spread(plan):           # the pass intervals reach 4% below the point speeds
+        r = measure_fn(plan)
+        return {**r, "tg_lo_ts": r["tg_ts"] * 0.96, "pp_lo_ts": r["pp_ts"] * 0.96}
+
+    logs = []
+    row, tries, err = dp.speed_search(plan_fn, spread, target, bias, 0.03, 4, PP, log=logs.append)
+    # margin 0.03: point 1/0.97 = 1.031x the target speed, slow end 0.990x: inconclusive
+    assert err is None and len(tries) == 2 and "inconclusive" in logs[0]
+    assert tries[0]["measured_slow_ms"]["prefill_ms"] == pytest.approx(970 / 0.96)
+    short = 970 / 0.96 / 1000 - 1 + dp.RAISE_HEADROOM
+    assert tries[1]["margin"] == pytest.approx(1 - 0.97 / (1 + short))
+    assert tries[1]["measured_slow_ms"]["prefill_ms"] < 1000 and row["pp_ts"] == tries[1]["pp_ts"]
+    # the raised plan would cost more than the mix's loss: it is not measured and the inconclusive plan stands
+    made.clear()
+
+    def lossy(lim, max_changes=None):
+        p = plan_fn(lim, max_changes)
+        p.predicted["loss"] = 2.0 if lim["prefill_ms"] < 965 else 0.5        # the mix's: 1.0
+        return p
+
+    row, tries, err = dp.speed_search(lossy, spread, target, bias, 0.03, 4, PP, log=logs.append, mix_loss=1.0)
+    assert err is None and ["skipped" in t for t in tries] == [False, True] and len(made) == 2
+    assert tries[1]["margin"] > 0.03 and row["pred_loss"] == 0.5 and row["pp_ts"] == tries[0]["pp_ts"]
+    assert "the last plan stands" in logs[-1]
+    # a row without intervals (one pass) is judged by its point speeds, as before
+    row, tries, err = dp.speed_search(plan_fn, measure_fn, target, bias, 0.03, 4, PP, log=lambda m: None)
+    assert len(tries) == 1 and "measured_slow_ms" not in tries[0]
+
+
 def test_predicted_loss_of_a_file_is_the_allocators_objective(smollm):
     from tasa_edge.planner import make_plan
     from tasa_edge.results import Analysis

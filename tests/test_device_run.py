@@ -153,3 +153,33 @@ def test_a_step_shows_its_progress_only_when_asked(capfd, monkeypatch):
     dr.run(show, progress=True)
     out = capfd.readouterr().out
     assert out.index("progress off") < out.index("progress on")
+
+
+def test_a_model_profiled_again_loses_its_old_profile_so_a_stopped_run_resumes_the_new_one(tmp_path, monkeypatch):
+    """``--reprofile``: a run stopped inside the new profile must not, resumed, plan with the old one."""
+    out = tmp_path / "device"
+    out.mkdir()
+    m = "smollm2-135m"
+    (out / f"{m}.profile.toml").write_text('[measured]\ncreated = "2026-12-01T00:00:00Z"\n')
+    (out / f"{m}.profile-progress.json").write_text("{}")
+    calls, resumed = [], False
+
+    def stop_in_profile(cmd, progress=False):
+        calls.append(cmd[:2])
+        if cmd[:2] == ["tasa-edge", "profile"]:
+            assert not (out / f"{m}.profile.toml").exists()
+            progress_file = out / f"{m}.profile-progress.json"
+            assert cmd[cmd.index("--resume") + 1] == str(progress_file)
+            assert progress_file.read_text() == ('{"half": true}' if resumed else "") if progress_file.exists() else not resumed
+            progress_file.write_text('{"half": true}')     # what it measured so far
+            raise SystemExit("stopped")
+
+    monkeypatch.setattr(dr, "run", stop_in_profile)
+    with pytest.raises(SystemExit):
+        dr.main(["--out", str(out), "--models", m, "--reprofile", m])
+    calls.clear()
+    resumed = True
+    with pytest.raises(SystemExit):             # resumed without --reprofile: the profile is made (resumed), not skipped
+        dr.main(["--out", str(out), "--models", m])
+    assert calls == [["tasa-edge", "profile"]]
+    assert (out / f"{m}.profile-progress.json").read_text() == '{"half": true}'
