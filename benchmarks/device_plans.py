@@ -387,7 +387,9 @@ def speed_search(plan_fn, measure_fn, target: dict[str, float], bias: dict[str, 
     mix's 2.78; at 0.02, 1.80). A plan predicted no better than the mix cannot be the win, so it is
     not measured: the search halves the margin and plans again (m, m/2, m/4, then 0, where the mix
     itself meets the limits); the margin stays there for the later tries. Such a plan is recorded
-    (``skipped``) and does not count as one of the ``tries``.
+    (``skipped``) and does not count as one of the ``tries``. A first plan whose limits no plan meets
+    at this budget (Qwen Q3_K_S, 7 Dec: infeasible at margin 0.05) is planned again at the lower
+    margins the same way (recorded as ``infeasible``).
 
     A row that carries the slow ends of its speeds' 95% intervals (``tg_lo_ts`` / ``pp_lo_ts``:
     passes alternating with the mix) meets the target only when those do, as the report's verdict
@@ -410,6 +412,11 @@ def speed_search(plan_fn, measure_fn, target: dict[str, float], bias: dict[str, 
             plan = plan_fn(lim, max_changes)
         except TasaError as exc:            # the limits may be infeasible at this budget
             log(str(exc))
+            if row is None and limited and margins and not raised:     # a lower margin, down to 0 (the mix's own)
+                out.append({"infeasible": str(exc), "limits_ms": lim, "margin": margin, "max_changes": max_changes})
+                margin = margins.pop(0)
+                log(f"planning at margin {margin:g}")
+                continue
             if row is None:
                 return None, out, str(exc)
             out.append({"infeasible": str(exc), "limits_ms": lim, "max_changes": max_changes})   # the last measured plan stands

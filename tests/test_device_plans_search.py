@@ -100,6 +100,27 @@ def test_infeasible_limits_first_or_on_a_retry():
     assert row["pp_ts"] == tries[0]["pp_ts"]
 
 
+def test_a_first_plan_infeasible_at_the_margin_is_planned_again_at_a_lower_margin():
+    """Qwen Q3_K_S, 7 Dec 00:1x: at margin 0.05 no plan met the byte budget and both limits; the
+    search halves the margin as for a plan predicted no better than the mix (0.05, 0.025, ...,
+    then 0, where the mix itself meets the limits), recording the infeasible limits."""
+    target = {"decode_ms": 10.0, "prefill_ms": 1000.0}
+    plan_fn, measure_fn, made = world(lambda p: 1.0, least=(9.6, 0.0))     # decode limit below 9.6 ms: infeasible
+    logs = []
+    row, tries, err = dp.speed_search(plan_fn, measure_fn, target, {"decode_ms": 1.0, "prefill_ms": 1.0}, 0.05, 3, PP,
+                                      log=logs.append)
+    assert err is None and row is not None and len(made) == 1
+    assert ["infeasible" in t for t in tries] == [True, False]
+    assert [t["margin"] for t in tries] == pytest.approx([0.05, 0.025])
+    assert tries[1]["limits_ms"]["decode_ms"] == pytest.approx(9.75) and "planning at margin 0.025" in logs
+    # infeasible down to margin 0: the error, with every limit tried recorded
+    plan_fn, measure_fn, made = world(lambda p: 1.0, least=(10.5, 0.0))
+    row, tries, err = dp.speed_search(plan_fn, measure_fn, target, {"decode_ms": 1.0, "prefill_ms": 1.0}, 0.05, 3, PP,
+                                      log=lambda m: None)
+    assert row is None and "infeasible" in err and not made
+    assert [t["margin"] for t in tries] == pytest.approx([0.05, 0.025, 0.0125])
+
+
 def test_speed_blind_is_one_plan_without_limits():
     plan_fn, measure_fn, made = world(lambda p: 1.5)
     row, tries, err = dp.speed_search(plan_fn, measure_fn, {"decode_ms": 10.0, "prefill_ms": 1000.0},
