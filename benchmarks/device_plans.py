@@ -422,17 +422,14 @@ def speed_search(plan_fn, measure_fn, target: dict[str, float], bias: dict[str, 
             out.append({"infeasible": str(exc), "limits_ms": lim, "max_changes": max_changes})   # the last measured plan stands
             return row, out, None
         loss = plan.predicted.get("loss")
-        if limited and raised and mix_loss is not None and loss is not None and loss >= mix_loss:
+        if limited and mix_loss is not None and loss is not None and loss >= mix_loss and (raised or margins):
             out.append({"limits_ms": lim, "margin": margin, "predicted_loss": loss, "max_changes": max_changes,
                         "skipped": f"predicted loss {loss:.4f} >= the mix's {mix_loss:.4f}"})
+            then = "the last plan stands" if raised else f"planning at margin {margins[0]:g}"
             log(f"plan at margin {margin:g} is predicted no better than the mix (loss {loss:.4f} >= {mix_loss:.4f}): "
-                "not measured; the last plan stands")
-            return row, out, None
-        if limited and mix_loss is not None and loss is not None and loss >= mix_loss and margins:
-            out.append({"limits_ms": lim, "margin": margin, "predicted_loss": loss, "max_changes": max_changes,
-                        "skipped": f"predicted loss {loss:.4f} >= the mix's {mix_loss:.4f}"})
-            log(f"plan at margin {margin:g} is predicted no better than the mix (loss {loss:.4f} >= {mix_loss:.4f}): "
-                f"not measured; planning at margin {margins[0]:g}")
+                f"not measured; {then}")
+            if raised:
+                return row, out, None
             margin = margins.pop(0)
             continue
         row = {"bpw": plan.predicted["bpw"], "pred_tg_ts": plan.predicted["tg_ts"], "pred_pp_ts": plan.predicted["pp_ts"],
@@ -590,8 +587,7 @@ def win(a, src, kp, an, res, res_path, work) -> None:
             # (in ``f``: the last measured try), so a plan is not judged by the passes that selected it
             search = {k: row[k] for k in ("tg_ts", "pp_ts", "tg_lo_ts", "pp_lo_ts", "raw", "mix_now") if k in row}
             print(f"{mix} TASA speed-aware: confirming the chosen plan in {a.rounds} fresh passes", flush=True)
-            row = {**row, **{k: None for k in ("tg_lo_ts", "pp_lo_ts")}, **paired(f), "search_measurement": search}
-            row = {k: v for k, v in row.items() if v is not None}
+            row = {k: v for k, v in row.items() if k not in search} | paired(f) | {"search_measurement": search}
             rows["TASA speed-aware"] = {**row, "tries": tries, "kl": kl_answers(held, f)}
         f.unlink(missing_ok=True)
         lf.unlink()
