@@ -107,18 +107,34 @@ def main(argv: list[str] | None = None) -> int:
         def solved(lim, max_changes=None):
             return solve(an, src, kp, w["bytes"], lim, types, max_changes, a.solve_seconds)
 
+        def attempt(label, margin, lim, max_changes=None, recorded=None):
+            """row() of the plan solved at ``lim``, or an 'infeasible' row (None): the search
+            plans again at the next margin."""
+            try:
+                plan = solved(lim, max_changes)
+            except TasaError as exc:
+                if "infeasible" not in str(exc):
+                    raise
+                lines.append(f"| {mix} | {label} | {margin} | infeasible | | | |")
+                return None
+            return row(label, margin, plan, recorded)
+
         row("TASA speed-blind", "", solved({}))
-        tries = [t for t in w["rows"]["TASA speed-aware"]["tries"] if "limits_ms" in t and "infeasible" not in t]
-        for i, t in enumerate(tries, 1):
-            margin = t.get("margin", w["speed_margin"])
-            row(f"speed-aware, try {i} of the run" + (" (skipped)" if "skipped" in t else ""), f"{margin:g}",
-                solved(t["limits_ms"], t.get("max_changes")), t.get("changes"))
+        tries = [t for t in w["rows"]["TASA speed-aware"]["tries"] if "limits_ms" in t]
         m0 = w["speed_margin"]
-        first = tries[0]["limits_ms"]
-        for margin in (m0, m0 / 2, m0 / 4, 0.0):        # speed_search's margins from the first try's limits
-            lim = {k: v / (1 - m0) * (1 - margin) for k, v in first.items()}
-            loss = row("speed-aware, current search", f"{margin:g}", solved(lim))
-            if mix_loss is None or loss < mix_loss:
+        for i, t in enumerate(tries, 1):
+            margin = t.get("margin", m0)
+            label = f"speed-aware, try {i} of the run" + (" (skipped)" if "skipped" in t else "")
+            if "infeasible" in t:
+                lines.append(f"| {mix} | {label} | {margin:g} | infeasible | | | |")
+            else:
+                attempt(label, f"{margin:g}", t["limits_ms"], t.get("max_changes"), t.get("changes"))
+        # speed_search's margins from the first try's limits (which may have been planned at another margin)
+        first, at = tries[0]["limits_ms"], tries[0].get("margin", m0)
+        for margin in (m0, m0 / 2, m0 / 4, 0.0):
+            loss = attempt("speed-aware, current search", f"{margin:g}",
+                           {k: v / (1 - at) * (1 - margin) for k, v in first.items()})
+            if loss is not None and (mix_loss is None or loss < mix_loss):
                 break
     out = "\n".join(lines) + "\n"
     print(out)

@@ -367,7 +367,7 @@ def test_win_loss_solves_the_recorded_plans_again_and_follows_the_current_search
     """benchmarks/win_loss.py on a recorded run (SmolLM2's committed profile and analysis, a win entry
     whose one try asked for 1.03x the mix's predicted speed): the mix's predicted loss, the
     speed-blind plan below it, and the current search's margins until a plan is predicted better
-    than the mix (or the margin is 0)."""
+    than the mix (or the margin is 0); a margin the profile cannot reach is an 'infeasible' row."""
     import json
     import shutil
 
@@ -392,18 +392,28 @@ def test_win_loss_solves_the_recorded_plans_again_and_follows_the_current_search
     pred, _ = predict_file(kp, smollm, file_types(rep))
     mix_loss, unscored = predicted_loss(Analysis.load(an_path), file_types(rep))
     assert not unscored
-    lim = {"decode_ms": pred.decode_ms * 0.97, "prefill_ms": pred.prefill_ms * 0.97}   # margin 0.03
-    (res_dir / "smollm2-135m.json").write_text(json.dumps({"win": {"Q3_K_S": {
-        "bytes": rep["bytes"], "speed_margin": 0.03,
-        "rows": {"TASA speed-aware": {"tries": [{"limits_ms": lim, "margin": 0.03}]}}}}}))
-    assert win_loss.main(["--model", "smollm2-135m", "--analysis", str(an_path), "--results", str(res_dir),
-                          "--work", str(lf.parent)]) == 0
-    rows = [[c.strip() for c in r.strip().strip("|").split("|")] for r in capsys.readouterr().out.splitlines() if r.startswith("| Q3_K_S |")]
+
+    def run(lim, margin):
+        (res_dir / "smollm2-135m.json").write_text(json.dumps({"win": {"Q3_K_S": {
+            "bytes": rep["bytes"], "speed_margin": margin,
+            "rows": {"TASA speed-aware": {"tries": [{"limits_ms": lim, "margin": margin}]}}}}}))
+        assert win_loss.main(["--model", "smollm2-135m", "--analysis", str(an_path), "--results", str(res_dir),
+                              "--work", str(lf.parent)]) == 0
+        return [[c.strip() for c in r.strip().strip("|").split("|")] for r in capsys.readouterr().out.splitlines()
+                if r.startswith("| Q3_K_S |")]
+
+    # margin 0.03 on both times, as the run plans; a margin the profile cannot reach is 'infeasible'
+    # and the search goes on at the next, as speed_search does
+    rows = run({"decode_ms": pred.decode_ms * 0.97, "prefill_ms": pred.prefill_ms * 0.97}, 0.03)
     assert rows[0][1] == "llama.cpp" and float(rows[0][3]) == pytest.approx(mix_loss, abs=1e-4)
     assert rows[1][1] == "TASA speed-blind" and float(rows[1][3]) < mix_loss
     assert rows[2][1].startswith("speed-aware, try 1") and rows[3][1] == "speed-aware, current search"
     assert rows[2][3] == rows[3][3]                 # the first margin: the run's own limits
     search = rows[3:]
     assert [r[2] for r in search] == ["0.03", "0.015", "0.0075", "0"][: len(search)]
-    assert all(float(r[3]) >= mix_loss for r in search[:-1])
-    assert float(search[-1][3]) < mix_loss or search[-1][2] == "0"
+    assert all(r[3] == "infeasible" or float(r[3]) >= mix_loss for r in search[:-1])
+    assert search[-1][3] != "infeasible" and (float(search[-1][3]) < mix_loss or search[-1][2] == "0")
+    # a prefill limit at half the mix's predicted time: infeasible at every margin, one row each, no traceback
+    rows = run({"decode_ms": pred.decode_ms * 0.97, "prefill_ms": pred.prefill_ms * 0.5}, 0.03)
+    assert [r[3] for r in rows[2:]] == ["infeasible"] * 5
+    assert [r[2] for r in rows[3:]] == ["0.03", "0.015", "0.0075", "0"]
