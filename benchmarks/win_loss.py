@@ -107,16 +107,16 @@ def main(argv: list[str] | None = None) -> int:
         def solved(lim, max_changes=None):
             return solve(an, src, kp, w["bytes"], lim, types, max_changes, a.solve_seconds)
 
+        def infeasible(label, margin):
+            lines.append(f"| {mix} | {label} | {margin} | infeasible | | | |")
+
         def attempt(label, margin, lim, max_changes=None, recorded=None):
-            """row() of the plan solved at ``lim``, or an 'infeasible' row (None): the search
-            plans again at the next margin."""
+            """row() of the plan solved at ``lim``, or an 'infeasible' row (None) when the solver finds
+            none, as speed_search reads any TasaError of its plan_fn: the search goes on at the next margin."""
             try:
                 plan = solved(lim, max_changes)
-            except TasaError as exc:
-                if "infeasible" not in str(exc):
-                    raise
-                lines.append(f"| {mix} | {label} | {margin} | infeasible | | | |")
-                return None
+            except TasaError:
+                return infeasible(label, margin)
             return row(label, margin, plan, recorded)
 
         row("TASA speed-blind", "", solved({}))
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             margin = t.get("margin", m0)
             label = f"speed-aware, try {i} of the run" + (" (skipped)" if "skipped" in t else "")
             if "infeasible" in t:
-                lines.append(f"| {mix} | {label} | {margin:g} | infeasible | | | |")
+                infeasible(label, f"{margin:g}")
             else:
                 attempt(label, f"{margin:g}", t["limits_ms"], t.get("max_changes"), t.get("changes"))
         # speed_search's margins from the first try's limits (which may have been planned at another margin)
