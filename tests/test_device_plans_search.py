@@ -91,15 +91,30 @@ def test_a_plan_that_misses_is_replanned_free_at_a_margin_raised_by_its_shortfal
     assert err is None and len(tries) == 2 and "missed; re-planning at margin" in logs[0]
     assert tries[0]["measured_ms"]["prefill_ms"] == pytest.approx(1000 * 0.99 * 1.03)        # 2% over the target
     margin = 1 - 0.99 / (1 + 0.99 * 1.03 - 1 + dp.RAISE_HEADROOM)
-    assert tries[1]["margin"] == pytest.approx(margin)
-    assert tries[1]["limits_ms"]["prefill_ms"] == pytest.approx(1000 / 0.90 * (1 - margin))     # still the mix's ratio
+    # only the limit that missed is raised: decode ran as predicted and keeps its margin
+    assert tries[1]["margin"] == {"decode_ms": 0.01, "prefill_ms": pytest.approx(margin)}
+    assert tries[1]["limits_ms"] == {"decode_ms": pytest.approx(10 * 0.99),
+                                     "prefill_ms": pytest.approx(1000 / 0.90 * (1 - margin))}     # still the mix's ratio
     assert [t["max_changes"] for t in tries] == [None, None] and tries[1]["changes"] == 100   # free, not nearer the mix
     assert tries[1]["measured_ms"]["prefill_ms"] <= 1000 and row["pp_ts"] == tries[1]["pp_ts"]
     # a miss far beyond the profile's errors (a transient slowdown) raises the margin by RAISE_MAX at most
     plan_fn, measure_fn, made = world(lambda p: 1.3 if len(made) == 1 else 1.0)
     row, tries, err = dp.speed_search(plan_fn, measure_fn, target, {"decode_ms": 1.0, "prefill_ms": 1.0}, 0.01, 4, PP,
                                       log=lambda m: None, on_miss="raise")
-    assert tries[1]["margin"] == pytest.approx(1 - 0.99 / (1 + dp.RAISE_MAX + dp.RAISE_HEADROOM)) and len(tries) == 2
+    assert tries[1]["margin"]["prefill_ms"] == pytest.approx(1 - 0.99 / (1 + dp.RAISE_MAX + dp.RAISE_HEADROOM))
+    assert len(tries) == 2
+    # a limit that met keeps its margin: raised with the decode's miss, this prefill limit (961) would be
+    # below any plan's (975) and the search would end on the plan that missed
+    plan_fn, measure_fn, made = world(lambda p: 1.0, least=(0.0, 975.0))
+
+    def slow_decode(plan):
+        r = measure_fn(plan)
+        return {**r, "tg_ts": r["tg_ts"] / 1.03}
+
+    row, tries, err = dp.speed_search(plan_fn, slow_decode, target, {"decode_ms": 1.0, "prefill_ms": 1.0}, 0.01, 4, PP,
+                                      log=lambda m: None, on_miss="raise")
+    assert err is None and len(tries) == 2 and all("measured_ms" in t for t in tries)
+    assert tries[1]["limits_ms"]["prefill_ms"] == pytest.approx(990) and tries[1]["measured_ms"]["decode_ms"] <= 10
     with pytest.raises(ValueError):
         dp.speed_search(plan_fn, measure_fn, target, mix_bias, 0.01, 4, PP, on_miss="faster")
     with pytest.raises(ValueError):         # nearer the mix needs to count the changes
