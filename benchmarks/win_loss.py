@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from device_plans import file_types, predict_file, predicted_loss  # noqa: E402
+from device_plans import file_types, margin_text, predict_file, predicted_loss  # noqa: E402
 from exporters.baseline import quantize_baseline  # noqa: E402
 from exporters.reference import reference_gguf  # noqa: E402
 from tasa_edge.costmodel import load_kernel_profile  # noqa: E402
@@ -126,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             margin = t.get("margin", m0)
             label = f"speed-aware, try {i} of the run" + (" (skipped)" if "skipped" in t else "")
             if "infeasible" in t:
-                infeasible(label, f"{margin:g}")
+                infeasible(label, margin_text(margin))
             else:
-                attempt(label, f"{margin:g}", t["limits_ms"], t.get("max_changes"), t.get("changes"))
+                attempt(label, margin_text(margin), t["limits_ms"], t.get("max_changes"), t.get("changes"))
         # speed_search's margins from the first try's limits (which may have been planned at another margin)
         first, at = tries[0]["limits_ms"], tries[0].get("margin", m0)
         for margin in (m0, m0 / 2, m0 / 4, 0.0):
