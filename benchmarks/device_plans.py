@@ -39,6 +39,7 @@ the JSON as it comes and skipped on a re-run with the same settings).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -66,6 +67,7 @@ from tasa_edge.fsutil import atomic_write_text  # noqa: E402
 from tasa_edge.inspect import inspect_gguf  # noqa: E402
 from tasa_edge.llama_run import score  # noqa: E402
 from tasa_edge.model import ModelSource  # noqa: E402
+from tasa_edge.names import kind_of  # noqa: E402
 from tasa_edge.planner import DeviceLimits, make_plan  # noqa: E402
 from tasa_edge.results import Analysis  # noqa: E402
 from tasa_edge.stats import at_least_verdict, paired_difference, pass_ratio_interval, ratio_interval, verdict  # noqa: E402
@@ -202,6 +204,11 @@ def main() -> None:
                     help="--win: also measure each speed-aware plan that meets the speed on K held-out GSM8K answers "
                          "after the report's --n-eval, and re-plan nearer the mix when its task KLD there is "
                          "significantly above the mix's (not with --replan own-ratio; 0: off)")
+    ap.add_argument("--calibrate", type=int, default=0, metavar="G",
+                    help="--win (with --check-answers): a plan that meets the speed but whose task KLD on the check answers "
+                         "is not significantly below the mix's has up to G of its groups of moves from the mix (kind and "
+                         "direction, largest predicted effect first) measured alone there; the loss proxy is corrected by "
+                         "their measured / predicted ratios and the plan solved again (0: off)")
     ap.add_argument("--solve-seconds", type=float, default=600,
                     help="--win: HiGHS time limit per plan (a speed-limited Qwen solve ran past 20 min); when it runs out "
                          "the best plan found is used and its try records optimal: false")
@@ -213,6 +220,10 @@ def main() -> None:
         ap.error("--solve-seconds must be positive")
     if a.check_answers < 0:
         ap.error("--check-answers must be at least 0")
+    if a.calibrate < 0:
+        ap.error("--calibrate must be at least 0")
+    if a.calibrate and not a.check_answers:
+        ap.error("--calibrate measures on the check answers: give --check-answers")
     if a.check_answers and a.replan == "own-ratio":
         ap.error("--check-answers re-plans nearer the mix: use it with --replan raise or nearer-mix, not own-ratio")
 
@@ -323,6 +334,78 @@ def predicted_loss(an, types: dict[str, str]) -> tuple[float | None, dict[str, i
     return (None, unscored) if unscored else (loss, {})
 
 
+#: --calibrate: a group's measured / predicted change of task KLD is clamped to this range (a group
+#: measured against its prediction's sign gets the low end: its proxy gain or cost is not there)
+CALIBRATE_SCALE = (0.1, 4.0)
+#: --calibrate: a group predicted to move the check answers' task KLD by less than this fraction of the
+#: mix's is not measured (the check's noise would set its scale)
+CALIBRATE_MIN = 0.02
+
+
+def move_groups(base: dict[str, str], tensors: dict[str, str], nbytes: dict[str, dict[str, int]]) -> dict[tuple[str, str], list[str]]:
+    """The tensors a plan puts in another format than ``base`` (a mix), grouped by kind
+    (``ffn_down``, ``output`` ...) and direction: ``up`` (more bytes than the base's format) or
+    ``down``."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for n, f in tensors.items():
+        b = base.get(n)
+        if b is None or b == f:
+            continue
+        up = nbytes[n][f] > nbytes[n][b]
+        out.setdefault((kind_of(n), "up" if up else "down"), []).append(n)
+    return out
+
+
+def calibrated_scores(scores: dict[str, dict[str, float]], base: dict[str, str], scales: dict[str, float],
+                      nbytes: dict[str, dict[str, int]]) -> dict[str, dict[str, float]]:
+    """``scores`` (the allocator's loss per tensor and format) with each tensor's change from its
+    ``base`` format scaled by its group's measured / predicted ratio (``scales``, keyed
+    "kind direction", :func:`move_groups`; 1 for groups not in it): a local correction of the
+    diagonal-Fisher proxy around the mix, where the measurements were made. The base formats keep
+    their scores, so the mix's predicted loss does not move."""
+    out = {}
+    for n, row in scores.items():
+        b = base.get(n)
+        if b is None or b not in row:
+            out[n] = row
+            continue
+        v0 = max(0.0, float(row[b]))
+        new = {}
+        for f, v in row.items():
+            if f == b:
+                new[f] = v
+                continue
+            k = scales.get(f"{kind_of(n)} {'up' if nbytes[n][f] > nbytes[n][b] else 'down'}", 1.0)
+            new[f] = max(0.0, v0 + k * (max(0.0, float(v)) - v0))
+        out[n] = new
+    return out
+
+
+@dataclasses.dataclass
+class CalibratedAnalysis(Analysis):
+    """An analysis whose scores :func:`calibrated_scores` corrects around ``base`` with ``scales``
+    (in memory only: the analysis file is not changed)."""
+    base: dict = dataclasses.field(default_factory=dict)
+    scales: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, an: Analysis, base: dict[str, str], scales: dict[str, float]) -> "CalibratedAnalysis":
+        plain = {f.name: getattr(an, f.name) for f in dataclasses.fields(Analysis)}
+        return cls(**plain, base=dict(base), scales=dict(scales))
+
+    def scores(self, lam: float) -> dict[str, dict[str, float]]:
+        return calibrated_scores(super().scores(lam), self.base, self.scales, self.table.bytes)
+
+
+def group_scale(measured: float, predicted: float, floor: float) -> float | None:
+    """A group's measured / predicted change of task KLD, clamped to :data:`CALIBRATE_SCALE`; None
+    (not calibrated) when ``|predicted|`` is below ``floor``."""
+    if abs(predicted) < floor:
+        return None
+    lo, hi = CALIBRATE_SCALE
+    return min(hi, max(lo, measured / predicted))
+
+
 def predict_file(kp, src, types: dict[str, str]):
     """The profile's prediction for an existing file (a llama.cpp mix; ``types``: :func:`file_types`);
     a type the profile did not measure is costed as the measured format nearest in bits per weight
@@ -373,7 +456,7 @@ RAISE_MAX = 0.05           # and by at most this much (an outlier pass can widen
 def speed_search(plan_fn, measure_fn, target: dict[str, float], bias: dict[str, float], margin: float, tries: int,
                  pp: int, limited: bool = True, log=print, changes=None,
                  quality=None, mix_loss: float | None = None,
-                 on_miss: str | None = None) -> tuple[dict | None, list[dict], str | None]:
+                 on_miss: str | None = None, recalibrate=None) -> tuple[dict | None, list[dict], str | None]:
     """Plan, measure, and re-plan until the measured times are within ``target`` (ms: decode per
     token, prefill for ``pp`` tokens) or ``tries`` plans were measured. ``plan_fn(limits, max_changes)``
     solves a plan under predicted-time limits (a :class:`TasaError` when infeasible), with at most
@@ -422,13 +505,29 @@ def speed_search(plan_fn, measure_fn, target: dict[str, float], bias: dict[str, 
     by the decode's miss, the prefill limit went below any plan's and the search ended on the slow
     plan). A plan at the raised margin that is predicted no better than the mix is not
     measured (``skipped``) and the search ends on the inconclusive plan, since more speed would
-    cost more than the mix's loss."""
+    cost more than the mix's loss.
+
+    ``recalibrate(plan)`` (needs ``quality``): called once, on a plan that met the speed target
+    (slow ends included) but whose task KLD on the check answers is not significantly below the
+    mix's (``hi >= 0``): it measures the plan's groups of moves from the mix one by one on the check
+    answers and corrects the allocator's loss proxy by the measured / predicted ratios
+    (:class:`CalibratedAnalysis`, which ``plan_fn`` is to use from then on), and returns its record
+    (kept in that try as ``calibration``; ``scales`` empty: nothing was corrected and the search
+    ends). The search then plans again at the same limits; a plan the corrected scores leave as it
+    was is not measured again (``skipped``) and the search ends on it. Qwen Q3_K_M, 7 Dec: the
+    speed-aware plan, predicted loss 0.98 against the mix's 1.53, measured the mix's task KLD; its
+    groups measured alone put the token embedding's predicted gain at nothing and ffn_down's
+    predicted cost at 1.6x too low (ad hoc, 40 answers). The check answers then judge a plan solved
+    from their own measurements: the report's answers, which none of this sees, are the verdict's."""
     if on_miss is None:
         on_miss = "own-ratio" if changes is None else "nearer-mix"
     if on_miss not in ("raise", "nearer-mix", "own-ratio"):
         raise ValueError(f"on_miss: raise, nearer-mix or own-ratio, not {on_miss!r}")
     if (quality is not None or on_miss == "nearer-mix") and changes is None:
         raise ValueError("re-planning nearer the mix (a quality check, on_miss='nearer-mix') needs changes")
+    if recalibrate is not None and quality is None:
+        raise ValueError("recalibrate needs the quality check (it runs when that finds no gain)")
+    calibrated, last = False, None      # calibrated once; the tensors of the plan it corrected
     out: list[dict] = []
     row = None
     mix_bias, max_changes = dict(bias), None
@@ -452,6 +551,13 @@ def speed_search(plan_fn, measure_fn, target: dict[str, float], bias: dict[str, 
             out.append({"infeasible": str(exc), "limits_ms": lim, "max_changes": max_changes})   # the last measured plan stands
             return row, out, None
         loss = plan.predicted.get("loss")
+        if last is not None:
+            same, last = plan.tensors == last, None
+            if same:
+                out.append({"limits_ms": lim, "margin": margin, "predicted_loss": loss, "max_changes": max_changes,
+                            "skipped": "the corrected scores plan the same tensors"})
+                log("the corrected scores plan the same tensors: the last plan stands")
+                return row, out, None
         if limited and mix_loss is not None and loss is not None and loss >= mix_loss and (raised or margins):
             out.append({"limits_ms": lim, "margin": margin, "predicted_loss": loss, "max_changes": max_changes,
                         "skipped": f"predicted loss {loss:.4f} >= the mix's {mix_loss:.4f}"})
@@ -473,10 +579,20 @@ def speed_search(plan_fn, measure_fn, target: dict[str, float], bias: dict[str, 
                     **({"max_changes": max_changes, "changes": changes(plan)} if changes is not None else {})})
         met = all(got[k] <= target[k] for k in target)
         sure = all(slow[k] <= target[k] for k in target)
-        worse = False
+        worse = unproven = False
         if limited and met and quality is not None:
             q = out[-1]["check"] = quality(plan)
-            worse = q["lo"] > 0
+            worse, unproven = q["lo"] > 0, q["hi"] >= 0
+        if (limited and met and sure and unproven and not worse and recalibrate is not None and not calibrated
+                and sum(1 for x in out if "measured_ms" in x) < tries):
+            rec = out[-1]["calibration"] = recalibrate(plan)
+            calibrated = True
+            if rec.get("scales"):
+                last = dict(plan.tensors)
+                log(f"try {len(out)} met the speed but its task KLD on the check answers is {q['dkld']:+.4f} "
+                    f"[{q['lo']:+.4f}, {q['hi']:+.4f}] against the mix's; loss proxy corrected "
+                    f"({', '.join(f'{k} x{v:.2f}' for k, v in rec['scales'].items())}), re-planning at the same limits")
+                continue
         if not limited or (met and sure and not worse) or sum(1 for x in out if "measured_ms" in x) >= tries:
             return row, out, None
         if not worse and (met or on_miss == "raise"):
@@ -563,8 +679,10 @@ def win(a, src, kp, an, res, res_path, work) -> None:
                 row.update(tg_lo_ts=ivs["tg"].lo * first["tg_ts"], pp_lo_ts=ivs["pp"].lo * first["pp_ts"])
             return row
 
+        cur = {"an": an}        # the analysis plan_fn solves with (corrected by recalibrate)
+
         def plan_fn(lim, max_changes=None):
-            return make_plan(an, src, nbytes=nbytes, time_limit=a.solve_seconds, device=DeviceLimits(
+            return make_plan(cur["an"], src, nbytes=nbytes, time_limit=a.solve_seconds, device=DeviceLimits(
                 kp, max_decode_ms=lim.get("decode_ms"), max_prefill_ms=lim.get("prefill_ms"),
                 near=types if max_changes is not None else None, max_changes=max_changes))
 
@@ -610,10 +728,44 @@ def win(a, src, kp, an, res, res_path, work) -> None:
             def check_fn(plan):
                 return kld_difference(kl_answers(check, f), mix_check)
 
+        recalibrate = None
+        if a.calibrate and mix_loss:
+            def recalibrate(plan) -> dict:
+                """The plan's groups of moves from the mix measured alone on the check answers (the
+                largest predicted first, at most ``--calibrate``); ``plan_fn`` then solves with the proxy
+                corrected by their measured / predicted ratios."""
+                sc = an.scores(an.lam)
+                groups = move_groups(types, plan.tensors, an.table.bytes)
+                mix_kld = float(mix_check[0].sum() / mix_check[1].sum())
+                per_loss = mix_kld / mix_loss        # the proxy's loss in task KLD, as the mix measures it
+                floor = CALIBRATE_MIN * mix_kld
+                pred = {g: per_loss * sum(max(0.0, sc[n][plan.tensors[n]]) - max(0.0, sc[n][types[n]]) for n in ns)
+                        for g, ns in groups.items()}
+                moved = {n for ns in groups.values() for n in ns}
+                rec: dict = {"kld_per_loss": per_loss, "groups": {}, "scales": {}}
+                gf = work / f"TASA_group-{mix}.gguf"
+                for g in sorted(groups, key=lambda g: -abs(pred[g])):
+                    key = " ".join(g)
+                    entry = rec["groups"][key] = {"tensors": len(groups[g]), "pred_dkld": pred[g]}
+                    if abs(pred[g]) < floor or len(rec["scales"]) >= a.calibrate:
+                        continue
+                    part = dataclasses.replace(plan, tensors={n: types[n] if n in moved and n not in groups[g] else t
+                                                              for n, t in plan.tensors.items()})
+                    export_gguf(src, part, gf, imatrix=part.export_imatrix(None), show_progress=False)
+                    d = kld_difference(kl_answers(check, gf), mix_check)
+                    entry.update(dkld=d["dkld"], lo=d["lo"], hi=d["hi"], scale=group_scale(d["dkld"], pred[g], floor))
+                    rec["scales"][key] = entry["scale"]
+                    print(f"{mix} TASA speed-aware: calibrating, {key} ({len(groups[g])} tensors) alone: task KLD "
+                          f"{d['dkld']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] against the mix's, predicted "
+                          f"{pred[g]:+.4f}: x{entry['scale']:.2f}", flush=True)
+                gf.unlink(missing_ok=True)
+                cur["an"] = CalibratedAnalysis.of(an, types, rec["scales"])
+                return rec
+
         row, tries, err = speed_search(plan_fn, measure_fn, target, bias, a.speed_margin, a.tries, kp.pp,
                                        log=lambda m: print(f"{mix} TASA speed-aware: {m}", flush=True),
                                        changes=None if a.replan == "own-ratio" else changes, quality=check_fn,
-                                       mix_loss=mix_loss, on_miss=a.replan)
+                                       mix_loss=mix_loss, on_miss=a.replan, recalibrate=recalibrate)
         if err:
             res["win"].setdefault("errors", {})[f"{mix} TASA speed-aware"] = err
         if row is not None:
@@ -641,7 +793,7 @@ def win(a, src, kp, an, res, res_path, work) -> None:
             r.update(kl_sums=sums.tolist(), kl_tokens=lens.astype(int).tolist())
         res["win"][mix] = {"bytes": nbytes, "n_eval": a.n_eval, "speed_margin": a.speed_margin, "goal": a.goal,
                            "max_tries": a.tries, "replan": a.replan, "rounds": a.rounds, "paired": True,
-                           "check_answers": a.check_answers, "rows": rows}
+                           "check_answers": a.check_answers, "calibrate": a.calibrate, "rows": rows}
         atomic_write_text(res_path, json.dumps(res, indent=1) + "\n")
         print(win_table({"win": {mix: res["win"][mix]}}), flush=True)
 
@@ -740,10 +892,13 @@ def win_table(res: dict) -> str:
             g = w.get("goal", 0.98)
             speed, kld, met = win_verdict(w)
             measured = [t for t in r.get("tries") or [{}] if "infeasible" not in t and "skipped" not in t]
-            skipped = sum(1 for t in r.get("tries") or [] if "skipped" in t)
+            skipped = sum(1 for t in r.get("tries") or [] if t.get("skipped", "").startswith("predicted loss"))
             margin = measured[-1].get("margin", w.get("speed_margin", 0))
+            cal = [t["calibration"] for t in r.get("tries") or [] if t.get("calibration", {}).get("scales")]
+            cal = (f", loss proxy corrected after {len(cal[0]['scales'])} groups of moves measured alone: "
+                   + ", ".join(f"{k} x{v:.2f}" for k, v in cal[0]["scales"].items())) if cal else ""
             verdicts.append(f"- {mix} (speed margin {margin_text(margin)}"
-                            f"{f', {skipped} plan(s) predicted no better than the mix not measured' if skipped else ''}, "
+                            f"{f', {skipped} plan(s) predicted no better than the mix not measured' if skipped else ''}{cal}, "
                             f"plan {len(measured)} of at most {w.get('max_tries', 1)}): "
                             f"speed-aware TASA at tg {ratio_cell(r, 'tg')}, pp {ratio_cell(r, 'pp')} x llama.cpp's mix "
                             f"(speed {speed} {g:g}x), task KLD {kld} than the mix's: {met}")

@@ -185,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check-answers", type=int, default=0, metavar="K",
                     help="device_plans --check-answers: re-plan a speed-aware plan whose task KLD on K other held-out "
                          "answers is significantly above the mix's (0: off, as in the recorded runs)")
+    ap.add_argument("--calibrate", type=int, default=0, metavar="G",
+                    help="device_plans --calibrate (with --check-answers): correct the loss proxy by up to G groups of a "
+                         "speed-aware plan's moves measured alone on the check answers, when the plan shows no gain there")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/device"))
     ap.add_argument("--fresh", action="store_true",
                     help="measure every plan again (drop the models' device_plans JSON; profiles and analyses are kept)")
@@ -198,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--analysis takes MODEL=PATH")
     if a.check_answers < 0:
         ap.error("--check-answers must be at least 0")
+    if a.calibrate < 0 or (a.calibrate and not a.check_answers):
+        ap.error("--calibrate takes G >= 0 and needs --check-answers")
     given = {m: Path(p).resolve() for m, p in (s.split("=", 1) for s in a.analysis)}
     out = a.out if a.out.is_absolute() else ROOT / a.out
     if a.summary_only:
@@ -238,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             run(["tasa-edge", "analyze", m, "-o", str(an.parent)])
         run([py, "benchmarks/device_plans.py", "--model", m, "--profile", str(prof), "--analysis", str(an),
              "--bpw", *map(str, MODELS[m][0]), "--rounds", str(MODELS[m][2]), "--win", "Q3_K_S", "Q3_K_M", "--n-eval", str(a.n_eval),
-             *(["--check-answers", str(a.check_answers)] if a.check_answers else []), "--out", str(out)])
+             *(["--check-answers", str(a.check_answers)] if a.check_answers else []),
+             *(["--calibrate", str(a.calibrate)] if a.calibrate else []), "--out", str(out)])
         # each model's header as soon as it is done, so a run stopped later still names what made
         # the models it finished; a model this run found complete (nothing measured) keeps its own
         if before is None or res.read_bytes() != before or m not in run_headers(out):

@@ -3,7 +3,9 @@ allocator minimises) of each llama.cpp mix, of the speed-blind plan and of every
 the run measured, the plans solved again from the limits the run recorded (the solver is
 deterministic: the number of tensors changed from the mix is checked against the record); then the
 plans the current search (``speed_search``: a plan predicted no better than the mix is not measured,
-the margin halves) would solve from the first try's limits. Nothing is measured on the device.
+the margin halves) would solve from the first try's limits. The tries after one that corrected the
+loss proxy (``--calibrate``: its recorded ``calibration``) are solved with that correction, and
+their predicted loss is the corrected one. Nothing is measured on the device.
 
     python benchmarks/win_loss.py --model qwen2.5-coder-1.5b \\
         --analysis benchmarks/evidence/qwen2.5-coder-1.5b/state/analysis-gsm8k/analysis.json
@@ -23,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from device_plans import file_types, margin_text, predict_file, predicted_loss  # noqa: E402
+from device_plans import CalibratedAnalysis, file_types, margin_text, predict_file, predicted_loss  # noqa: E402
 from exporters.baseline import quantize_baseline  # noqa: E402
 from exporters.reference import reference_gguf  # noqa: E402
 from tasa_edge.costmodel import load_kernel_profile  # noqa: E402
@@ -104,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {mix} | {label} | {margin} | {p['loss']:.4f} | {ch} | {heads(plan.tensors, types)} | {sp} |")
             return p["loss"]
 
+        cur = {"an": an}
+
         def solved(lim, max_changes=None):
-            return solve(an, src, kp, w["bytes"], lim, types, max_changes, a.solve_seconds)
+            return solve(cur["an"], src, kp, w["bytes"], lim, types, max_changes, a.solve_seconds)
 
         def infeasible(label, margin):
             lines.append(f"| {mix} | {label} | {margin} | infeasible | | | |")
@@ -129,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
                 infeasible(label, margin_text(margin))
             else:
                 attempt(label, margin_text(margin), t["limits_ms"], t.get("max_changes"), t.get("changes"))
+            if t.get("calibration", {}).get("scales"):
+                cur["an"] = CalibratedAnalysis.of(an, types, t["calibration"]["scales"])
+        cur["an"] = an
         # speed_search's margins from the first try's limits (which may have been planned at another margin)
         first, at = tries[0]["limits_ms"], tries[0].get("margin", m0)
         for margin in (m0, m0 / 2, m0 / 4, 0.0):

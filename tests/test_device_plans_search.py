@@ -204,6 +204,97 @@ def test_a_fast_plan_worse_than_the_mix_on_the_check_answers_is_replanned_nearer
         dp.speed_search(plan_fn, measure_fn, target, mix_bias, 0.03, 4, PP, quality=quality)
 
 
+def test_a_fast_plan_with_no_gain_on_the_check_answers_is_planned_again_with_the_proxy_corrected():
+    """Qwen Q3_K_M, 7 Dec: the speed-aware plan met the speed and measured the mix's task KLD on the
+    check answers. With ``recalibrate`` the search corrects the loss proxy once (the callback's
+    measurements) and plans again at the same limits; a corrected plan with the same tensors is not
+    measured again; a plan significantly better than the mix, or a correction with no scales, ends
+    the search as before."""
+    target = {"decode_ms": 10.0, "prefill_ms": 1000.0}
+    bias = {"decode_ms": 1.0, "prefill_ms": 1.0}
+    _, measure_fn, _ = world(lambda p: 1.0)                  # every plan runs as predicted: speed met
+
+    def search(fix, scales=None, first_gain=False):
+        state = {"fixed": False}
+        calls, logs = [], []
+
+        def plan_fn(lim, max_changes=None):
+            p = Plan(lim["decode_ms"], lim["prefill_ms"])
+            p.changes, p.tensors = 100, {"blk.0.ffn_down.weight": "Q4_K" if state["fixed"] else "Q3_K"}
+            p.predicted["loss"] = 1.0
+            return p
+
+        def quality(plan):
+            if plan.tensors["blk.0.ffn_down.weight"] == "Q4_K" or first_gain:
+                return {"dkld": -0.01, "lo": -0.013, "hi": -0.007, "n": 20}
+            return {"dkld": -0.001, "lo": -0.004, "hi": 0.002, "n": 20}
+
+        def recalibrate(plan):
+            calls.append(dict(plan.tensors))
+            state["fixed"] = fix
+            return {"scales": {"ffn_down down": 1.6} if scales is None else scales}
+
+        out = dp.speed_search(plan_fn, measure_fn, target, bias, 0.03, 4, PP, log=logs.append,
+                              changes=lambda p: p.changes, quality=quality, mix_loss=2.0, on_miss="raise",
+                              recalibrate=recalibrate)
+        return (*out, calls, logs)
+
+    row, tries, err, calls, logs = search(fix=True)
+    assert err is None and calls == [{"blk.0.ffn_down.weight": "Q3_K"}] and len(tries) == 2
+    assert tries[0]["calibration"] == {"scales": {"ffn_down down": 1.6}} and "calibration" not in tries[1]
+    assert tries[1]["limits_ms"] == tries[0]["limits_ms"] and tries[1]["check"]["hi"] < 0
+    assert row["pp_ts"] == tries[1]["pp_ts"] and "loss proxy corrected (ffn_down down x1.60)" in logs[0]
+    # the corrected scores plan the same tensors: recorded as skipped, the measured plan stands
+    row, tries, err, calls, logs = search(fix=False)
+    assert len(calls) == 1 and len(tries) == 2 and "skipped" in tries[1] and "measured_ms" not in tries[1]
+    assert row["pp_ts"] == tries[0]["pp_ts"] and "the last plan stands" in logs[-1]
+    # nothing corrected (no group measurable): the search ends on the plan
+    row, tries, err, calls, logs = search(fix=True, scales={})
+    assert len(calls) == 1 and len(tries) == 1 and tries[0]["calibration"] == {"scales": {}}
+    # a significant gain on the check answers: no correction
+    row, tries, err, calls, logs = search(fix=True, first_gain=True)
+    assert calls == [] and len(tries) == 1 and "calibration" not in tries[0]
+    with pytest.raises(ValueError, match="recalibrate needs the quality check"):
+        dp.speed_search(lambda lim, m=None: None, measure_fn, target, bias, 0.03, 4, PP, recalibrate=lambda p: {})
+
+
+def test_the_corrected_proxy_scales_each_groups_change_from_the_mix(smollm):
+    """calibrated_scores: a tensor's score in its base (mix) format stays; a change to a format with
+    more bytes (up) or fewer (down) is scaled by its kind and direction's factor, floored at 0; the
+    groups of a plan's moves are by kind and direction; a measured / predicted ratio is clamped, and
+    one against its prediction's sign gets the low end."""
+    from tasa_edge.planner import make_plan
+    from tasa_edge.results import Analysis
+
+    nbytes = {"blk.0.ffn_down.weight": {"Q3_K": 30, "Q4_K": 45, "Q6_K": 66},
+              "output.weight": {"Q3_K": 30, "Q6_K": 66}}
+    scores = {"blk.0.ffn_down.weight": {"Q3_K": 0.5, "Q4_K": 0.2, "Q6_K": 0.05},
+              "output.weight": {"Q3_K": 0.9, "Q6_K": 0.1}}
+    base = {"blk.0.ffn_down.weight": "Q4_K", "output.weight": "Q6_K"}
+    got = dp.calibrated_scores(scores, base, {"ffn_down down": 2.0, "ffn_down up": 0.5, "output down": 0.1}, nbytes)
+    assert got["blk.0.ffn_down.weight"] == pytest.approx({"Q3_K": 0.2 + 2.0 * 0.3, "Q4_K": 0.2, "Q6_K": 0.2 - 0.5 * 0.15})
+    assert got["output.weight"] == pytest.approx({"Q3_K": 0.1 + 0.1 * 0.8, "Q6_K": 0.1})
+    assert dp.calibrated_scores(scores, base, {"ffn_down up": 4.0}, nbytes)["blk.0.ffn_down.weight"]["Q6_K"] == 0.0
+    assert dp.move_groups(base, {"blk.0.ffn_down.weight": "Q3_K", "output.weight": "Q6_K"}, nbytes) == \
+        {("ffn_down", "down"): ["blk.0.ffn_down.weight"]}
+    assert dp.group_scale(0.0123, 0.0075, 0.001) == pytest.approx(1.64)
+    assert dp.group_scale(0.0010, -0.0031, 0.001) == dp.CALIBRATE_SCALE[0]     # a predicted gain not there
+    assert dp.group_scale(0.05, 0.002, 0.001) == dp.CALIBRATE_SCALE[1]
+    assert dp.group_scale(0.01, 0.0005, 0.001) is None
+    # on a real analysis: the mix's formats keep their loss, and a plan solved with a correction is
+    # the allocator's optimum of the corrected scores, which the uncorrected plan is not
+    an = Analysis.load(Path(__file__).resolve().parents[1] / "benchmarks/device/analysis-smollm2-135m/analysis.json")
+    mix = dict(make_plan(an, smollm, bpw=5.5).tensors)
+    plain = make_plan(an, smollm, bpw=4.6)
+    kinds = {k for k, _ in dp.move_groups(mix, plain.tensors, an.table.bytes)}
+    cal = dp.CalibratedAnalysis.of(an, mix, {f"{k} down": 4.0 for k in kinds})
+    assert dp.predicted_loss(cal, mix)[0] == pytest.approx(dp.predicted_loss(an, mix)[0])
+    fixed = make_plan(cal, smollm, bpw=4.6)
+    assert fixed.predicted["loss"] == pytest.approx(dp.predicted_loss(cal, dict(fixed.tensors))[0])
+    assert fixed.predicted["loss"] < dp.predicted_loss(cal, dict(plain.tensors))[0]
+    assert dp.CalibratedAnalysis.of(an, mix, {}).scores(an.lam) == an.scores(an.lam)
+
+
 def test_a_plan_predicted_no_better_than_the_mix_is_not_measured_and_the_margin_shrinks():
     """Qwen Q3_K_S, 6 Dec: the margin asked for 1.01x the mix's predicted speed, and the allocator
     bought the last percent with a Q2_K output head (predicted loss above the mix's). Such a plan is
@@ -436,10 +527,10 @@ def test_win_loss_solves_the_recorded_plans_again_and_follows_the_current_search
     mix_loss, unscored = predicted_loss(Analysis.load(an_path), file_types(rep))
     assert not unscored
 
-    def run(lim, margin):
+    def run(lim, margin, tries=None):
         (res_dir / "smollm2-135m.json").write_text(json.dumps({"win": {"Q3_K_S": {
             "bytes": rep["bytes"], "speed_margin": margin,
-            "rows": {"TASA speed-aware": {"tries": [{"limits_ms": lim, "margin": margin}]}}}}}))
+            "rows": {"TASA speed-aware": {"tries": tries or [{"limits_ms": lim, "margin": margin}]}}}}}))
         assert win_loss.main(["--model", "smollm2-135m", "--analysis", str(an_path), "--results", str(res_dir),
                               "--work", str(lf.parent)]) == 0
         return [[c.strip() for c in r.strip().strip("|").split("|")] for r in capsys.readouterr().out.splitlines()
@@ -460,3 +551,14 @@ def test_win_loss_solves_the_recorded_plans_again_and_follows_the_current_search
     rows = run({"decode_ms": pred.decode_ms * 0.97, "prefill_ms": pred.prefill_ms * 0.5}, 0.03)
     assert [r[3] for r in rows[2:]] == ["infeasible"] * 5
     assert [r[2] for r in rows[3:]] == ["0.03", "0.015", "0.0075", "0"]
+    # a try that corrected the loss proxy (--calibrate): the tries after it are solved with the correction
+    lim = {"decode_ms": pred.decode_ms, "prefill_ms": pred.prefill_ms}      # margin 0: the mix itself meets it
+    scales = {"ffn_down down": 4.0, "attn_v down": 4.0, "ffn_up down": 4.0, "ffn_gate down": 4.0}
+    rows = run(None, 0.03, [{"limits_ms": lim, "margin": 0.0, "calibration": {"scales": scales}},
+                            {"limits_ms": lim, "margin": 0.0}])
+    assert rows[2][1].startswith("speed-aware, try 1") and rows[3][1].startswith("speed-aware, try 2")
+    an = Analysis.load(an_path)
+    cal = dp.CalibratedAnalysis.of(an, file_types(rep), scales)
+    assert float(rows[3][3]) == pytest.approx(win_loss.solve(cal, smollm, kp, rep["bytes"], lim, file_types(rep)).predicted["loss"], abs=1e-4)
+    assert float(rows[2][3]) == pytest.approx(win_loss.solve(an, smollm, kp, rep["bytes"], lim, file_types(rep)).predicted["loss"], abs=1e-4)
+    assert float(rows[3][3]) != pytest.approx(float(rows[2][3]), abs=1e-4) and rows[4][1] == "speed-aware, current search"
