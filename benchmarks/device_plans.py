@@ -901,7 +901,8 @@ def win_table(res: dict) -> str:
                             f"{f', {skipped} plan(s) predicted no better than the mix not measured' if skipped else ''}{cal}, "
                             f"plan {len(measured)} of at most {w.get('max_tries', 1)}): "
                             f"speed-aware TASA at tg {ratio_cell(r, 'tg')}, pp {ratio_cell(r, 'pp')} x llama.cpp's mix "
-                            f"(speed {speed} {g:g}x), task KLD {kld} than the mix's: {met}")
+                            f"(speed {speed} {g:g}x), task KLD "
+                            f"{'not significantly different from' if kld == 'inconclusive' else kld + ' than'} the mix's: {met}")
     rounds = {w.get("rounds") for mix, w in res["win"].items() if mix != "errors" and w.get("paired")}
     if rounds:
         verdicts.append(f"- each TASA file measured in {'/'.join(map(str, sorted(rounds)))} passes alternating with the mix; "
