@@ -406,6 +406,43 @@ def group_scale(measured: float, predicted: float, floor: float) -> float | None
     return min(hi, max(lo, measured / predicted))
 
 
+def calibrate_groups(src: ModelSource, an, base: dict[str, str], plan, base_loss: float, check, base_kl,
+                     most: int, path: Path, log=print) -> dict:
+    """``--calibrate``: ``plan``'s groups of moves from ``base`` (a mix's formats; :func:`move_groups`),
+    the largest predicted change of task KLD first, each applied alone to ``base``, exported to
+    ``path`` and scored on the ``check`` answers (``base_kl``: the mix's :func:`kl_answers` there);
+    at most ``most`` groups, none predicted below :data:`CALIBRATE_MIN` x the mix's task KLD. A
+    group's prediction is its change of ``an``'s loss times the mix's task KLD / predicted loss
+    (``base_loss``). Returns ``{"kld_per_loss", "groups": {"kind direction": {tensors, pred_dkld[,
+    dkld, lo, hi, scale]}}, "scales": {measured group: scale}}``; ``path`` is removed."""
+    sc = an.scores(an.lam)
+    groups = move_groups(base, plan.tensors, an.table.bytes)
+    base_kld = float(base_kl[0].sum() / base_kl[1].sum())
+    per_loss = base_kld / base_loss          # the proxy's loss in task KLD, as the mix measures it
+    floor = CALIBRATE_MIN * base_kld
+    pred = {g: per_loss * sum(max(0.0, sc[n][plan.tensors[n]]) - max(0.0, sc[n][base[n]]) for n in ns)
+            for g, ns in groups.items()}
+    moved = {n for ns in groups.values() for n in ns}
+    rec: dict = {"kld_per_loss": per_loss, "groups": {}, "scales": {}}
+    try:
+        for g in sorted(groups, key=lambda g: -abs(pred[g])):
+            key = " ".join(g)
+            entry = rec["groups"][key] = {"tensors": len(groups[g]), "pred_dkld": pred[g]}
+            if abs(pred[g]) < floor or len(rec["scales"]) >= most:
+                continue
+            part = dataclasses.replace(plan, tensors={n: base[n] if n in moved and n not in groups[g] else t
+                                                      for n, t in plan.tensors.items()})
+            export_gguf(src, part, path, imatrix=part.export_imatrix(None), show_progress=False)
+            d = kld_difference(kl_answers(check, path), base_kl)
+            entry.update(dkld=d["dkld"], lo=d["lo"], hi=d["hi"], scale=group_scale(d["dkld"], pred[g], floor))
+            rec["scales"][key] = entry["scale"]
+            log(f"calibrating, {key} ({len(groups[g])} tensors) alone: task KLD {d['dkld']:+.4f} "
+                f"[{d['lo']:+.4f}, {d['hi']:+.4f}] against the mix's, predicted {pred[g]:+.4f}: x{entry['scale']:.2f}")
+    finally:
+        path.unlink(missing_ok=True)
+    return rec
+
+
 def predict_file(kp, src, types: dict[str, str]):
     """The profile's prediction for an existing file (a llama.cpp mix; ``types``: :func:`file_types`);
     a type the profile did not measure is costed as the measured format nearest in bits per weight
@@ -731,34 +768,9 @@ def win(a, src, kp, an, res, res_path, work) -> None:
         recalibrate = None
         if a.calibrate and mix_loss:
             def recalibrate(plan) -> dict:
-                """The plan's groups of moves from the mix measured alone on the check answers (the
-                largest predicted first, at most ``--calibrate``); ``plan_fn`` then solves with the proxy
-                corrected by their measured / predicted ratios."""
-                sc = an.scores(an.lam)
-                groups = move_groups(types, plan.tensors, an.table.bytes)
-                mix_kld = float(mix_check[0].sum() / mix_check[1].sum())
-                per_loss = mix_kld / mix_loss        # the proxy's loss in task KLD, as the mix measures it
-                floor = CALIBRATE_MIN * mix_kld
-                pred = {g: per_loss * sum(max(0.0, sc[n][plan.tensors[n]]) - max(0.0, sc[n][types[n]]) for n in ns)
-                        for g, ns in groups.items()}
-                moved = {n for ns in groups.values() for n in ns}
-                rec: dict = {"kld_per_loss": per_loss, "groups": {}, "scales": {}}
-                gf = work / f"TASA_group-{mix}.gguf"
-                for g in sorted(groups, key=lambda g: -abs(pred[g])):
-                    key = " ".join(g)
-                    entry = rec["groups"][key] = {"tensors": len(groups[g]), "pred_dkld": pred[g]}
-                    if abs(pred[g]) < floor or len(rec["scales"]) >= a.calibrate:
-                        continue
-                    part = dataclasses.replace(plan, tensors={n: types[n] if n in moved and n not in groups[g] else t
-                                                              for n, t in plan.tensors.items()})
-                    export_gguf(src, part, gf, imatrix=part.export_imatrix(None), show_progress=False)
-                    d = kld_difference(kl_answers(check, gf), mix_check)
-                    entry.update(dkld=d["dkld"], lo=d["lo"], hi=d["hi"], scale=group_scale(d["dkld"], pred[g], floor))
-                    rec["scales"][key] = entry["scale"]
-                    print(f"{mix} TASA speed-aware: calibrating, {key} ({len(groups[g])} tensors) alone: task KLD "
-                          f"{d['dkld']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] against the mix's, predicted "
-                          f"{pred[g]:+.4f}: x{entry['scale']:.2f}", flush=True)
-                gf.unlink(missing_ok=True)
+                rec = calibrate_groups(src, an, types, plan, mix_loss, check, mix_check, a.calibrate,
+                                       work / f"TASA_group-{mix}.gguf",
+                                       log=lambda m: print(f"{mix} TASA speed-aware: {m}", flush=True))
                 cur["an"] = CalibratedAnalysis.of(an, types, rec["scales"])
                 return rec
 

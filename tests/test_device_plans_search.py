@@ -295,6 +295,47 @@ def test_the_corrected_proxy_scales_each_groups_change_from_the_mix(smollm):
     assert dp.CalibratedAnalysis.of(an, mix, {}).scores(an.lam) == an.scores(an.lam)
 
 
+def test_calibration_measures_each_group_of_moves_alone_on_the_check_answers(smollm, tmp_path):
+    """calibrate_groups on SmolLM2 (real exports, scored by llama.cpp on 3 held-out answers): the
+    largest predicted groups first, at most ``most`` measured, each as the mix with that group's moves
+    only (the same file exported by hand scores the same), scales clamped, the group file removed."""
+    from exporters.gguf_export import export_gguf
+    from exporters.reference import reference_gguf
+    from tasa_edge.data import load_gsm8k
+    from tasa_edge.evaluate import reference_logprobs
+    from tasa_edge.planner import make_plan
+    from tasa_edge.results import Analysis
+
+    an = Analysis.load(Path(__file__).resolve().parents[1] / "benchmarks/device/analysis-smollm2-135m/analysis.json")
+    mix_plan = make_plan(an, smollm, bpw=5.5)
+    mix = dict(mix_plan.tensors)
+    plan = make_plan(an, smollm, bpw=4.6)
+    check = reference_logprobs(reference_gguf(smollm), load_gsm8k("eval")[40:43])
+    mf = tmp_path / "mix.gguf"
+    export_gguf(smollm, mix_plan, mf, imatrix=mix_plan.export_imatrix(None), show_progress=False)
+    mix_kl = dp.kl_answers(check, mf)
+    mix_loss = dp.predicted_loss(an, mix)[0]
+    logs = []
+    rec = dp.calibrate_groups(smollm, an, mix, plan, mix_loss, check, mix_kl, 2, tmp_path / "g.gguf", log=logs.append)
+    groups = dp.move_groups(mix, plan.tensors, an.table.bytes)
+    assert set(rec["groups"]) == {" ".join(g) for g in groups} and not (tmp_path / "g.gguf").exists()
+    order = sorted(rec["groups"].items(), key=lambda kv: -abs(kv[1]["pred_dkld"]))
+    floor = dp.CALIBRATE_MIN * float(mix_kl[0].sum() / mix_kl[1].sum())
+    want = [k for k, e in order if abs(e["pred_dkld"]) >= floor][:2]
+    assert want and list(rec["scales"]) == want and len(logs) == len(want)
+    lo, hi = dp.CALIBRATE_SCALE
+    assert all(lo <= v <= hi for v in rec["scales"].values())
+    assert all("dkld" not in e for k, e in rec["groups"].items() if k not in want)
+    # the first group measured alone, by hand
+    kind, way = want[0].split()
+    tens = {n: (t if n in groups[(kind, way)] else mix[n]) for n, t in plan.tensors.items()}
+    import dataclasses
+    part = dataclasses.replace(plan, tensors=tens)
+    export_gguf(smollm, part, tmp_path / "h.gguf", imatrix=part.export_imatrix(None), show_progress=False)
+    d = dp.kld_difference(dp.kl_answers(check, tmp_path / "h.gguf"), mix_kl)
+    assert rec["groups"][want[0]]["dkld"] == pytest.approx(d["dkld"], rel=1e-6, abs=1e-9)
+
+
 def test_a_plan_predicted_no_better_than_the_mix_is_not_measured_and_the_margin_shrinks():
     """Qwen Q3_K_S, 6 Dec: the margin asked for 1.01x the mix's predicted speed, and the allocator
     bought the last percent with a Q2_K output head (predicted loss above the mix's). Such a plan is
