@@ -183,3 +183,17 @@ def test_a_model_profiled_again_loses_its_old_profile_so_a_stopped_run_resumes_t
         dr.main(["--out", str(out), "--models", m])
     assert calls == [["tasa-edge", "profile"]]
     assert (out / f"{m}.profile-progress.json").read_text() == '{"half": true}'
+
+
+def test_the_verdict_line_names_a_corrected_proxy_and_a_task_kld_not_shown_different():
+    import device_plans as dp
+
+    w = _win(1.01, 1.01, -0.001, 0.01)
+    w["rows"]["TASA speed-aware"]["tries"] = [
+        {"limits_ms": {}, "margin": 0.05, "skipped": "predicted loss 2.4 >= the mix's 1.5"},
+        {"limits_ms": {}, "margin": 0.025, "calibration": {"scales": {"ffn_down down": 1.64, "token_embd up": 0.1}}},
+        {"limits_ms": {}, "margin": 0.025, "skipped": "the corrected scores plan the same tensors"}]
+    text = dp.win_table({"win": {"Q3_K_M": w}})
+    assert ("(speed margin 0.025, 1 plan(s) predicted no better than the mix not measured, loss proxy corrected after "
+            "2 groups of moves measured alone: ffn_down down x1.64, token_embd up x0.10, plan 1 of at most 1)") in text
+    assert "task KLD not significantly different from the mix's: inconclusive" in text
