@@ -342,17 +342,19 @@ CALIBRATE_SCALE = (0.1, 4.0)
 CALIBRATE_MIN = 0.02
 
 
+def move_group(name: str, fmt: str, base_fmt: str, nbytes: dict[str, dict[str, int]]) -> tuple[str, str]:
+    """The group of tensor ``name`` moved from ``base_fmt`` to ``fmt``: its kind (``ffn_down``,
+    ``output`` ...) and direction, ``up`` (more bytes than the base's format) or ``down``."""
+    return kind_of(name), "up" if nbytes[name][fmt] > nbytes[name][base_fmt] else "down"
+
+
 def move_groups(base: dict[str, str], tensors: dict[str, str], nbytes: dict[str, dict[str, int]]) -> dict[tuple[str, str], list[str]]:
-    """The tensors a plan puts in another format than ``base`` (a mix), grouped by kind
-    (``ffn_down``, ``output`` ...) and direction: ``up`` (more bytes than the base's format) or
-    ``down``."""
+    """The tensors a plan puts in another format than ``base`` (a mix), by :func:`move_group`."""
     out: dict[tuple[str, str], list[str]] = {}
     for n, f in tensors.items():
         b = base.get(n)
-        if b is None or b == f:
-            continue
-        up = nbytes[n][f] > nbytes[n][b]
-        out.setdefault((kind_of(n), "up" if up else "down"), []).append(n)
+        if b is not None and b != f:
+            out.setdefault(move_group(n, f, b, nbytes), []).append(n)
     return out
 
 
@@ -375,7 +377,7 @@ def calibrated_scores(scores: dict[str, dict[str, float]], base: dict[str, str],
             if f == b:
                 new[f] = v
                 continue
-            k = scales.get(f"{kind_of(n)} {'up' if nbytes[n][f] > nbytes[n][b] else 'down'}", 1.0)
+            k = scales.get(" ".join(move_group(n, f, b, nbytes)), 1.0)
             new[f] = max(0.0, v0 + k * (max(0.0, float(v)) - v0))
         out[n] = new
     return out
@@ -620,8 +622,8 @@ def speed_search(plan_fn, measure_fn, target: dict[str, float], bias: dict[str, 
         if limited and met and quality is not None:
             q = out[-1]["check"] = quality(plan)
             worse, unproven = q["lo"] > 0, q["hi"] >= 0
-        if (limited and met and sure and unproven and not worse and recalibrate is not None and not calibrated
-                and sum(1 for x in out if "measured_ms" in x) < tries):
+        measured = sum(1 for x in out if "measured_ms" in x)
+        if limited and met and sure and unproven and not worse and recalibrate is not None and not calibrated and measured < tries:
             rec = out[-1]["calibration"] = recalibrate(plan)
             calibrated = True
             if rec.get("scales"):
@@ -630,7 +632,7 @@ def speed_search(plan_fn, measure_fn, target: dict[str, float], bias: dict[str, 
                     f"[{q['lo']:+.4f}, {q['hi']:+.4f}] against the mix's; loss proxy corrected "
                     f"({', '.join(f'{k} x{v:.2f}' for k, v in rec['scales'].items())}), re-planning at the same limits")
                 continue
-        if not limited or (met and sure and not worse) or sum(1 for x in out if "measured_ms" in x) >= tries:
+        if not limited or (met and sure and not worse) or measured >= tries:
             return row, out, None
         if not worse and (met or on_miss == "raise"):
             # inconclusive (the point speeds meet the target, their intervals reach below it) or a miss
