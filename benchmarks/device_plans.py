@@ -632,6 +632,10 @@ def speed_search(plan_fn, measure_fn, target: dict[str, float], bias: dict[str, 
                     f"[{q['lo']:+.4f}, {q['hi']:+.4f}] against the mix's; loss proxy corrected "
                     f"({', '.join(f'{k} x{v:.2f}' for k, v in rec['scales'].items())}), re-planning at the same limits")
                 continue
+        if limited and met and sure and not worse:
+            log(f"try {len(out)} measured tg {row['tg_ts']:.2f} pp {row['pp_ts']:.2f}, 95% down to "
+                f"{row.get('tg_lo_ts', row['tg_ts']):.2f} / {row.get('pp_lo_ts', row['pp_ts']):.2f} (needs "
+                f"{1000 / target['decode_ms']:.2f} / {1000 * pp / target['prefill_ms']:.2f}): met")
         if not limited or (met and sure and not worse) or measured >= tries:
             return row, out, None
         if not worse and (met or on_miss == "raise"):
@@ -922,6 +926,9 @@ def win_table(res: dict) -> str:
         verdicts.append(f"- each TASA file measured in {'/'.join(map(str, sorted(rounds)))} passes alternating with the mix; "
                         f"its speed = the median per-pass ratio (in brackets, with the 95% t-interval of the ratio over the passes) "
                         f"x the mix's speed in its first pairing; a speed is at least the goal when its whole interval is")
+    answers = {w["n_eval"] for mix, w in res["win"].items() if mix != "errors" and "n_eval" in w}
+    if answers:
+        verdicts.append(f"- task KLD over the first {'/'.join(map(str, sorted(answers)))} held-out GSM8K answers")
     return "\n".join(lines + ([""] + verdicts if verdicts else [])) + "\n"
 
 

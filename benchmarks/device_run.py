@@ -81,7 +81,7 @@ def combined(out: Path, models: list[str]) -> str:
     lc = ("predicted loss | ", "---|") if with_loss else ("", "")
     win = [f"| model | budget | file | bits/weight | {lc[0]}tg128 (× mix) | pp512 (× mix) | task KLD (95%) | Δ vs mix (95%) | Δ vs speed-blind |",
            f"|---|---|---|---|{lc[1]}---|---|---|---|---|"]
-    raw, adj, verdicts, tokens = [], [], [], False
+    raw, adj, verdicts, tokens, answers = [], [], [], False, {}
     for m in models:
         res = results[m]
         for label, r in res.get("rows", {}).items():
@@ -106,6 +106,8 @@ def combined(out: Path, models: list[str]) -> str:
                            f"{r['pp_ts']:.2f} ({ratio_cell(r, 'pp')}) | {kld_cell(r, 'task_kld', False)} | {vs_mix} | {vs_blind} |")
             if "TASA speed-aware" in w["rows"]:
                 verdicts.append((m, mix, win_verdict(w)[2]))
+            if "n_eval" in w:
+                answers.setdefault(w["n_eval"], []).append(f"{m} {mix}")
     n_in = sum(1 for e in raw if e <= 0.10)
     within = (f"Raw: {n_in} of {len(raw)} numbers within 10% (max |error| {100 * max(raw):.1f}%)"
               + (f"; with the machine's drift since the profile taken out: max |error| {100 * max(adj):.1f}%."
@@ -116,6 +118,9 @@ def combined(out: Path, models: list[str]) -> str:
                   "the paired passes; task KLD significantly lower): "
               + "; ".join(f"{v} at {len(ms)} of {len(verdicts)} budgets" + (f" ({', '.join(ms)})" if ms else "")
                           for v, ms in by.items()) + "."]
+    if answers:
+        lines += ["", "Task KLD over the first held-out GSM8K answers of the eval split: "
+                  + "; ".join(f"{n} at {', '.join(ms)}" for n, ms in sorted(answers.items())) + "."]
     if tokens:
         lines += ["", "Task-KLD intervals marked `tok` were recorded before the bootstrap over answers: they take the "
                       "tokens as independent, which the tokens of one answer are not, so they are too narrow and the "

@@ -75,7 +75,8 @@ def test_a_plan_that_misses_is_replanned_nearer_the_mix_under_the_mixs_ratio():
     assert all(t["limits_ms"] == tries[0]["limits_ms"] for t in tries)      # the mix's ratio every time
     assert tries[0]["limits_ms"]["prefill_ms"] == pytest.approx(1000 / 0.90 * 0.97)
     assert tries[1]["measured_ms"]["prefill_ms"] > 1000 >= tries[2]["measured_ms"]["prefill_ms"]
-    assert row["pp_ts"] == tries[-1]["pp_ts"] and "at most 25 tensors changed from the mix" in logs[-1]
+    assert row["pp_ts"] == tries[-1]["pp_ts"] and "at most 25 tensors changed from the mix" in logs[-2]
+    assert logs[-1].startswith("try 3 measured") and logs[-1].endswith("): met")
 
 
 def test_a_plan_that_misses_is_replanned_free_at_a_margin_raised_by_its_shortfall():
@@ -89,6 +90,7 @@ def test_a_plan_that_misses_is_replanned_free_at_a_margin_raised_by_its_shortfal
     row, tries, err = dp.speed_search(plan_fn, measure_fn, target, mix_bias, 0.01, 4, PP, log=logs.append,
                                       changes=lambda p: p.changes, on_miss="raise")
     assert err is None and len(tries) == 2 and "missed; re-planning at margin" in logs[0]
+    assert logs[-1].startswith("try 2 measured") and logs[-1].endswith("): met")   # the plan it stops on says so
     assert tries[0]["measured_ms"]["prefill_ms"] == pytest.approx(1000 * 0.99 * 1.03)        # 2% over the target
     margin = 1 - 0.99 / (1 + 0.99 * 1.03 - 1 + dp.RAISE_HEADROOM)
     # only the limit that missed is raised: decode ran as predicted and keeps its margin

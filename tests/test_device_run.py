@@ -197,3 +197,21 @@ def test_the_verdict_line_names_a_corrected_proxy_and_a_task_kld_not_shown_diffe
     assert ("(speed margin 0.025, 1 plan(s) predicted no better than the mix not measured, loss proxy corrected after "
             "2 groups of moves measured alone: ffn_down down x1.64, token_embd up x0.10, plan 1 of at most 1)") in text
     assert "task KLD not significantly different from the mix's: inconclusive" in text
+
+
+def test_the_tables_name_how_many_answers_each_budgets_task_kld_is_over(tmp_path):
+    """Models measured with different --n-eval (Qwen's win over 40 answers, the small models' over
+    20): the combined table names each count with its budgets, a model's own table its count(s)."""
+    import device_plans as dp
+
+    small, big = _win(1.01, 0.99, -0.05, 0.01), _win(1.01, 1.01, -0.02, 0.01)
+    small["n_eval"], big["n_eval"] = 20, 40
+    (tmp_path / "a.json").write_text(json.dumps({"rows": {}, "win": {"Q3_K_S": small}}))
+    (tmp_path / "b.json").write_text(json.dumps({"rows": {}, "win": {"Q3_K_S": big, "Q3_K_M": big}}))
+    text = dr.combined(tmp_path, ["a", "b"])
+    assert ("Task KLD over the first held-out GSM8K answers of the eval split: 20 at a Q3_K_S; "
+            "40 at b Q3_K_S, b Q3_K_M.") in text
+    assert "- task KLD over the first 20/40 held-out GSM8K answers" in dp.win_table({"win": {"Q3_K_S": small, "Q3_K_M": big}})
+    del small["n_eval"]             # recorded before the field: no line
+    (tmp_path / "a.json").write_text(json.dumps({"rows": {}, "win": {"Q3_K_S": small}}))
+    assert "Task KLD over" not in dr.combined(tmp_path, ["a"])
