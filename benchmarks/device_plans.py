@@ -632,10 +632,11 @@ def speed_search(plan_fn, measure_fn, target: dict[str, float], bias: dict[str, 
                     f"[{q['lo']:+.4f}, {q['hi']:+.4f}] against the mix's; loss proxy corrected "
                     f"({', '.join(f'{k} x{v:.2f}' for k, v in rec['scales'].items())}), re-planning at the same limits")
                 continue
+        speeds = (f"try {len(out)} measured tg {row['tg_ts']:.2f} pp {row['pp_ts']:.2f}, 95% down to "
+                  f"{row.get('tg_lo_ts', row['tg_ts']):.2f} / {row.get('pp_lo_ts', row['pp_ts']):.2f} (needs "
+                  f"{1000 / target['decode_ms']:.2f} / {1000 * pp / target['prefill_ms']:.2f})")
         if limited and met and sure and not worse:
-            log(f"try {len(out)} measured tg {row['tg_ts']:.2f} pp {row['pp_ts']:.2f}, 95% down to "
-                f"{row.get('tg_lo_ts', row['tg_ts']):.2f} / {row.get('pp_lo_ts', row['pp_ts']):.2f} (needs "
-                f"{1000 / target['decode_ms']:.2f} / {1000 * pp / target['prefill_ms']:.2f}): met")
+            log(f"{speeds}: met")
         if not limited or (met and sure and not worse) or measured >= tries:
             return row, out, None
         if not worse and (met or on_miss == "raise"):
@@ -645,10 +646,7 @@ def speed_search(plan_fn, measure_fn, target: dict[str, float], bias: dict[str, 
             margin = {k: 1 - (1 - old[k]) / (1 + min(slow[k] / target[k] - 1, RAISE_MAX) + RAISE_HEADROOM)
                       if slow[k] > target[k] else old[k] for k in target}
             margins, raised = [], True
-            log(f"try {len(out)} measured tg {row['tg_ts']:.2f} pp {row['pp_ts']:.2f}, 95% down to "
-                f"{row.get('tg_lo_ts', row['tg_ts']):.2f} / {row.get('pp_lo_ts', row['pp_ts']):.2f} (needs "
-                f"{1000 / target['decode_ms']:.2f} / {1000 * pp / target['prefill_ms']:.2f}): "
-                f"{'inconclusive' if met else 'missed'}; re-planning at margin {margin_text(margin_record(margin))}")
+            log(f"{speeds}: {'inconclusive' if met else 'missed'}; re-planning at margin {margin_text(margin_record(margin))}")
             continue
         if worse:               # fast enough but measurably worse than the mix: nearer the mix, same limits
             bias, max_changes = mix_bias, changes(plan) // 2
