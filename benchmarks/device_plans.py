@@ -622,8 +622,9 @@ def speed_search(plan_fn, measure_fn, target: dict[str, float], bias: dict[str, 
         if limited and met and quality is not None:
             q = out[-1]["check"] = quality(plan)
             worse, unproven = q["lo"] > 0, q["hi"] >= 0
+        good = met and sure and not worse       # the goal as the verdict reads it, and no worse than the mix
         measured = sum(1 for x in out if "measured_ms" in x)
-        if limited and met and sure and unproven and not worse and recalibrate is not None and not calibrated and measured < tries:
+        if limited and good and unproven and recalibrate is not None and not calibrated and measured < tries:
             rec = out[-1]["calibration"] = recalibrate(plan)
             calibrated = True
             if rec.get("scales"):
@@ -635,9 +636,9 @@ def speed_search(plan_fn, measure_fn, target: dict[str, float], bias: dict[str, 
         speeds = (f"try {len(out)} measured tg {row['tg_ts']:.2f} pp {row['pp_ts']:.2f}, 95% down to "
                   f"{row.get('tg_lo_ts', row['tg_ts']):.2f} / {row.get('pp_lo_ts', row['pp_ts']):.2f} (needs "
                   f"{1000 / target['decode_ms']:.2f} / {1000 * pp / target['prefill_ms']:.2f})")
-        if limited and met and sure and not worse:
+        if limited and good:
             log(f"{speeds}: met")
-        if not limited or (met and sure and not worse) or measured >= tries:
+        if not limited or good or measured >= tries:
             return row, out, None
         if not worse and (met or on_miss == "raise"):
             # inconclusive (the point speeds meet the target, their intervals reach below it) or a miss

@@ -4,6 +4,7 @@ misses by its own factor."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -331,7 +332,6 @@ def test_calibration_measures_each_group_of_moves_alone_on_the_check_answers(smo
     # the first group measured alone, by hand
     kind, way = want[0].split()
     tens = {n: (t if n in groups[(kind, way)] else mix[n]) for n, t in plan.tensors.items()}
-    import dataclasses
     part = dataclasses.replace(plan, tensors=tens)
     export_gguf(smollm, part, tmp_path / "h.gguf", imatrix=part.export_imatrix(None), show_progress=False)
     d = dp.kld_difference(dp.kl_answers(check, tmp_path / "h.gguf"), mix_kl)
