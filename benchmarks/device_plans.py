@@ -218,6 +218,8 @@ def main() -> None:
         ap.error("--rounds must be at least 1")
     if not a.solve_seconds > 0:
         ap.error("--solve-seconds must be positive")
+    if a.n_eval < 2:
+        ap.error("--n-eval must be at least 2 (the task KLD's interval is a bootstrap over answers)")
     if a.check_answers < 0:
         ap.error("--check-answers must be at least 0")
     if a.calibrate < 0:
@@ -692,7 +694,10 @@ def win(a, src, kp, an, res, res_path, work) -> None:
         if mix in res["win"] or any(k.startswith(mix + " ") for k in res["win"].get("errors", {})):
             continue
         if held is None:
-            held = reference_logprobs(reference_gguf(src), load_gsm8k("eval")[: a.n_eval])
+            qs = load_gsm8k("eval")[: a.n_eval]
+            if len(qs) < a.n_eval:
+                raise SystemExit(f"--n-eval {a.n_eval}: only {len(qs)} held-out answers")
+            held = reference_logprobs(reference_gguf(src), qs)
         im = load_imatrix(an.imatrix["path"]) if an.imatrix else None
         lf = work / f"llama-{mix}.gguf"
         quantize_baseline(reference_gguf(src), lf, mix, imatrix=im)

@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if any("=" not in s for s in a.analysis):
         ap.error("--analysis takes MODEL=PATH")
+    if a.n_eval < 2:
+        ap.error("--n-eval must be at least 2 (the task KLD's interval is a bootstrap over answers)")
     if a.check_answers < 0:
         ap.error("--check-answers must be at least 0")
     if a.calibrate < 0 or (a.calibrate and not a.check_answers):

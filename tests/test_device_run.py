@@ -82,6 +82,13 @@ def test_summary_only_without_results_is_a_usage_error(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "device_plans.py"), "--model", "x", "--profile", "x",
                         "--analysis", "x", "--check-answers", "8", "--replan", "own-ratio"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "not own-ratio" in p.stderr and "Traceback" not in p.stderr
+    # an interval over answers needs two of them; a negative count sliced the answers from the end
+    for script, extra in (("device_run.py", ["--out", str(out)]), ("device_plans.py", ["--model", "x", "--profile", "x", "--analysis", "x"])):
+        for n in ("1", "-3"):
+            p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *extra, "--n-eval", n],
+                               capture_output=True, text=True, timeout=120)
+            assert p.returncode == 2 and "--n-eval must be at least 2" in p.stderr and "Traceback" not in p.stderr
+    assert not out.exists()
 
 
 def test_summary_names_the_run_of_each_model(tmp_path):
